@@ -1,0 +1,1 @@
+"""Functions the TFX components run: preprocessing, model, input pipeline, signatures."""

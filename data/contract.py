@@ -1,0 +1,38 @@
+"""The data contract: feature names, classes and image geometry shared by every stage.
+
+A leaf module with no TensorFlow import, so that the TFRecord builder, Transform,
+Trainer, evaluation config, serving signature and clients all agree on one copy.
+"""
+
+from __future__ import annotations
+
+# Raw features, as the TFRecord builder writes them in each tf.train.Example.
+IMAGE_KEY = "image"  # bytes: the original encoded PNG
+LABEL_KEY = "label"  # int64: the digit, 0..NUM_CLASSES-1
+
+NUM_CLASSES = 10
+CLASS_NAMES = tuple(str(digit) for digit in range(NUM_CLASSES))
+
+# The source images: MNIST digits are 28x28 8-bit grayscale.
+SOURCE_IMAGE_SIZE = 28
+
+# What the model sees after Transform: InceptionV3's minimum input size and range.
+IMAGE_SIZE = 75
+IMAGE_CHANNELS = 3
+VALUE_RANGE = (-1.0, 1.0)
+
+# Splits the builder writes, one directory each, mapped to TFX splits by ImportExampleGen.
+TRAIN_SPLIT = "train"
+EVAL_SPLIT = "eval"
+TEST_SPLIT = "test"
+SPLITS = (TRAIN_SPLIT, EVAL_SPLIT, TEST_SPLIT)
+
+# The Kaggle "mnist-png" layout: ROOT/<part>/<digit>/<n>.png
+TRAINING_DIR = "training"  # source of the train and eval splits
+TESTING_DIR = "testing"  # source of the held-out test split
+SOURCE_DIRS = (TRAINING_DIR, TESTING_DIR)
+
+
+def transformed_name(key: str) -> str:
+    """Name of a feature after Transform, so raw and transformed keys never collide."""
+    return f"{key}_xf"

@@ -1,0 +1,1 @@
+"""Prometheus configuration, alert rules and Grafana dashboards."""

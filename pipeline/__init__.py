@@ -1,0 +1,1 @@
+"""The TFX pipeline definition, its runners and the `digits` command line."""

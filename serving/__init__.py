@@ -1,0 +1,1 @@
+"""Model serving: a TF-Serving-compatible local server and its clients."""
