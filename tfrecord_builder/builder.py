@@ -1,0 +1,287 @@
+"""Builds the train/eval/test TFRecord shards of a mnist-png tree, atomically.
+
+Walk the tree (every file becomes a candidate or a reject), plan splits and
+shards, write the shards in parallel worker processes into a staging directory
+beside the output, write the rejects report and the manifest last, then rename
+the staging directory into place. An interrupted or failed build removes its
+staging directory and leaves any previous output untouched; a build killed
+outright leaves only a hidden staging directory that the next build removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import queue
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from data import contract
+from tfrecord_builder import manifest as manifest_io
+from tfrecord_builder.config import BUILDER_VERSION, BuildConfig
+from tfrecord_builder.layout import Candidate, LayoutError, Reject, check_root, walk
+from tfrecord_builder.plan import make_plan
+from tfrecord_builder.shard import ImageChecks, ShardResult, write_shard
+
+ProgressCallback = Callable[[int, int], None]  # (files done, files planned)
+
+
+class BuildError(Exception):
+    """The build cannot produce a usable output; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output: Path
+    manifest: dict
+    seconds: float
+
+
+def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> BuildResult:
+    started = time.perf_counter()
+    source = config.source.resolve()
+    output = config.output.resolve()
+    try:
+        check_root(source)
+    except LayoutError as error:
+        raise BuildError(str(error)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output)
+    if output.exists() and not config.overwrite:
+        raise BuildError(f"{config.output} already exists; pass --overwrite to replace it")
+
+    # Worker processes start (spawn takes a while) while this process walks the tree.
+    with _worker_pool(config.worker_count) as workers:
+        candidates: list[Candidate] = []
+        layout_rejects: list[Reject] = []
+        for entry in walk(source):
+            (candidates if type(entry) is Candidate else layout_rejects).append(entry)
+        plan = make_plan(candidates, config)
+        total = sum(len(task.items) for task in plan.tasks)
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
+        try:
+            results = _write_shards(workers, plan.tasks, staging, _checks(config), total, on_progress)
+            manifest = _finish(staging, source, config, plan, results, layout_rejects, len(candidates))
+            _publish(staging, output)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return BuildResult(output=output, manifest=manifest, seconds=time.perf_counter() - started)
+
+
+def _checks(config: BuildConfig) -> ImageChecks:
+    return ImageChecks(config.expected_size, config.max_bytes, config.max_pixels)
+
+
+class _Workers:
+    """A few spawned processes writing shards from a task queue.
+
+    Hand-rolled because both stock pools fail the user here: multiprocessing.Pool
+    silently replaces a worker that dies and then waits forever for its shard, and
+    ProcessPoolExecutor has no way to stop running workers on Ctrl-C.
+    """
+
+    def __init__(self, count: int):
+        # spawn, not fork: the caller may have imported TensorFlow, whose threads do not survive fork.
+        context = multiprocessing.get_context("spawn")
+        self.done = context.Value("q", 0)  # files processed, summed over workers
+        self._tasks = context.Queue()
+        self._results = context.Queue()
+        self._processes = [
+            context.Process(target=_worker_main, args=(self._tasks, self._results, self.done), daemon=True)
+            for _ in range(count)
+        ]
+        for process in self._processes:
+            process.start()
+
+    def run(self, tasks, staging: Path, checks: ImageChecks, total: int, on_progress) -> list[ShardResult]:
+        # Largest shards first, so that the last ones to finish are small (better balance).
+        for index, task in sorted(enumerate(tasks), key=lambda item: -len(item[1].items)):
+            self._tasks.put((index, task, staging, checks))
+        for _ in self._processes:
+            self._tasks.put(None)
+        results: dict[int, ShardResult] = {}
+        while len(results) < len(tasks):
+            try:
+                index, error, result = self._results.get(timeout=0.05)
+            except queue.Empty:
+                if any(process.exitcode not in (None, 0) for process in self._processes):
+                    raise BuildError("a worker process died (killed or out of memory); nothing was written") from None
+                if on_progress:
+                    on_progress(self.done.value, total)
+                continue
+            if error:
+                raise BuildError(f"writing {tasks[index].relative_path} failed: {error}")
+            results[index] = result
+        return [results[index] for index in range(len(tasks))]
+
+    def stop(self) -> None:
+        self._tasks.cancel_join_thread()  # never block exit on tasks nobody will read
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self._processes:
+            process.join(timeout=10)
+
+
+def _worker_main(tasks, results, done) -> None:
+    # Ctrl-C reaches the whole process group; the parent alone decides what to do.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while (item := tasks.get()) is not None:
+        index, task, staging, checks = item
+        try:
+            results.put((index, None, write_shard(task, staging, checks, done)))
+        except Exception as error:  # reported to the parent, which fails the build with it
+            results.put((index, f"{type(error).__name__}: {error}", None))
+
+
+@contextlib.contextmanager
+def _worker_pool(count: int):
+    """Worker processes, or None to write shards in this process when one worker is asked for."""
+    if count == 1:
+        yield None
+        return
+    workers = _Workers(count)
+    try:
+        yield workers
+    finally:
+        workers.stop()
+
+
+def _write_shards(workers, tasks, staging: Path, checks: ImageChecks, total: int, on_progress) -> list[ShardResult]:
+    if workers is not None:
+        return workers.run(tasks, staging, checks, total, on_progress)
+    results = []
+    for task in tasks:
+        results.append(write_shard(task, staging, checks))
+        if on_progress:
+            on_progress(sum(len(r.rejects) + r.examples for r in results), total)
+    return results
+
+
+def _finish(staging, source, config, plan, results, layout_rejects, candidates) -> dict:
+    rejects = [(r.path, r.reason, r.detail) for r in layout_rejects]
+    for result in results:
+        rejects.extend(result.rejects)
+    rejects.sort()
+    by_reason = Counter(reason for _, reason, _ in rejects)
+    with open(staging / manifest_io.REJECTS_NAME, "w") as report:
+        for path, reason, detail in rejects:
+            report.write(json.dumps({"path": os.path.relpath(path, source), "reason": reason, "detail": detail}) + "\n")
+
+    splits = {}
+    for split in contract.SPLITS:
+        mine = sorted((r for r in results if r.split == split), key=lambda r: r.relative_path)
+        per_class = Counter()
+        for result in mine:
+            per_class.update(result.per_class)
+        splits[split] = {
+            "examples": sum(r.examples for r in mine),
+            "per_class": {str(label): per_class[label] for label in range(contract.NUM_CLASSES)},
+            "shards": [
+                {"file": r.relative_path, "examples": r.examples, "bytes": r.bytes, "sha256": r.sha256} for r in mine
+            ],
+        }
+    written = sum(split["examples"] for split in splits.values())
+    seen = len(layout_rejects) + candidates
+    empty = [split for split, info in splits.items() if info["examples"] == 0]
+    if empty:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in by_reason.most_common()) or "none"
+        raise BuildError(
+            f"no valid digits for the {'/'.join(empty)} split(s) under {source}: "
+            f"{seen} files seen, {written} valid, {len(rejects)} rejected (reasons: {reasons}); nothing written"
+        )
+    converted = Counter()
+    for result in results:
+        converted.update(result.converted)
+
+    shards = [shard for split in splits.values() for shard in split["shards"]]
+    options = asdict(config)
+    options.update(source=str(config.source), output=str(config.output), workers=config.worker_count)
+    manifest = {
+        "builder_version": BUILDER_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_root": str(source),
+        "options": options,
+        "contract": {
+            "image_key": contract.IMAGE_KEY,
+            "label_key": contract.LABEL_KEY,
+            "num_classes": contract.NUM_CLASSES,
+            "image_encoding": "PNG, 8-bit grayscale",
+            "compression": "GZIP",
+        },
+        "counts": {
+            "seen": seen,
+            "written": written,
+            "rejected": len(rejects),
+            "not_selected": plan.not_selected,
+            "converted": sum(converted.values()),
+        },
+        "splits": splits,
+        "converted": dict(converted),
+        "rejects": {"file": manifest_io.REJECTS_NAME, "by_reason": dict(by_reason.most_common())},
+        "checksum": manifest_io.combined_checksum(shards),
+    }
+    # Every file is written or rejected (or left out on purpose by --per-class).
+    if seen != written + len(rejects) + plan.not_selected:
+        raise BuildError(f"internal accounting error, nothing written: {manifest['counts']}")
+    manifest_io.write_manifest(staging, manifest)
+    return manifest
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Moves the finished staging directory to `output`, replacing an old build."""
+    _fsync_dir(staging)
+    if output.exists():
+        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.rename(output, retired)
+        os.rename(staging, output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, output)
+    _fsync_dir(output.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_staging(output: Path) -> None:
+    """Removes staging/retired directories left by builds that were killed outright."""
+    ours = re.compile(rf"^\.{re.escape(output.name)}\.(?:tmp-(\d+)-[A-Za-z0-9_]+|old-(\d+))$")
+    for leftover in output.parent.iterdir():
+        match = ours.match(leftover.name)
+        if match and leftover.is_dir() and not _alive(int(match.group(1) or match.group(2))):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
