@@ -1,0 +1,55 @@
+"""Shared fixtures: real digit trees made from the embedded MNIST sample, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Before anything imports TensorFlow: Keras 2 (tf_keras), as TFX 1.16 expects, and quiet logs.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def sample_tree(tmp_path_factory) -> Path:
+    """The embedded sample as written by `digits data sample`: 4,000 training/ + 1,000 testing/ PNGs.
+
+    Read-only for tests: copy it (see `small_tree`) before changing anything.
+    """
+    from data.sample import write_sample
+
+    root = tmp_path_factory.mktemp("sample") / "mnist-png"
+    write_sample(root)
+    return root
+
+
+@pytest.fixture
+def small_tree(sample_tree, tmp_path):
+    """Factory: a fresh, writable copy of the first `per_class` files of each class and part."""
+
+    def make(train_per_class: int = 10, test_per_class: int = 4, name: str = "tree") -> Path:
+        root = tmp_path / name
+        for part, limit in (("training", train_per_class), ("testing", test_per_class)):
+            for digit_dir in sorted((sample_tree / part).iterdir()):
+                target = root / part / digit_dir.name
+                target.mkdir(parents=True)
+                for png in sorted(digit_dir.iterdir())[:limit]:
+                    shutil.copyfile(png, target / png.name)
+        return root
+
+    return make
+
+
+def run_digits(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """Runs the real `digits` command line in a subprocess (bounded in time)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs,
+    )
