@@ -70,7 +70,7 @@ def _walk_dir(directory: str, rel: tuple[str, ...], ancestors: list, visited: se
     label = _LABEL_DIRS.get(rel[1]) if len(rel) == 2 and rel[0] in contract.SOURCE_DIRS else None
     for entry in children:
         name = entry.name
-        if label is not None and not name.startswith(".") and name[-4:].lower() == ".png" and entry.is_file():
+        if label is not None and not name.startswith(".") and name[-4:].lower() == ".png" and _is_file(entry):
             out.append(Candidate(entry.path, rel[0], label))  # the common case, kept cheap
             continue
         try:
@@ -96,6 +96,13 @@ def _walk_dir(directory: str, rel: tuple[str, ...], ancestors: list, visited: se
             ancestors.append(key)
             _walk_dir(entry.path, rel + (name,), ancestors, visited, out)
             ancestors.pop()
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # e.g. a symlink loop; the slow path below reports it
+        return False
 
 
 def _unreadable(path: str, error: OSError) -> Reject:
