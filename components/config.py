@@ -1,0 +1,80 @@
+"""Typed training configuration: defaults, validation, and the trip through `custom_config`.
+
+The pipeline builds a TrainerConfig, passes `to_custom_config()` to the Trainer
+component, and `run_fn` rebuilds it with `from_custom_config()`, so every value
+is checked once, with a message that names the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+BASE_WEIGHTS_CHOICES = ("auto", "imagenet", "none")
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    optimizer: str = "rmsprop"
+    dense_units: tuple[int, int] = (64, 64)
+    dropout: tuple[float, float] = (0.2, 0.2)
+    base_weights: str = "auto"  # auto | imagenet | none | path to a .h5 weights file
+    early_stopping_patience: int = 3  # epochs without eval improvement before stopping
+    max_translation: int = 5  # augmentation: pixels of random shift (pad, then random crop)
+    max_rotation_degrees: float = 10.0  # augmentation: random rotation; no flips, ever, for digits
+    steps_per_epoch: int | None = None  # None: one pass over the train split
+    shuffle_buffer: int = 4096
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dense_units", tuple(int(u) for u in self.dense_units))
+        object.__setattr__(self, "dropout", tuple(float(d) for d in self.dropout))
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning rate must be positive, got {self.learning_rate}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if len(self.dense_units) != 2 or min(self.dense_units) < 64:
+            problems.append(f"dense units must be two layer sizes of at least 64, got {self.dense_units}")
+        if len(self.dropout) != 2 or not all(0.2 <= d < 1 for d in self.dropout):
+            problems.append(f"dropout must be two rates in [0.2, 1), got {self.dropout}")
+        if self.base_weights not in BASE_WEIGHTS_CHOICES and not os.path.isfile(self.base_weights):
+            problems.append(
+                f"base weights must be auto, imagenet, none or an existing weights file; "
+                f"no file at {self.base_weights!r}"
+            )
+        if self.early_stopping_patience < 0:
+            problems.append(f"early stopping patience must be >= 0, got {self.early_stopping_patience}")
+        if self.max_translation < 0 or self.max_rotation_degrees < 0:
+            problems.append("augmentation amounts must be >= 0")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            problems.append(f"steps per epoch must be at least 1, got {self.steps_per_epoch}")
+        if self.shuffle_buffer < 1:
+            problems.append(f"shuffle buffer must be at least 1, got {self.shuffle_buffer}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_custom_config(self) -> dict[str, Any]:
+        """JSON-friendly values for the Trainer's custom_config."""
+        values = dataclasses.asdict(self)
+        values["dense_units"] = list(self.dense_units)
+        values["dropout"] = list(self.dropout)
+        return values
+
+    @classmethod
+    def from_custom_config(cls, values: dict[str, Any]) -> "TrainerConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training options in custom_config: {', '.join(unknown)}")
+        return cls(**values)

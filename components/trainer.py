@@ -1,0 +1,70 @@
+"""The Trainer's run_fn: glue that calls the data, model and signature modules in order."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import tensorflow as tf
+import tensorflow_transform as tft
+import tf_keras as keras
+
+from components import base_weights
+from components.config import TrainerConfig
+from components.data import make_dataset
+from components.model import build_model
+from components.signatures import make_signatures
+
+HISTORY_FILE = "history.json"  # in the model_run artifact: per-epoch metrics, read by the report
+
+log = logging.getLogger(__name__)
+
+
+def run_fn(fn_args) -> None:
+    """TFX Trainer entry point (generic Trainer, `run_fn="components.trainer.run_fn"`)."""
+    config = TrainerConfig.from_custom_config(fn_args.custom_config)
+    weights = base_weights.resolve(config.base_weights)
+    tf.keras.utils.set_random_seed(config.seed)
+    tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
+
+    train = make_dataset(fn_args.train_files, fn_args.data_accessor, tf_transform_output, config, training=True)
+    evaluation = make_dataset(fn_args.eval_files, fn_args.data_accessor, tf_transform_output, config,
+                              training=False)
+    model = build_model(config, weights.keras_weights)
+
+    # The pipeline sets train_args.num_steps = epochs x steps per epoch (one pass over train).
+    steps_per_epoch = config.steps_per_epoch or max(1, fn_args.train_steps // config.epochs)
+    epochs = config.epochs
+    log.info("training %d epochs x %d steps; base weights: %s", epochs, steps_per_epoch, weights.source)
+    history = model.fit(
+        train,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=evaluation,
+        callbacks=[
+            keras.callbacks.EarlyStopping(
+                monitor="val_sparse_categorical_accuracy", mode="max",
+                patience=config.early_stopping_patience, restore_best_weights=True,
+            ),
+            keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
+        ],
+        verbose=2,
+    )
+
+    os.makedirs(fn_args.model_run_dir, exist_ok=True)
+    with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, HISTORY_FILE), "w") as stream:
+        json.dump(
+            {
+                "history": {name: [float(v) for v in values] for name, values in history.history.items()},
+                "epochs_run": len(history.epoch),
+                "steps_per_epoch": steps_per_epoch,
+                "base_weights": weights.source,
+                "pretrained": weights.pretrained,
+                "base_weights_warning": weights.warning,
+                "config": config.to_custom_config(),
+            },
+            stream,
+            indent=2,
+        )
+    model.save(fn_args.serving_model_dir, save_format="tf", signatures=make_signatures(model, tf_transform_output))

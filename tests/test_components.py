@@ -1,0 +1,142 @@
+"""Transform preprocessing, augmentation, model and training config, without running TFX."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.config import TrainerConfig
+from data import contract
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(sample_tree) -> list[bytes]:
+    return [p.read_bytes() for p in sorted((sample_tree / "training" / "7").iterdir())[:6]]
+
+
+def _encode(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_preprocessing_gives_75x75x3_float_in_minus_one_to_one(digit_pngs):
+    import tensorflow as tf
+
+    from components.transform import decode_and_scale
+
+    images = decode_and_scale(tf.constant(digit_pngs)).numpy()
+    assert images.shape == (6, 75, 75, 3) and images.dtype == np.float32
+    assert images.min() == pytest.approx(-1.0) and 0.9 < images.max() <= 1.0
+    # gray in, three identical channels out
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+
+
+def test_preprocessing_accepts_jpeg_colour_and_any_size_like_serving_must(digit_pngs):
+    import tensorflow as tf
+
+    from components.transform import decode_and_scale
+
+    with Image.open(io.BytesIO(digit_pngs[0])) as image:
+        gray = np.asarray(image)
+    rgb_big = np.asarray(Image.fromarray(gray).convert("RGB").resize((140, 100)))
+    batch = [digit_pngs[0], _encode(gray, "JPEG"), _encode(rgb_big, "PNG")]
+    images = decode_and_scale(tf.constant(batch)).numpy()
+    assert images.shape == (3, 75, 75, 3)
+    assert np.abs(images[0] - images[1]).mean() < 0.05  # JPEG of the same digit: nearly the same input
+
+
+def test_bytes_that_are_not_an_image_are_invalid_argument():
+    import tensorflow as tf
+
+    from components.transform import decode_and_scale
+
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        decode_and_scale(tf.constant([b"definitely not a PNG"]))
+
+
+def test_augmentation_moves_pixels_keeps_shape_range_and_never_mirrors(digit_pngs):
+    import tensorflow as tf
+
+    from components.augment import augment_batch
+    from components.transform import decode_and_scale
+
+    images = decode_and_scale(tf.constant(digit_pngs))
+    tf.random.set_seed(1)
+    augmented = augment_batch(images, max_translation=5, max_rotation_degrees=10).numpy()
+    original = images.numpy()
+    assert augmented.shape == original.shape
+    assert augmented.min() >= -1.0 - 1e-6 and augmented.max() <= 1.0 + 1e-6
+    assert np.abs(augmented - original).mean() > 0.01  # it did something
+    # Still closer to the digit itself than to its mirror image: shifts and small rotations only.
+    mirrored = original[:, :, ::-1, :]
+    for aug, orig, mirror in zip(augmented, original, mirrored):
+        best_shift = min(
+            np.abs(np.roll(np.roll(orig, dy, 0), dx, 1) - aug).mean() for dy in range(-5, 6) for dx in range(-5, 6)
+        )
+        assert best_shift < np.abs(mirror - aug).mean()
+    # Off switches really switch off.
+    np.testing.assert_array_equal(augment_batch(images, 0, 0).numpy(), original)
+
+
+def test_model_head_has_the_designed_layers_and_outputs_probabilities():
+    import tensorflow as tf
+
+    from components.model import build_model
+
+    model = build_model(TrainerConfig(dense_units=(128, 64), dropout=(0.3, 0.2)), base_weights=None)
+    head = [(layer.name, type(layer).__name__) for layer in model.layers[2:]]
+    assert head == [("dense_1", "Dense"), ("dropout_1", "Dropout"), ("dense_2", "Dense"), ("dropout_2", "Dropout"),
+                    ("probabilities", "Dense")]
+    assert [model.get_layer(f"dense_{i}").units for i in (1, 2)] == [128, 64]
+    assert [model.get_layer(f"dropout_{i}").rate for i in (1, 2)] == [0.3, 0.2]
+    assert model.get_layer("inception_v3").input_shape == (None, 75, 75, 3)
+    assert type(model.optimizer).__name__ == "RMSprop"
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
+    probabilities = model(tf.zeros([2, 75, 75, 3]), training=False).numpy()
+    assert probabilities.shape == (2, contract.NUM_CLASSES)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": -1}, "epochs must be at least 1"),
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"learning_rate": 0}, "learning rate must be positive"),
+        ({"optimizer": "adagrad"}, "optimizer must be one of"),
+        ({"dense_units": (32, 64)}, "dense units"),
+        ({"dropout": (0.1, 0.2)}, "dropout"),
+        ({"base_weights": "/no/such/weights.h5"}, "no file at '/no/such/weights.h5'"),
+        ({"batch_size": 0}, "batch size"),
+    ],
+)
+def test_config_rejects_bad_values_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainerConfig(**kwargs)
+
+
+def test_config_round_trips_through_custom_config_and_refuses_unknown_keys():
+    config = TrainerConfig(epochs=3, dense_units=(96, 64))
+    assert TrainerConfig.from_custom_config(config.to_custom_config()) == config
+    with pytest.raises(ValueError, match="unknown training options in custom_config: epoch"):
+        TrainerConfig.from_custom_config({"epoch": 3})
+
+
+def test_auto_base_weights_fall_back_to_random_init_loudly_without_network(tmp_path, monkeypatch):
+    from components import base_weights
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    resolved = base_weights.resolve("auto")
+    assert resolved.keras_weights is None and not resolved.pretrained
+    assert "RANDOM initialisation" in resolved.warning
+    cached = tmp_path / "models" / base_weights.IMAGENET_NOTOP_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"h5")
+    resolved = base_weights.resolve("auto")
+    assert resolved.keras_weights == str(cached) and resolved.pretrained and resolved.warning is None
+    with pytest.raises(ValueError, match="does not exist"):
+        base_weights.resolve(str(tmp_path / "missing.h5"))
