@@ -214,3 +214,21 @@ def test_a_worker_killed_mid_build_fails_the_build_cleanly_instead_of_hanging(sa
     assert stderr.strip().splitlines() == ["error: a worker process died (killed or out of memory); nothing was written"]
     assert not out.exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_if_changed_keeps_a_matching_build_and_rebuilds_when_tree_or_options_change(small_tree, tmp_path):
+    root = small_tree()
+    out = tmp_path / "out"
+    first = build(BuildConfig(source=root, output=out))
+    again = build(BuildConfig(source=root, output=out, if_changed=True))
+    assert again.up_to_date and again.manifest["checksum"] == first.manifest["checksum"]
+    assert (out / "manifest.json").stat().st_mtime_ns == again.output.joinpath("manifest.json").stat().st_mtime_ns
+
+    reseeded = build(BuildConfig(source=root, output=out, seed=7, if_changed=True))
+    assert not reseeded.up_to_date and reseeded.manifest["options"]["seed"] == 7
+
+    extra = next((root / "training" / "5").iterdir())
+    extra.with_name("new.png").write_bytes(extra.read_bytes())
+    grown = build(BuildConfig(source=root, output=out, seed=7, if_changed=True))
+    assert not grown.up_to_date and grown.manifest["counts"]["written"] == reseeded.manifest["counts"]["written"] + 1
+    assert grown.manifest["source_fingerprint"] != reseeded.manifest["source_fingerprint"]

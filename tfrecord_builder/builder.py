@@ -11,6 +11,7 @@ outright leaves only a hidden staging directory that the next build removes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import multiprocessing
 import os
@@ -45,6 +46,7 @@ class BuildResult:
     output: Path
     manifest: dict
     seconds: float
+    up_to_date: bool = False  # True: nothing was written, the existing build already matched
 
 
 def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> BuildResult:
@@ -57,14 +59,25 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
         raise BuildError(str(error)) from None
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(output)
-    if output.exists() and not config.overwrite:
-        raise BuildError(f"{config.output} already exists; pass --overwrite to replace it")
+    entries = None
+    if output.exists():
+        if config.if_changed:
+            entries = walk(source)
+            current = _current_build(output, config, source_fingerprint(source, entries))
+            if current is not None:
+                return BuildResult(output=output, manifest=current, seconds=time.perf_counter() - started,
+                                   up_to_date=True)
+        elif not config.overwrite:
+            raise BuildError(f"{config.output} already exists; pass --overwrite to replace it")
 
     # Worker processes start (spawn takes a while) while this process walks the tree.
     with _worker_pool(config.worker_count) as workers:
+        if entries is None:
+            entries = walk(source)
+        fingerprint = source_fingerprint(source, entries)
         candidates: list[Candidate] = []
         layout_rejects: list[Reject] = []
-        for entry in walk(source):
+        for entry in entries:
             (candidates if type(entry) is Candidate else layout_rejects).append(entry)
         plan = make_plan(candidates, config)
         total = sum(len(task.items) for task in plan.tasks)
@@ -73,12 +86,45 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
         try:
             results = _write_shards(workers, plan.tasks, staging, _checks(config), total, on_progress)
-            manifest = _finish(staging, source, config, plan, results, layout_rejects, len(candidates))
+            manifest = _finish(staging, source, config, plan, results, layout_rejects, len(candidates), fingerprint)
             _publish(staging, output)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return BuildResult(output=output, manifest=manifest, seconds=time.perf_counter() - started)
+
+
+# Options that change what is written (not how fast, nor what happens to an existing output).
+_OUTPUT_OPTIONS = ("eval_fraction", "per_class", "test_per_class", "shards", "seed", "expected_size", "max_bytes",
+                   "max_pixels")
+
+
+def source_fingerprint(source: Path, entries) -> str:
+    """SHA-256 over every entry's path, size and modification time: changes when the tree does."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        try:
+            info = os.lstat(entry.path)
+            stamp = f"{info.st_size} {info.st_mtime_ns}"
+        except OSError as error:
+            stamp = f"error {error.errno}"
+        digest.update(f"{os.path.relpath(entry.path, source)} {stamp}\n".encode())
+    return digest.hexdigest()
+
+
+def _current_build(output: Path, config: BuildConfig, fingerprint: str) -> dict | None:
+    """The existing build's manifest if it was made from this very tree with these options, else None."""
+    try:
+        manifest = manifest_io.verify(output)
+    except (manifest_io.ManifestError, KeyError, OSError):
+        return None
+    options = manifest.get("options", {})
+    same = (
+        manifest.get("builder_version") == BUILDER_VERSION
+        and manifest.get("source_fingerprint") == fingerprint
+        and all(options.get(name) == getattr(config, name) for name in _OUTPUT_OPTIONS)
+    )
+    return manifest if same else None
 
 
 def _checks(config: BuildConfig) -> ImageChecks:
@@ -171,7 +217,7 @@ def _write_shards(workers, tasks, staging: Path, checks: ImageChecks, total: int
     return results
 
 
-def _finish(staging, source, config, plan, results, layout_rejects, candidates) -> dict:
+def _finish(staging, source, config, plan, results, layout_rejects, candidates, fingerprint) -> dict:
     rejects = [(r.path, r.reason, r.detail) for r in layout_rejects]
     for result in results:
         rejects.extend(result.rejects)
@@ -214,6 +260,7 @@ def _finish(staging, source, config, plan, results, layout_rejects, candidates) 
         "builder_version": BUILDER_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source_root": str(source),
+        "source_fingerprint": fingerprint,
         "options": options,
         "contract": {
             "image_key": contract.IMAGE_KEY,

@@ -29,9 +29,11 @@ def _raise_interrupt(signum, frame):
 @click.option("--expected-size", default="28", show_default=True,
               help="Required width and height in pixels, or 'any'.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--if-changed", is_flag=True,
+              help="Keep an existing output made from the same tree and options; rebuild it otherwise.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def build_command(source, output, eval_fraction, per_class, test_per_class, shards, workers, seed, expected_size,
-                  overwrite, quiet):
+                  overwrite, if_changed, quiet):
     """Build GZIP TFRecord shards (image PNG bytes + label) from a mnist-png tree.
 
     SOURCE is ROOT of ROOT/training/<digit>/*.png and ROOT/testing/<digit>/*.png
@@ -54,7 +56,7 @@ def build_command(source, output, eval_fraction, per_class, test_per_class, shar
         config = BuildConfig(
             source=source, output=output, eval_fraction=eval_fraction, per_class=per_class,
             test_per_class=test_per_class, shards=shards, workers=workers, seed=seed,
-            expected_size=size, overwrite=overwrite,
+            expected_size=size, overwrite=overwrite, if_changed=if_changed,
         )
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
@@ -71,5 +73,9 @@ def build_command(source, output, eval_fraction, per_class, test_per_class, shar
         sys.exit(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if result.up_to_date:
+        if not quiet:
+            click.echo(f"{output} is up to date ({result.manifest['counts']['written']:,} examples); nothing to do")
+        return
     if not quiet:
         report.print_summary(Console(), result)
