@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 BASE_WEIGHTS_CHOICES = ("auto", "imagenet", "none")
+# Also in custom_config: a hash of the code, so that TFX's cache notices code changes. Not a setting.
+CODE_FINGERPRINT_KEY = "code_fingerprint"
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 
 
@@ -73,6 +75,7 @@ class TrainerConfig:
 
     @classmethod
     def from_custom_config(cls, values: dict[str, Any]) -> "TrainerConfig":
+        values = {key: value for key, value in values.items() if key != CODE_FINGERPRINT_KEY}
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from data.cli import data_group
+from pipeline.commands import pipeline_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="digits-mlops")
-def main():
+def cli():
     """Handwritten-digit MLOps: data, TFX pipeline, serving and monitoring."""
 
 
-main.add_command(data_group)
+cli.add_command(data_group)
+cli.add_command(pipeline_group)
+
+
+def main() -> None:
+    # Keras 2 (tf_keras), as TFX 1.16, TFT and TFMA expect: decided before anything imports TensorFlow.
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli()
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,123 @@
+"""`digits pipeline ...`: run the TFX pipeline from the command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from components.config import TrainerConfig
+from pipeline.config import PipelineConfig
+
+
+@click.group("pipeline")
+def pipeline_group():
+    """Run the TFX pipeline: validate, transform, train, evaluate, push."""
+
+
+class _ConsoleFilter(logging.Filter):
+    """Our own warnings on the console; libraries' only from ERROR up (all of it goes to the file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name.split(".")[0] in ("pipeline", "components", "data", "tfrecord_builder")
+        return record.levelno >= (logging.WARNING if ours else logging.ERROR)
+
+
+def _setup_logging(log_dir: Path) -> Path:
+    """Console: progress lines and real problems. File: everything, for when something fails."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / time.strftime("run-%Y%m%d-%H%M%S.log")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(_ConsoleFilter())
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    to_file = logging.FileHandler(log_file)
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [console, to_file]
+    # TensorFlow gives its logger a handler of its own; send its records through ours instead.
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.handlers[:] = []
+    tf_logger.propagate = True
+    return log_file
+
+
+@pipeline_group.command("run")
+@click.option("--data", "data_root", type=click.Path(path_type=Path), default=Path("data/tfrecords"),
+              show_default=True, help="A `digits data build` output directory.")
+@click.option("--pipeline-root", type=click.Path(path_type=Path), default=Path("pipeline_root"), show_default=True,
+              help="Artifacts, logs and the MLMD sqlite database.")
+@click.option("--serving-dir", type=click.Path(path_type=Path), default=Path("serving_model"), show_default=True,
+              help="Blessed models are pushed to SERVING_DIR/<model-name>/<version>/.")
+@click.option("--model-name", default="digits", show_default=True)
+@click.option("--epochs", type=int, default=TrainerConfig.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=TrainerConfig.batch_size, show_default=True)
+@click.option("--learning-rate", type=float, default=TrainerConfig.learning_rate, show_default=True)
+@click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "sgd"]), default=TrainerConfig.optimizer,
+              show_default=True)
+@click.option("--base-weights", default=TrainerConfig.base_weights, show_default=True,
+              help="auto (ImageNet if in the Keras cache, else random), imagenet, none, or a weights file.")
+@click.option("--steps-per-epoch", type=int, default=None, help="[default: one pass over the train split]")
+@click.option("--early-stopping-patience", type=int, default=TrainerConfig.early_stopping_patience,
+              show_default=True)
+@click.option("--min-accuracy", type=float, default=PipelineConfig.min_accuracy, show_default=True,
+              help="Held-out accuracy needed to bless (and push) the model.")
+@click.option("--no-cache", is_flag=True, help="Re-run every component instead of reusing cached outputs.")
+def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch_size, learning_rate, optimizer,
+                base_weights, steps_per_epoch, early_stopping_patience, min_accuracy, no_cache):
+    """Run the whole pipeline on a TFRecord build, ending with a pushed model if it is blessed."""
+    from tfrecord_builder.manifest import ManifestError, verify
+
+    try:
+        manifest = verify(data_root)
+    except ManifestError as error:
+        click.echo(f"error: {error} (build it with `digits data build`)", err=True)
+        sys.exit(1)
+    try:
+        trainer = TrainerConfig(
+            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
+            base_weights=base_weights, steps_per_epoch=steps_per_epoch,
+            early_stopping_patience=early_stopping_patience,
+        )
+        config = PipelineConfig(
+            data_root=data_root, train_examples=manifest["splits"]["train"]["examples"],
+            pipeline_root=pipeline_root, serving_dir=serving_dir, model_name=model_name,
+            min_accuracy=min_accuracy, trainer=trainer, enable_cache=not no_cache,
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+    from components import base_weights as weights_module
+    from pipeline.anomalies_gate import DataAnomaliesError
+    from pipeline.runner import run_pipeline
+
+    log_file = _setup_logging(config.pipeline_root / "logs")
+    weights = weights_module.resolve(trainer.base_weights)
+    if weights.warning:
+        click.secho(f"WARNING: {weights.warning}", fg="yellow", err=True)
+    click.echo(f"pipeline '{config.pipeline_name}': {config.train_steps} training steps "
+               f"({trainer.epochs} epochs x {config.steps_per_epoch}), base weights: {weights.source}")
+    click.echo(f"full log: {log_file}")
+
+    def on_event(event, component):
+        if event == "running":
+            click.echo(f"  - {component.node_id} ...")
+        else:
+            mark = {"COMPLETE": "done", "CACHED": "cached"}.get(component.state, component.state.lower())
+            click.echo(f"  - {component.node_id}: {mark} in {component.seconds:.1f} s")
+
+    started = time.perf_counter()
+    try:
+        run_pipeline(config, on_event=on_event)
+    except DataAnomaliesError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except Exception as error:  # a component failed: say which and why, in one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        click.echo(f"error: pipeline failed: {type(error).__name__}: {reason} (full log: {log_file})", err=True)
+        sys.exit(1)
+    click.echo(f"pipeline finished in {time.perf_counter() - started:.0f} s")

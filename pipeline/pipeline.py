@@ -1,0 +1,144 @@
+"""The TFX pipeline, as one pure function of its configuration.
+
+ImportExampleGen -> StatisticsGen -> ImportSchemaGen (curated) -> ExampleValidator
+-> AnomaliesGate -> Transform -> Trainer -> (latest blessed model) -> Evaluator -> Pusher.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tensorflow_model_analysis as tfma
+from tfx import v1 as tfx
+
+from components.config import CODE_FINGERPRINT_KEY
+from components.signatures import EXAMPLES_SIGNATURE, PROBABILITIES_OUTPUT
+from data import contract
+from pipeline.anomalies_gate import AnomaliesGate
+from pipeline.config import PipelineConfig
+
+PREPROCESSING_FN = "components.transform.preprocessing_fn"
+ACCURACY_METRIC = "sparse_categorical_accuracy"
+
+
+def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
+    example_gen = tfx.components.ImportExampleGen(
+        input_base=str(config.data_root),
+        input_config=tfx.proto.Input(
+            splits=[tfx.proto.Input.Split(name=split, pattern=f"{split}/*.tfrecord.gz") for split in contract.SPLITS]
+        ),
+    )
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=str(config.schema_file))
+    example_validator = tfx.components.ExampleValidator(
+        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
+    )
+    anomalies_gate = AnomaliesGate(anomalies=example_validator.outputs["anomalies"])
+
+    transform = tfx.components.Transform(
+        examples=example_gen.outputs["examples"],
+        schema=schema_gen.outputs["schema"],
+        preprocessing_fn=PREPROCESSING_FN,
+        splits_config=tfx.proto.SplitsConfig(analyze=[contract.TRAIN_SPLIT]),
+        # 75x75x3 floats are ~67 KB a digit: the Trainer applies the graph on the fly instead.
+        materialize=False,
+        disable_statistics=True,
+        custom_config={CODE_FINGERPRINT_KEY: config.code_fingerprint},
+    )
+    transform.add_upstream_node(anomalies_gate)
+
+    trainer = tfx.components.Trainer(
+        run_fn=config.run_fn,
+        examples=example_gen.outputs["examples"],
+        transform_graph=transform.outputs["transform_graph"],
+        schema=schema_gen.outputs["schema"],
+        train_args=tfx.proto.TrainArgs(splits=[contract.TRAIN_SPLIT], num_steps=config.train_steps),
+        eval_args=tfx.proto.EvalArgs(splits=[contract.EVAL_SPLIT]),
+        custom_config={**config.trainer.to_custom_config(), CODE_FINGERPRINT_KEY: config.code_fingerprint},
+    )
+
+    model_resolver = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model_resolver")
+
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"],
+        example_splits=[contract.TEST_SPLIT],
+        model=trainer.outputs["model"],
+        baseline_model=model_resolver.outputs["model"],
+        eval_config=eval_config(config.min_accuracy),
+    )
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(
+                base_directory=str(config.serving_dir / config.model_name)
+            )
+        ),
+    )
+
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.pipeline_name,
+        pipeline_root=str(config.pipeline_root),
+        components=[
+            example_gen, statistics_gen, schema_gen, example_validator, anomalies_gate, transform, trainer,
+            model_resolver, evaluator, pusher,
+        ],
+        enable_cache=config.enable_cache,
+        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
+            str(config.metadata_path)
+        ),
+        beam_pipeline_args=list(config.beam_pipeline_args),
+    )
+
+
+def eval_config(min_accuracy: float) -> tfma.EvalConfig:
+    """Held-out metrics: accuracy (the blessing gate), per-class precision/recall/F1, confusion matrix."""
+    per_class = [
+        tfma.MetricConfig(
+            class_name=metric,
+            config=json.dumps({"class_id": digit, "top_k": 1, "name": f"{metric.lower()}_class_{digit}"}),
+        )
+        for digit in range(contract.NUM_CLASSES)
+        for metric in ("Precision", "Recall", "F1Score")
+    ]
+    accuracy = tfma.MetricConfig(
+        class_name="SparseCategoricalAccuracy",
+        config=json.dumps({"name": ACCURACY_METRIC}),
+        # On the overall slice only: a plain `threshold` would have to hold for every digit's slice too.
+        per_slice_thresholds=[
+            tfma.PerSliceMetricThreshold(
+                slicing_specs=[tfma.SlicingSpec()],
+                threshold=tfma.MetricThreshold(
+                    # Blessing needs both: an absolute bar, and no regression against the latest blessed model.
+                    value_threshold=tfma.GenericValueThreshold(lower_bound={"value": min_accuracy}),
+                    change_threshold=tfma.GenericChangeThreshold(
+                        direction=tfma.MetricDirection.HIGHER_IS_BETTER, absolute={"value": -1e-10}
+                    ),
+                ),
+            )
+        ],
+    )
+    return tfma.EvalConfig(
+        model_specs=[
+            tfma.ModelSpec(
+                signature_name=EXAMPLES_SIGNATURE,
+                label_key=contract.LABEL_KEY,
+                prediction_key=PROBABILITIES_OUTPUT,
+            )
+        ],
+        slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[contract.LABEL_KEY])],
+        metrics_specs=[
+            tfma.MetricsSpec(
+                metrics=[
+                    tfma.MetricConfig(class_name="ExampleCount"),
+                    accuracy,
+                    *per_class,
+                    tfma.MetricConfig(class_name="MultiClassConfusionMatrixPlot"),
+                ]
+            )
+        ],
+    )
