@@ -1,0 +1,175 @@
+"""The real TFX pipeline (LocalDagRunner) on tiny data: end to end, resume, bad data, blessing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_digits
+from data import contract
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+UPSTREAM_OF_TRAINER = ["ImportExampleGen", "ImportSchemaGen", "StatisticsGen", "ExampleValidator",
+                       "AnomaliesGate", "Transform"]
+
+
+@pytest.fixture(scope="module")
+def tiny_records(sample_tree, tmp_path_factory) -> Path:
+    """TFRecords of 20 training digits per class (18 train + 2 eval) and 5 test digits per class."""
+    from tfrecord_builder.builder import build
+    from tfrecord_builder.config import BuildConfig
+
+    output = tmp_path_factory.mktemp("tiny") / "tfrecords"
+    build(BuildConfig(source=sample_tree, output=output, per_class=20, test_per_class=5, workers=1))
+    return output
+
+
+def _run_args(records: Path, root: Path, serving: Path, *extra: str) -> list[str]:
+    return ["pipeline", "run", "--data", str(records), "--pipeline-root", str(root), "--serving-dir", str(serving),
+            "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--base-weights", "none",
+            "--min-accuracy", "0", *extra]
+
+
+def _states(root: Path) -> dict[str, str]:
+    from pipeline.run_history import latest_run
+
+    return {component.node_id: component.state for component in latest_run(root / "metadata.sqlite", "digits")}
+
+
+def _versions(serving: Path) -> list[Path]:
+    model_dir = serving / "digits"
+    return sorted(model_dir.iterdir()) if model_dir.exists() else []
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.mark.timeout(1800)
+def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sample_tree, tmp_path):
+    import tensorflow as tf
+
+    root, serving = tmp_path / "root", tmp_path / "serving"
+    args = _run_args(tiny_records, root, serving)
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: _states(root).get("Trainer") == "RUNNING", 900, "the Trainer to start")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the run dies in the middle of training
+        first.wait(timeout=60)
+    assert _versions(serving) == []
+
+    result = run_digits(*args, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = _states(root)
+    # Everything the killed run finished is reused; training onwards runs again.
+    assert {node: states[node] for node in UPSTREAM_OF_TRAINER} == {node: "CACHED" for node in UPSTREAM_OF_TRAINER}
+    assert {node: states[node] for node in ("Trainer", "Evaluator", "Pusher")} == {
+        "Trainer": "COMPLETE", "Evaluator": "COMPLETE", "Pusher": "COMPLETE"}
+    assert "Trainer ..." in result.stdout and "Pusher: done" in result.stdout
+
+    # Every component left its artifact; the data had no anomalies; the model was blessed.
+    for component, output in [("ImportExampleGen", "examples"), ("StatisticsGen", "statistics"),
+                              ("ImportSchemaGen", "schema"), ("ExampleValidator", "anomalies"),
+                              ("Transform", "transform_graph"), ("Trainer", "model"), ("Trainer", "model_run"),
+                              ("Evaluator", "evaluation"), ("Evaluator", "blessing"), ("Pusher", "pushed_model")]:
+        assert any((root / component / output).rglob("*")), f"{component} produced no {output}"
+    from pipeline.anomalies_gate import describe_anomalies
+
+    anomalies_uri = max((root / "ExampleValidator" / "anomalies").iterdir(), key=lambda p: int(p.name))
+    assert describe_anomalies(str(anomalies_uri), list(contract.SPLITS)) == []
+    assert list((root / "Evaluator" / "blessing").glob("*/BLESSED"))
+    history = next((root / "Trainer" / "model_run").glob("*/history.json"))
+    assert '"epochs_run": 1' in history.read_text()
+
+    # The pushed model: TF Serving's layout, both signatures, a PNG in, 10 probabilities out.
+    (version,) = _versions(serving)
+    assert version.name.isdigit() and (version / "saved_model.pb").exists()
+    model = tf.saved_model.load(str(version))
+    assert set(model.signatures) == {"serving_default", "serving_examples"}
+    png = next((sample_tree / "testing" / "4").iterdir()).read_bytes()
+    by_bytes = model.signatures["serving_default"](image_bytes=tf.constant([png, png]))
+    probabilities = by_bytes["probabilities"].numpy()
+    assert probabilities.shape == (2, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert by_bytes["predicted_class"].numpy()[0] == probabilities[0].argmax()
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png]))}))
+    by_example = model.signatures["serving_examples"](examples=tf.constant([example.SerializeToString()]))
+    np.testing.assert_allclose(by_example["probabilities"].numpy()[0], probabilities[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        model.signatures["serving_default"](image_bytes=tf.constant([b"not an image"]))
+
+
+@pytest.mark.timeout(900)
+def test_bad_labels_and_missing_images_stop_the_run_before_transform(tiny_records, sample_tree, tmp_path):
+    import tensorflow as tf
+
+    from tfrecord_builder.tfrecord import GzipTFRecordWriter
+
+    records = tmp_path / "records"
+    shutil.copytree(tiny_records, records)
+    png = next((sample_tree / "training" / "1").iterdir()).read_bytes()
+    label_11 = tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[11]))}))
+    no_image = tf.train.Example(features=tf.train.Features(feature={
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[3]))}))
+    with GzipTFRecordWriter(records / "train" / "injected.tfrecord.gz") as writer:
+        writer.write(label_11.SerializeToString())
+        writer.write(no_image.SerializeToString())
+
+    root, serving = tmp_path / "root", tmp_path / "serving"
+    result = run_digits(*_run_args(records, root, serving), timeout=900)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: data anomalies, pipeline stopped before Transform:")
+    assert "train: feature 'label'" in error and "Unexpectedly large value: 11" in error
+    assert "train: feature 'image'" in error
+    assert "Traceback" not in result.stderr
+    states = _states(root)
+    assert states["ExampleValidator"] == "COMPLETE" and states["AnomaliesGate"] == "FAILED"
+    assert "Transform" not in states and "Trainer" not in states
+    assert _versions(serving) == []
+
+
+@pytest.mark.timeout(1200)
+def test_a_model_worse_than_the_blessed_one_is_neither_blessed_nor_pushed(tiny_records, tmp_path):
+    from components.config import TrainerConfig
+    from pipeline.config import PipelineConfig
+    from pipeline.runner import run_pipeline
+
+    root, serving = tmp_path / "root", tmp_path / "serving"
+
+    def run(run_fn: str, min_accuracy: float) -> None:
+        run_pipeline(PipelineConfig(
+            data_root=tiny_records, train_examples=180, pipeline_root=root, serving_dir=serving,
+            min_accuracy=min_accuracy, run_fn=run_fn, trainer=TrainerConfig(epochs=1, steps_per_epoch=1),
+        ))
+
+    def blessings() -> list[str]:
+        folders = sorted((root / "Evaluator" / "blessing").iterdir(), key=lambda p: int(p.name))
+        return [next(p.name for p in folder.iterdir() if p.name in ("BLESSED", "NOT_BLESSED")) for folder in folders]
+
+    run("fake_trainers.perfect_run_fn", min_accuracy=0.9)  # accuracy 1.0: blessed, pushed
+    assert blessings() == ["BLESSED"] and len(_versions(serving)) == 1
+
+    # Accuracy 0.1 clears an absolute bar of 0 but regresses against the blessed baseline (1.0).
+    run("fake_trainers.always_zero_run_fn", min_accuracy=0.0)
+    assert blessings() == ["BLESSED", "NOT_BLESSED"]
+    assert len(_versions(serving)) == 1
