@@ -95,15 +95,26 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     )
 
 
+PER_CLASS_METRICS = ("Precision", "Recall", "F1Score")
+
+
+def per_class_metric_name(metric: str, digit: int) -> str:
+    return f"{metric.lower()}_class_{digit}"
+
+
 def eval_config(min_accuracy: float) -> tfma.EvalConfig:
     """Held-out metrics: accuracy (the blessing gate), per-class precision/recall/F1, confusion matrix."""
+    # Argmax-based per-class metrics: top_k=1 sets every other class's score to -inf. The explicit
+    # threshold 0 matters: with top_k, TFMA's default threshold is -inf, and then every example
+    # counts as a positive for every class (precision = class share, recall = 1).
     per_class = [
         tfma.MetricConfig(
             class_name=metric,
-            config=json.dumps({"class_id": digit, "top_k": 1, "name": f"{metric.lower()}_class_{digit}"}),
+            config=json.dumps({"class_id": digit, "top_k": 1, "thresholds": [0.0],
+                               "name": per_class_metric_name(metric, digit)}),
         )
         for digit in range(contract.NUM_CLASSES)
-        for metric in ("Precision", "Recall", "F1Score")
+        for metric in PER_CLASS_METRICS
     ]
     accuracy = tfma.MetricConfig(
         class_name="SparseCategoricalAccuracy",
