@@ -121,3 +121,27 @@ def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch
         click.echo(f"error: pipeline failed: {type(error).__name__}: {reason} (full log: {log_file})", err=True)
         sys.exit(1)
     click.echo(f"pipeline finished in {time.perf_counter() - started:.0f} s")
+    _write_report(config.pipeline_root, config.pipeline_name)
+
+
+def _write_report(pipeline_root: Path, pipeline_name: str) -> None:
+    from pipeline.report import ReportError, summary_line, write_report
+
+    try:
+        path = write_report(pipeline_root, pipeline_name)
+    except ReportError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    click.echo(summary_line(pipeline_root, pipeline_name))
+    click.echo(f"report: {path}")
+
+
+@pipeline_group.command("report")
+@click.option("--pipeline-root", type=click.Path(path_type=Path), default=Path("pipeline_root"), show_default=True)
+@click.option("--pipeline-name", default="digits", show_default=True)
+def report_command(pipeline_root, pipeline_name):
+    """Write PIPELINE_ROOT/report/index.html about the latest run: data, training, metrics, blessing, push."""
+    if not (pipeline_root / "metadata.sqlite").exists():
+        click.echo(f"error: {pipeline_root} has no metadata.sqlite; run `digits pipeline run` first", err=True)
+        sys.exit(1)
+    _write_report(pipeline_root, pipeline_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -82,6 +83,15 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
     assert {node: states[node] for node in ("Trainer", "Evaluator", "Pusher")} == {
         "Trainer": "COMPLETE", "Evaluator": "COMPLETE", "Pusher": "COMPLETE"}
     assert "Trainer ..." in result.stdout and "Pusher: done" in result.stdout
+    assert "BLESSED, pushed to" in result.stdout
+
+    # The run report: one page a person can read without opening MLMD.
+    report = (root / "report" / "index.html").read_text()
+    assert f"report: {root / 'report' / 'index.html'}" in result.stdout
+    for expected in ("Components", "Trainer", "Anomalies", "none: every split matches", "base weights",
+                     "random initialisation", "alt='training curves'", "alt='confusion matrix'",
+                     "examples: <b>50</b>", "<b>BLESSED</b>", "pushed version"):
+        assert expected in report, expected
 
     # Every component left its artifact; the data had no anomalies; the model was blessed.
     for component, output in [("ImportExampleGen", "examples"), ("StatisticsGen", "statistics"),
@@ -166,10 +176,24 @@ def test_a_model_worse_than_the_blessed_one_is_neither_blessed_nor_pushed(tiny_r
         folders = sorted((root / "Evaluator" / "blessing").iterdir(), key=lambda p: int(p.name))
         return [next(p.name for p in folder.iterdir() if p.name in ("BLESSED", "NOT_BLESSED")) for folder in folders]
 
+    def per_class(digit: int, has_baseline: bool) -> tuple[float, float, float]:
+        import tensorflow_model_analysis as tfma
+
+        newest = max((root / "Evaluator" / "evaluation").iterdir(), key=lambda p: int(p.name))
+        result = tfma.load_eval_result(str(newest), model_name="candidate" if has_baseline else None)
+        metrics = result.get_metrics_for_slice(class_id=digit, top_k=1)
+        return tuple(round(float(metrics[f"{m}_class_{digit}"]["doubleValue"]), 6)
+                     for m in ("precision", "recall", "f1score"))
+
     run("fake_trainers.perfect_run_fn", min_accuracy=0.9)  # accuracy 1.0: blessed, pushed
     assert blessings() == ["BLESSED"] and len(_versions(serving)) == 1
+    assert [per_class(digit, has_baseline=False) for digit in (0, 3, 9)] == [(1.0, 1.0, 1.0)] * 3
 
     # Accuracy 0.1 clears an absolute bar of 0 but regresses against the blessed baseline (1.0).
     run("fake_trainers.always_zero_run_fn", min_accuracy=0.0)
     assert blessings() == ["BLESSED", "NOT_BLESSED"]
     assert len(_versions(serving)) == 1
+    # TFMA's per-class metrics are at the argmax: everything predicted 0.
+    assert per_class(0, has_baseline=True) == (0.1, 1.0, round(2 * 0.1 / 1.1, 6))
+    precision_3, recall_3, f1_3 = per_class(3, has_baseline=True)
+    assert math.isnan(precision_3) and (recall_3, f1_3) == (0.0, 0.0)  # never predicted: precision is 0/0

@@ -1,0 +1,298 @@
+"""`digits pipeline report`: one self-contained HTML page about the latest pipeline run.
+
+Reads the run back from MLMD (components, times, artifacts) and the artifacts
+themselves: data statistics and anomalies, the training history, TFMA's metrics,
+confusion matrix and validation result, the blessing and the push. Pictures are
+PNGs made with matplotlib and embedded, so the page is one file to open or share.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data import contract
+from pipeline.run_history import ComponentRun, latest_run
+
+
+class ReportError(Exception):
+    """There is no run to report on."""
+
+
+@dataclass
+class RunArtifacts:
+    components: list[ComponentRun]
+    outputs: dict[str, dict[str, object]] = field(default_factory=dict)  # node -> output key -> MLMD artifact
+
+
+def _run_artifacts(metadata_path: Path, pipeline_name: str) -> RunArtifacts:
+    """The latest run's components and, per node, its newest output artifact of each kind."""
+    from pipeline.run_history import _store
+
+    components = latest_run(metadata_path, pipeline_name)
+    if not components:
+        raise ReportError(f"no pipeline run recorded in {metadata_path}; run `digits pipeline run` first")
+    store = _store(metadata_path)
+    result = RunArtifacts(components=components)
+    prefix = f"{pipeline_name}."
+    for node in store.get_contexts_by_type("node"):
+        if not node.name.startswith(prefix):
+            continue
+        node_id = node.name[len(prefix):]
+        executions = store.get_executions_by_context(node.id)
+        if not executions:
+            continue
+        newest = max(executions, key=lambda execution: execution.id)
+        events = [event for event in store.get_events_by_execution_ids([newest.id])
+                  if event.type in (event.OUTPUT, event.DECLARED_OUTPUT)]
+        artifacts = {a.id: a for a in store.get_artifacts_by_id([event.artifact_id for event in events])}
+        for event in events:
+            key = event.path.steps[0].key if event.path.steps else "output"
+            result.outputs.setdefault(node_id, {})[key] = artifacts[event.artifact_id]
+    return result
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _training_curves(history: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = history["history"]
+    epochs = np.arange(1, len(values.get("loss", [])) + 1)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, metric, title in ((left, "loss", "loss"), (right, "sparse_categorical_accuracy", "accuracy")):
+        if metric in values:
+            axis.plot(epochs, values[metric], marker="o", label="train")
+        if f"val_{metric}" in values:
+            axis.plot(epochs, values[f"val_{metric}"], marker="o", label="eval split")
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return _png(figure)
+
+
+def _confusion_image(matrix: np.ndarray) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.2, 4.6))
+    image = axis.imshow(matrix, cmap="Blues")
+    for (row, column), value in np.ndenumerate(matrix):
+        if value:
+            axis.text(column, row, f"{int(value)}", ha="center", va="center", fontsize=7,
+                      color="white" if value > matrix.max() / 2 else "black")
+    axis.set_xticks(range(contract.NUM_CLASSES))
+    axis.set_yticks(range(contract.NUM_CLASSES))
+    axis.set_xlabel("predicted digit")
+    axis.set_ylabel("true digit")
+    axis.set_title("confusion matrix (held-out test split)")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    return _png(figure)
+
+
+def confusion_matrix_from_plot(plot: dict) -> np.ndarray:
+    """TFMA's MultiClassConfusionMatrixPlot (argmax predictions) as a dense [true, predicted] array."""
+    matrix = np.zeros((contract.NUM_CLASSES, contract.NUM_CLASSES))
+    entries = plot["multiClassConfusionMatrixAtThresholds"]["matrices"][0]["entries"]
+    for entry in entries:  # ids of 0 are omitted from the JSON form
+        matrix[int(entry.get("actualClassId", 0)), int(entry.get("predictedClassId", 0))] += entry.get(
+            "numWeightedExamples", 0.0)
+    return matrix
+
+
+def per_class_metrics(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall and F1 per class at the argmax, from the confusion matrix."""
+    true_positive = np.diag(matrix)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(true_positive / matrix.sum(axis=0))
+        recall = np.nan_to_num(true_positive / matrix.sum(axis=1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return {"precision": precision, "recall": recall, "f1": f1, "support": matrix.sum(axis=1)}
+
+
+def summary_line(pipeline_root: Path, pipeline_name: str = "digits") -> str:
+    """One line for the console: accuracy, macro F1, blessed or not, pushed where."""
+    import tensorflow_model_analysis as tfma
+
+    outputs = _run_artifacts(Path(pipeline_root).resolve() / "metadata.sqlite", pipeline_name).outputs
+    evaluation = outputs.get("Evaluator", {}).get("evaluation")
+    blessing = outputs.get("Evaluator", {}).get("blessing")
+    pushed = outputs.get("Pusher", {}).get("pushed_model")
+    if evaluation is None:
+        return "no evaluation in the latest run"
+    has_baseline = blessing is not None and blessing.custom_properties["baseline_model"].string_value != ""
+    result = tfma.load_eval_result(evaluation.uri, model_name="candidate" if has_baseline else None)
+    accuracy = (result.get_metrics_for_slice() or {}).get("sparse_categorical_accuracy", {}).get("doubleValue", 0.0)
+    plot = next(plots for key, plots in result.plots if key == ())
+    macro_f1 = float(np.mean(per_class_metrics(confusion_matrix_from_plot(plot[""][""]))["f1"]))
+    blessed = blessing is not None and (Path(blessing.uri) / "BLESSED").exists()
+    where = (f"pushed to {pushed.custom_properties['pushed_destination'].string_value}"
+             if pushed is not None and pushed.custom_properties["pushed"].int_value else "not pushed")
+    return (f"held-out accuracy {accuracy:.4f}, macro F1 {macro_f1:.4f}: "
+            f"{'BLESSED' if blessed else 'NOT BLESSED'}, {where}")
+
+
+def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Path | None = None) -> Path:
+    import tensorflow_model_analysis as tfma
+
+    pipeline_root = Path(pipeline_root).resolve()
+    run = _run_artifacts(pipeline_root / "metadata.sqlite", pipeline_name)
+    outputs = run.outputs
+    sections = []
+
+    # Components and times.
+    rows = "".join(
+        f"<tr><td>{html.escape(c.node_id)}</td><td>{c.state.lower()}</td><td class=n>{c.seconds:.1f} s</td></tr>"
+        for c in run.components
+    )
+    total = sum(c.seconds for c in run.components)
+    sections.append(f"<h2>Components</h2><table><tr><th>component</th><th>state</th><th>wall time</th></tr>{rows}"
+                    f"<tr><th>total</th><th></th><th class=n>{total:.1f} s</th></tr></table>")
+
+    # Data: statistics per split, anomalies.
+    statistics = outputs.get("StatisticsGen", {}).get("statistics")
+    if statistics is not None:
+        import tensorflow_data_validation as tfdv
+
+        rows = []
+        for split in contract.SPLITS:
+            path = Path(statistics.uri) / f"Split-{split}" / "FeatureStats.pb"
+            if not path.exists():
+                continue
+            dataset = tfdv.load_stats_binary(str(path)).datasets[0]
+            label = next((f.num_stats for f in dataset.features if f.path.step == [contract.LABEL_KEY]), None)
+            image = next((f.string_stats for f in dataset.features if f.path.step == [contract.IMAGE_KEY]), None)
+            rows.append(
+                f"<tr><td>{split}</td><td class=n>{dataset.num_examples:,}</td>"
+                f"<td class=n>{label.min:.0f} - {label.max:.0f}</td>"
+                f"<td class=n>{image.avg_length:.0f} B</td></tr>" if label and image else
+                f"<tr><td>{split}</td><td class=n>{dataset.num_examples:,}</td><td></td><td></td></tr>"
+            )
+        sections.append("<h2>Data</h2><table><tr><th>split</th><th>examples</th><th>label range</th>"
+                        f"<th>mean PNG size</th></tr>{''.join(rows)}</table>")
+    anomalies = outputs.get("ExampleValidator", {}).get("anomalies")
+    if anomalies is not None:
+        from pipeline.anomalies_gate import describe_anomalies
+
+        found = describe_anomalies(anomalies.uri, [s for s in contract.SPLITS
+                                                   if (Path(anomalies.uri) / f"Split-{s}").exists()])
+        sections.append("<h3>Anomalies</h3>" + (
+            "<ul>" + "".join(f"<li class=bad>{html.escape(line)}</li>" for line in found) + "</ul>" if found
+            else "<p class=good>none: every split matches the curated schema</p>"))
+
+    # Training.
+    model_run = outputs.get("Trainer", {}).get("model_run")
+    history_path = Path(model_run.uri) / "history.json" if model_run is not None else None
+    if history_path is not None and history_path.exists():
+        history = json.loads(history_path.read_text())
+        warning = history.get("base_weights_warning")
+        sections.append(
+            "<h2>Training</h2>"
+            f"<p>base weights: <b>{html.escape(history['base_weights'])}</b></p>"
+            + (f"<p class=bad>{html.escape(warning)}</p>" if warning else "")
+            + f"<p>{history['epochs_run']} epochs x {history['steps_per_epoch']} steps; settings: "
+            f"<code>{html.escape(json.dumps(history['config']))}</code></p>"
+            f"<img alt='training curves' src='data:image/png;base64,{_training_curves(history)}'>"
+        )
+
+    # Evaluation and blessing.
+    evaluation = outputs.get("Evaluator", {}).get("evaluation")
+    blessing = outputs.get("Evaluator", {}).get("blessing")
+    if evaluation is not None:
+        has_baseline = blessing is not None and blessing.custom_properties["baseline_model"].string_value != ""
+        result = tfma.load_eval_result(evaluation.uri, model_name="candidate" if has_baseline else None)
+        overall = result.get_metrics_for_slice() or {}
+        accuracy = overall.get("sparse_categorical_accuracy", {}).get("doubleValue")
+        count = overall.get("example_count", {}).get("doubleValue")
+        plot = next(plots for key, plots in result.plots if key == ())
+        matrix = confusion_matrix_from_plot(plot[""][""])
+        metrics = per_class_metrics(matrix)
+        rows = "".join(
+            f"<tr><td>{digit}</td><td class=n>{metrics['precision'][digit]:.3f}</td>"
+            f"<td class=n>{metrics['recall'][digit]:.3f}</td><td class=n>{metrics['f1'][digit]:.3f}</td>"
+            f"<td class=n>{metrics['support'][digit]:.0f}</td></tr>" for digit in range(contract.NUM_CLASSES)
+        )
+        macro = {name: float(np.mean(metrics[name])) for name in ("precision", "recall", "f1")}
+        sections.append(
+            "<h2>Evaluation (held-out test split)</h2>"
+            f"<p>examples: <b>{count:,.0f}</b> &middot; accuracy: <b>{accuracy:.4f}</b> &middot; "
+            f"macro precision {macro['precision']:.4f}, recall {macro['recall']:.4f}, "
+            f"<b>F1 {macro['f1']:.4f}</b></p>"
+            "<div class=row><table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>examples</th>"
+            f"</tr>{rows}</table>"
+            f"<img alt='confusion matrix' src='data:image/png;base64,{_confusion_image(matrix)}'></div>"
+        )
+        validation = tfma.load_validation_result(evaluation.uri)
+        blessed = blessing is not None and (Path(blessing.uri) / "BLESSED").exists()
+        reasons = []
+        for per_slice in validation.metric_validations_per_slice:
+            for failure in per_slice.failures:
+                what = "change vs the blessed baseline" if failure.metric_key.is_diff else "value"
+                reasons.append(f"{failure.metric_key.name} {what} {failure.metric_value.double_value.value:+.4f} "
+                               f"fails {str(failure.metric_threshold).strip()}".replace("\n", " "))
+        baseline = blessing.custom_properties["baseline_model"].string_value if blessing is not None else ""
+        sections.append(
+            "<h2>Blessing</h2>"
+            + (f"<p class=good><b>BLESSED</b>: accuracy passed the absolute bar"
+               + (" and did not regress against the latest blessed model" if baseline else
+                  " (no blessed model yet to compare with)") + "</p>"
+               if blessed else
+               "<p class=bad><b>NOT BLESSED</b></p><ul>"
+               + "".join(f"<li>{html.escape(reason)}</li>" for reason in reasons) + "</ul>")
+        )
+
+    pushed = outputs.get("Pusher", {}).get("pushed_model")
+    if pushed is not None:
+        properties = pushed.custom_properties
+        if properties["pushed"].int_value:
+            sections.append(
+                f"<h2>Push</h2><p class=good>pushed version <b>{properties['pushed_version'].string_value}</b> to "
+                f"<code>{html.escape(properties['pushed_destination'].string_value)}</code></p>")
+        else:
+            sections.append("<h2>Push</h2><p class=bad>not pushed (the model was not blessed)</p>")
+
+    page = _PAGE.format(title=f"Pipeline run: {html.escape(pipeline_name)}", root=html.escape(str(pipeline_root)),
+                        body="\n".join(sections))
+    output = Path(output) if output else pipeline_root / "report" / "index.html"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_suffix(".html.tmp")
+    temporary.write_text(page)
+    os.replace(temporary, output)
+    return output
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 1.5em 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 9px; text-align: left; }}
+td.n, th.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.good {{ color: #1a7f37; }} .bad {{ color: #b42318; }}
+.row {{ display: flex; align-items: flex-start; flex-wrap: wrap; }}
+code {{ font-size: 0.85em; }}
+</style></head>
+<body><h1>{title}</h1><p>pipeline root: <code>{root}</code></p>
+{body}
+</body></html>
+"""
