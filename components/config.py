@@ -28,6 +28,8 @@ class TrainerConfig:
     dropout: tuple[float, float] = (0.2, 0.2)
     base_weights: str = "auto"  # auto | imagenet | none | path to a .h5 weights file
     early_stopping_patience: int = 3  # epochs without eval improvement before stopping
+    early_stopping_start_epoch: int = 4  # no stopping before this epoch: eval accuracy starts at chance
+    batchnorm_momentum: float = 0.9  # InceptionV3 BatchNormalization moving averages (Keras: 0.99)
     max_translation: int = 5  # augmentation: pixels of random shift (pad, then random crop)
     max_rotation_degrees: float = 10.0  # augmentation: random rotation; no flips, ever, for digits
     steps_per_epoch: int | None = None  # None: one pass over the train split
@@ -57,6 +59,10 @@ class TrainerConfig:
             )
         if self.early_stopping_patience < 0:
             problems.append(f"early stopping patience must be >= 0, got {self.early_stopping_patience}")
+        if self.early_stopping_start_epoch < 0:
+            problems.append(f"early stopping start epoch must be >= 0, got {self.early_stopping_start_epoch}")
+        if not 0.0 < self.batchnorm_momentum < 1.0:
+            problems.append(f"batchnorm momentum must be between 0 and 1, got {self.batchnorm_momentum}")
         if self.max_translation < 0 or self.max_rotation_degrees < 0:
             problems.append("augmentation amounts must be >= 0")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:

@@ -17,6 +17,11 @@ def build_model(config: TrainerConfig, base_weights: str | None) -> keras.Model:
     shape = (contract.IMAGE_SIZE, contract.IMAGE_SIZE, contract.IMAGE_CHANNELS)
     inputs = keras.Input(shape=shape, name=IMAGE_XF)
     base = keras.applications.InceptionV3(include_top=False, weights=base_weights, input_shape=shape, pooling="avg")
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            # The moving averages that inference uses; a lower momentum lets them catch up with
+            # weights that change fast (training from scratch) within a few hundred steps.
+            layer.momentum = config.batchnorm_momentum
     x = base(inputs)
     for index, (units, rate) in enumerate(zip(config.dense_units, config.dropout), start=1):
         x = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(x)

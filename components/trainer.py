@@ -46,6 +46,7 @@ def run_fn(fn_args) -> None:
             keras.callbacks.EarlyStopping(
                 monitor="val_sparse_categorical_accuracy", mode="max",
                 patience=config.early_stopping_patience, restore_best_weights=True,
+                start_from_epoch=config.early_stopping_start_epoch,
             ),
             keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
         ],

@@ -93,7 +93,10 @@ def test_model_head_has_the_designed_layers_and_outputs_probabilities():
                     ("probabilities", "Dense")]
     assert [model.get_layer(f"dense_{i}").units for i in (1, 2)] == [128, 64]
     assert [model.get_layer(f"dropout_{i}").rate for i in (1, 2)] == [0.3, 0.2]
-    assert model.get_layer("inception_v3").input_shape == (None, 75, 75, 3)
+    base = model.get_layer("inception_v3")
+    assert base.input_shape == (None, 75, 75, 3)
+    momenta = {layer.momentum for layer in base.layers if type(layer).__name__ == "BatchNormalization"}
+    assert momenta == {TrainerConfig().batchnorm_momentum}
     assert type(model.optimizer).__name__ == "RMSprop"
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
     probabilities = model(tf.zeros([2, 75, 75, 3]), training=False).numpy()
@@ -112,6 +115,8 @@ def test_model_head_has_the_designed_layers_and_outputs_probabilities():
         ({"dropout": (0.1, 0.2)}, "dropout"),
         ({"base_weights": "/no/such/weights.h5"}, "no file at '/no/such/weights.h5'"),
         ({"batch_size": 0}, "batch size"),
+        ({"batchnorm_momentum": 1.0}, "batchnorm momentum"),
+        ({"early_stopping_start_epoch": -1}, "early stopping start epoch"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_message(kwargs, message):
