@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import click
 
@@ -24,6 +25,8 @@ def main() -> None:
     # Keras 2 (tf_keras), as TFX 1.16, TFT and TFMA expect: decided before anything imports TensorFlow.
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # google-api-core warns once per client library that Python 3.10 is old; TFX 1.16 needs 3.10.
+    warnings.filterwarnings("ignore", message="You are using a non-supported Python version", category=FutureWarning)
     cli()
 
 

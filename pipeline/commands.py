@@ -96,9 +96,7 @@ def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch
     from pipeline.runner import run_pipeline
 
     log_file = _setup_logging(config.pipeline_root / "logs")
-    weights = weights_module.resolve(trainer.base_weights)
-    if weights.warning:
-        click.secho(f"WARNING: {weights.warning}", fg="yellow", err=True)
+    weights = weights_module.resolve(trainer.base_weights)  # logs a warning when falling back to random
     click.echo(f"pipeline '{config.pipeline_name}': {config.train_steps} training steps "
                f"({trainer.epochs} epochs x {config.steps_per_epoch}), base weights: {weights.source}")
     click.echo(f"full log: {log_file}")
@@ -129,10 +127,15 @@ def _write_report(pipeline_root: Path, pipeline_name: str) -> None:
 
     try:
         path = write_report(pipeline_root, pipeline_name)
+        summary = summary_line(pipeline_root, pipeline_name)
     except ReportError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
-    click.echo(summary_line(pipeline_root, pipeline_name))
+    except Exception as error:  # a damaged artifact must not end in a traceback
+        logging.getLogger(__name__).exception("report failed")
+        click.echo(f"error: could not write the report: {type(error).__name__}: {error}", err=True)
+        sys.exit(1)
+    click.echo(summary)
     click.echo(f"report: {path}")
 
 

@@ -136,6 +136,9 @@ def eval_config(min_accuracy: float) -> tfma.EvalConfig:
     return tfma.EvalConfig(
         model_specs=[
             tfma.ModelSpec(
+                # Load as a plain SavedModel and call the signature: loading it as a Keras model
+                # made the Evaluator ~3.5x slower (139 s vs 39 s on 50 digits) for the same metrics.
+                model_type=tfma.TF_GENERIC,
                 signature_name=EXAMPLES_SIGNATURE,
                 label_key=contract.LABEL_KEY,
                 prediction_key=PROBABILITIES_OUTPUT,

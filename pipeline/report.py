@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from data import contract
-from pipeline.run_history import ComponentRun, latest_run
+from pipeline.run_history import ComponentRun, latest_run, open_store
 
 
 class ReportError(Exception):
@@ -34,12 +34,10 @@ class RunArtifacts:
 
 def _run_artifacts(metadata_path: Path, pipeline_name: str) -> RunArtifacts:
     """The latest run's components and, per node, its newest output artifact of each kind."""
-    from pipeline.run_history import _store
-
     components = latest_run(metadata_path, pipeline_name)
     if not components:
         raise ReportError(f"no pipeline run recorded in {metadata_path}; run `digits pipeline run` first")
-    store = _store(metadata_path)
+    store = open_store(metadata_path)
     result = RunArtifacts(components=components)
     prefix = f"{pipeline_name}."
     for node in store.get_contexts_by_type("node"):

@@ -30,7 +30,8 @@ class ComponentRun:
         return self.state in FINISHED_STATES
 
 
-def _store(metadata_path: Path):
+def open_store(metadata_path: Path):
+    """A read/write handle on the sqlite MLMD store at `metadata_path`."""
     from ml_metadata.metadata_store import metadata_store
     from tfx.orchestration import metadata
 
@@ -43,7 +44,7 @@ def latest_run(metadata_path: Path, pipeline_name: str, since_ms: int = 0) -> li
 
     if not Path(metadata_path).exists():
         return []
-    store = _store(metadata_path)
+    store = open_store(metadata_path)
     runs = [
         context for context in store.get_contexts_by_type("pipeline_run")
         if context.create_time_since_epoch >= since_ms and _belongs_to(store, context, pipeline_name)
