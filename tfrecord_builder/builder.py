@@ -101,15 +101,15 @@ _OUTPUT_OPTIONS = ("eval_fraction", "per_class", "test_per_class", "shards", "se
 
 def source_fingerprint(source: Path, entries) -> str:
     """SHA-256 over every entry's path, size and modification time: changes when the tree does."""
-    digest = hashlib.sha256()
+    prefix = len(str(source)) + 1  # entries are paths under `source` (os.path.relpath is 10x slower)
+    lines = []
     for entry in entries:
         try:
             info = os.lstat(entry.path)
-            stamp = f"{info.st_size} {info.st_mtime_ns}"
+            lines.append(f"{entry.path[prefix:]} {info.st_size} {info.st_mtime_ns}")
         except OSError as error:
-            stamp = f"error {error.errno}"
-        digest.update(f"{os.path.relpath(entry.path, source)} {stamp}\n".encode())
-    return digest.hexdigest()
+            lines.append(f"{entry.path[prefix:]} error {error.errno}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _current_build(output: Path, config: BuildConfig, fingerprint: str) -> dict | None:
