@@ -251,7 +251,7 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
         baseline = blessing.custom_properties["baseline_model"].string_value if blessing is not None else ""
         sections.append(
             "<h2>Blessing</h2>"
-            + (f"<p class=good><b>BLESSED</b>: accuracy passed the absolute bar"
+            + ("<p class=good><b>BLESSED</b>: accuracy passed the absolute bar"
                + (" and did not regress against the latest blessed model" if baseline else
                   " (no blessed model yet to compare with)") + "</p>"
                if blessed else
