@@ -219,7 +219,7 @@ def test_a_worker_killed_mid_build_fails_the_build_cleanly_instead_of_hanging(sa
 def test_if_changed_keeps_a_matching_build_and_rebuilds_when_tree_or_options_change(small_tree, tmp_path):
     root = small_tree()
     out = tmp_path / "out"
-    first = build(BuildConfig(source=root, output=out))
+    first = build(BuildConfig(source=root, output=out, if_changed=True))
     again = build(BuildConfig(source=root, output=out, if_changed=True))
     assert again.up_to_date and again.manifest["checksum"] == first.manifest["checksum"]
     assert (out / "manifest.json").stat().st_mtime_ns == again.output.joinpath("manifest.json").stat().st_mtime_ns

@@ -74,7 +74,8 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
     with _worker_pool(config.worker_count) as workers:
         if entries is None:
             entries = walk(source)
-        fingerprint = source_fingerprint(source, entries)
+        # Only --if-changed needs it (next time); it costs ~0.25 s of stat calls per 70,000 files.
+        fingerprint = source_fingerprint(source, entries) if config.if_changed else None
         candidates: list[Candidate] = []
         layout_rejects: list[Reject] = []
         for entry in entries:

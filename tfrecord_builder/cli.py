@@ -30,7 +30,8 @@ def _raise_interrupt(signum, frame):
               help="Required width and height in pixels, or 'any'.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--if-changed", is_flag=True,
-              help="Keep an existing output made from the same tree and options; rebuild it otherwise.")
+              help="Keep an existing output that an earlier --if-changed build made from the same tree and "
+                   "options; rebuild it otherwise.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def build_command(source, output, eval_fraction, per_class, test_per_class, shards, workers, seed, expected_size,
                   overwrite, if_changed, quiet):

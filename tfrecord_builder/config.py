@@ -32,7 +32,7 @@ class BuildConfig:
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     overwrite: bool = False
-    if_changed: bool = False  # existing output: keep it if it matches the tree and options, else rebuild
+    if_changed: bool = False  # keep an existing output made (with if_changed) from the same tree and options
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", Path(self.source))
