@@ -123,11 +123,10 @@ def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch
 
 
 def _write_report(pipeline_root: Path, pipeline_name: str) -> None:
-    from pipeline.report import ReportError, summary_line, write_report
+    from pipeline.report import ReportError, write_report
 
     try:
-        path = write_report(pipeline_root, pipeline_name)
-        summary = summary_line(pipeline_root, pipeline_name)
+        report = write_report(pipeline_root, pipeline_name)
     except ReportError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
@@ -135,8 +134,8 @@ def _write_report(pipeline_root: Path, pipeline_name: str) -> None:
         logging.getLogger(__name__).exception("report failed")
         click.echo(f"error: could not write the report: {type(error).__name__}: {error}", err=True)
         sys.exit(1)
-    click.echo(summary)
-    click.echo(f"report: {path}")
+    click.echo(report.summary)
+    click.echo(f"report: {report.path}")
 
 
 @pipeline_group.command("report")

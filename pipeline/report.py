@@ -128,31 +128,68 @@ def per_class_metrics(matrix: np.ndarray) -> dict[str, np.ndarray]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": matrix.sum(axis=1)}
 
 
-def summary_line(pipeline_root: Path, pipeline_name: str = "digits") -> str:
-    """One line for the console: accuracy, macro F1, blessed or not, pushed where."""
+@dataclass(frozen=True)
+class Evaluation:
+    """What the Evaluator and Pusher of one run decided, read once for the page and the console."""
+
+    accuracy: float
+    examples: float
+    matrix: np.ndarray  # [true, predicted] counts
+    blessed: bool
+    has_baseline: bool
+    failures: list[str]  # thresholds that failed, in words
+    pushed_version: str | None
+    pushed_destination: str | None
+
+    @property
+    def macro(self) -> dict[str, float]:
+        metrics = per_class_metrics(self.matrix)
+        return {name: float(np.mean(metrics[name])) for name in ("precision", "recall", "f1")}
+
+    def summary(self) -> str:
+        where = f"pushed to {self.pushed_destination}" if self.pushed_destination else "not pushed"
+        return (f"held-out accuracy {self.accuracy:.4f}, macro F1 {self.macro['f1']:.4f}: "
+                f"{'BLESSED' if self.blessed else 'NOT BLESSED'}, {where}")
+
+
+def _evaluation(outputs: dict) -> Evaluation | None:
     import tensorflow_model_analysis as tfma
 
-    outputs = _run_artifacts(Path(pipeline_root).resolve() / "metadata.sqlite", pipeline_name).outputs
     evaluation = outputs.get("Evaluator", {}).get("evaluation")
-    blessing = outputs.get("Evaluator", {}).get("blessing")
-    pushed = outputs.get("Pusher", {}).get("pushed_model")
     if evaluation is None:
-        return "no evaluation in the latest run"
+        return None
+    blessing = outputs.get("Evaluator", {}).get("blessing")
     has_baseline = blessing is not None and blessing.custom_properties["baseline_model"].string_value != ""
     result = tfma.load_eval_result(evaluation.uri, model_name="candidate" if has_baseline else None)
-    accuracy = (result.get_metrics_for_slice() or {}).get("sparse_categorical_accuracy", {}).get("doubleValue", 0.0)
+    overall = result.get_metrics_for_slice() or {}
     plot = next(plots for key, plots in result.plots if key == ())
-    macro_f1 = float(np.mean(per_class_metrics(confusion_matrix_from_plot(plot[""][""]))["f1"]))
-    blessed = blessing is not None and (Path(blessing.uri) / "BLESSED").exists()
-    where = (f"pushed to {pushed.custom_properties['pushed_destination'].string_value}"
-             if pushed is not None and pushed.custom_properties["pushed"].int_value else "not pushed")
-    return (f"held-out accuracy {accuracy:.4f}, macro F1 {macro_f1:.4f}: "
-            f"{'BLESSED' if blessed else 'NOT BLESSED'}, {where}")
+    failures = []
+    for per_slice in tfma.load_validation_result(evaluation.uri).metric_validations_per_slice:
+        for failure in per_slice.failures:
+            what = "change vs the blessed baseline" if failure.metric_key.is_diff else "value"
+            failures.append(f"{failure.metric_key.name} {what} {failure.metric_value.double_value.value:+.4f} "
+                            f"fails {str(failure.metric_threshold).strip()}".replace("\n", " "))
+    pushed = outputs.get("Pusher", {}).get("pushed_model")
+    pushed_ok = pushed is not None and pushed.custom_properties["pushed"].int_value
+    return Evaluation(
+        accuracy=overall.get("sparse_categorical_accuracy", {}).get("doubleValue", 0.0),
+        examples=overall.get("example_count", {}).get("doubleValue", 0.0),
+        matrix=confusion_matrix_from_plot(plot[""][""]),
+        blessed=blessing is not None and (Path(blessing.uri) / "BLESSED").exists(),
+        has_baseline=has_baseline,
+        failures=failures,
+        pushed_version=pushed.custom_properties["pushed_version"].string_value if pushed_ok else None,
+        pushed_destination=pushed.custom_properties["pushed_destination"].string_value if pushed_ok else None,
+    )
 
 
-def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Path | None = None) -> Path:
-    import tensorflow_model_analysis as tfma
+@dataclass(frozen=True)
+class Report:
+    path: Path
+    summary: str  # one line for the console
 
+
+def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Path | None = None) -> Report:
     pipeline_root = Path(pipeline_root).resolve()
     run = _run_artifacts(pipeline_root / "metadata.sqlite", pipeline_name)
     outputs = run.outputs
@@ -213,59 +250,38 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
             f"<img alt='training curves' src='data:image/png;base64,{_training_curves(history)}'>"
         )
 
-    # Evaluation and blessing.
-    evaluation = outputs.get("Evaluator", {}).get("evaluation")
-    blessing = outputs.get("Evaluator", {}).get("blessing")
-    if evaluation is not None:
-        has_baseline = blessing is not None and blessing.custom_properties["baseline_model"].string_value != ""
-        result = tfma.load_eval_result(evaluation.uri, model_name="candidate" if has_baseline else None)
-        overall = result.get_metrics_for_slice() or {}
-        accuracy = overall.get("sparse_categorical_accuracy", {}).get("doubleValue")
-        count = overall.get("example_count", {}).get("doubleValue")
-        plot = next(plots for key, plots in result.plots if key == ())
-        matrix = confusion_matrix_from_plot(plot[""][""])
-        metrics = per_class_metrics(matrix)
+    # Evaluation, blessing and push.
+    facts = _evaluation(outputs)
+    if facts is not None:
+        metrics = per_class_metrics(facts.matrix)
         rows = "".join(
             f"<tr><td>{digit}</td><td class=n>{metrics['precision'][digit]:.3f}</td>"
             f"<td class=n>{metrics['recall'][digit]:.3f}</td><td class=n>{metrics['f1'][digit]:.3f}</td>"
             f"<td class=n>{metrics['support'][digit]:.0f}</td></tr>" for digit in range(contract.NUM_CLASSES)
         )
-        macro = {name: float(np.mean(metrics[name])) for name in ("precision", "recall", "f1")}
+        macro = facts.macro
         sections.append(
             "<h2>Evaluation (held-out test split)</h2>"
-            f"<p>examples: <b>{count:,.0f}</b> &middot; accuracy: <b>{accuracy:.4f}</b> &middot; "
+            f"<p>examples: <b>{facts.examples:,.0f}</b> &middot; accuracy: <b>{facts.accuracy:.4f}</b> &middot; "
             f"macro precision {macro['precision']:.4f}, recall {macro['recall']:.4f}, "
             f"<b>F1 {macro['f1']:.4f}</b></p>"
             "<div class=row><table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>examples</th>"
             f"</tr>{rows}</table>"
-            f"<img alt='confusion matrix' src='data:image/png;base64,{_confusion_image(matrix)}'></div>"
+            f"<img alt='confusion matrix' src='data:image/png;base64,{_confusion_image(facts.matrix)}'></div>"
         )
-        validation = tfma.load_validation_result(evaluation.uri)
-        blessed = blessing is not None and (Path(blessing.uri) / "BLESSED").exists()
-        reasons = []
-        for per_slice in validation.metric_validations_per_slice:
-            for failure in per_slice.failures:
-                what = "change vs the blessed baseline" if failure.metric_key.is_diff else "value"
-                reasons.append(f"{failure.metric_key.name} {what} {failure.metric_value.double_value.value:+.4f} "
-                               f"fails {str(failure.metric_threshold).strip()}".replace("\n", " "))
-        baseline = blessing.custom_properties["baseline_model"].string_value if blessing is not None else ""
         sections.append(
             "<h2>Blessing</h2>"
             + ("<p class=good><b>BLESSED</b>: accuracy passed the absolute bar"
-               + (" and did not regress against the latest blessed model" if baseline else
+               + (" and did not regress against the latest blessed model" if facts.has_baseline else
                   " (no blessed model yet to compare with)") + "</p>"
-               if blessed else
+               if facts.blessed else
                "<p class=bad><b>NOT BLESSED</b></p><ul>"
-               + "".join(f"<li>{html.escape(reason)}</li>" for reason in reasons) + "</ul>")
+               + "".join(f"<li>{html.escape(reason)}</li>" for reason in facts.failures) + "</ul>")
         )
-
-    pushed = outputs.get("Pusher", {}).get("pushed_model")
-    if pushed is not None:
-        properties = pushed.custom_properties
-        if properties["pushed"].int_value:
+        if facts.pushed_destination:
             sections.append(
-                f"<h2>Push</h2><p class=good>pushed version <b>{properties['pushed_version'].string_value}</b> to "
-                f"<code>{html.escape(properties['pushed_destination'].string_value)}</code></p>")
+                f"<h2>Push</h2><p class=good>pushed version <b>{facts.pushed_version}</b> to "
+                f"<code>{html.escape(facts.pushed_destination)}</code></p>")
         else:
             sections.append("<h2>Push</h2><p class=bad>not pushed (the model was not blessed)</p>")
 
@@ -276,7 +292,7 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
     temporary = output.with_suffix(".html.tmp")
     temporary.write_text(page)
     os.replace(temporary, output)
-    return output
+    return Report(path=output, summary=facts.summary() if facts else "no evaluation in the latest run")
 
 
 _PAGE = """<!doctype html>
