@@ -149,21 +149,28 @@ def _wait_for_staging(output: Path, timeout: float = 60) -> Path:
     raise AssertionError("the build never started writing shards")
 
 
+def _interrupt_build(source: Path, output: Path, interrupt, *extra: str) -> tuple[int, str]:
+    """Starts `digits data build`, calls interrupt(process) once shards are being written; (exit code, stderr)."""
+    process = _start_build(source, output, *extra)
+    try:
+        _wait_for_staging(output)
+        interrupt(process)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
 def test_interrupted_build_leaves_previous_output_and_nothing_half_written(sample_tree, small_tree, tmp_path, how):
     out = tmp_path / "out"
     previous = build(BuildConfig(source=small_tree(), output=out)).manifest["checksum"]
     big = _big_tree(sample_tree, tmp_path / "big", copies=12)  # 60,000 files
-    process = _start_build(big, out, "--overwrite", "--shards", "8")
-    try:
-        _wait_for_staging(out)
-        os.kill(process.pid, getattr(signal, how))
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130
+    returncode, stderr = _interrupt_build(big, out, lambda process: os.kill(process.pid, getattr(signal, how)),
+                                          "--overwrite", "--shards", "8")
+    assert returncode == 130
     assert stderr.strip().splitlines() == ["error: interrupted; nothing was written (any previous output is unchanged)"]
     assert manifest_io.verify(out)["checksum"] == previous
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -173,14 +180,8 @@ def test_interrupted_build_leaves_previous_output_and_nothing_half_written(sampl
 def test_killed_build_leaves_only_a_hidden_staging_dir_that_the_next_build_removes(sample_tree, tmp_path):
     out = tmp_path / "out"
     big = _big_tree(sample_tree, tmp_path / "big", copies=12)
-    process = _start_build(big, out, "--shards", "8")
-    try:
-        _wait_for_staging(out)
-        os.killpg(process.pid, signal.SIGKILL)  # the builder and its workers, no chance to clean up
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    # The builder and its workers, with no chance to clean up.
+    _interrupt_build(big, out, lambda process: os.killpg(process.pid, signal.SIGKILL), "--shards", "8")
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers and all(not (p / "manifest.json").exists() for p in leftovers)
@@ -199,18 +200,15 @@ def test_a_worker_killed_mid_build_fails_the_build_cleanly_instead_of_hanging(sa
 
     out = tmp_path / "out"
     big = _big_tree(sample_tree, tmp_path / "big", copies=12)
-    process = _start_build(big, out, "--shards", "8")
-    try:
-        _wait_for_staging(out)
+    def kill_one_worker(process) -> None:
         workers = psutil.Process(process.pid).children(recursive=True)
-        victims = [w for w in workers if "multiprocessing" in " ".join(w.cmdline()) and "resource_tracker" not in " ".join(w.cmdline())]
+        victims = [w for w in workers if "multiprocessing" in " ".join(w.cmdline())
+                   and "resource_tracker" not in " ".join(w.cmdline())]
         assert victims, [w.cmdline() for w in workers]
         victims[0].kill()
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 1
+
+    returncode, stderr = _interrupt_build(big, out, kill_one_worker, "--shards", "8")
+    assert returncode == 1
     assert stderr.strip().splitlines() == ["error: a worker process died (killed or out of memory); nothing was written"]
     assert not out.exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
