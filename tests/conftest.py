@@ -53,3 +53,35 @@ def run_digits(*args: str, timeout: float = 120, **kwargs) -> subprocess.Complet
         [sys.executable, "-m", "pipeline.cli", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_records(sample_tree, tmp_path_factory) -> Path:
+    """TFRecords of 20 training digits per class (18 train + 2 eval) and 5 test digits per class."""
+    from tfrecord_builder.builder import build
+    from tfrecord_builder.config import BuildConfig
+
+    output = tmp_path_factory.mktemp("tiny") / "tfrecords"
+    build(BuildConfig(source=sample_tree, output=output, per_class=20, test_per_class=5, workers=1))
+    return output
+
+
+def pipeline_run_args(records: Path, root: Path, serving: Path, *extra: str) -> list[str]:
+    """`digits pipeline run` on tiny data: one short epoch, random init, always blessed."""
+    return ["pipeline", "run", "--data", str(records), "--pipeline-root", str(root), "--serving-dir", str(serving),
+            "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--base-weights", "none",
+            "--min-accuracy", "0", *extra]
+
+
+@pytest.fixture(scope="session")
+def pushed_model(tiny_records, tmp_path_factory) -> Path:
+    """The model directory (serving_model/digits) after one real, tiny pipeline run pushed a version.
+
+    Read-only for tests: copy it before adding or removing versions.
+    """
+    work = tmp_path_factory.mktemp("pushed")
+    result = run_digits(*pipeline_run_args(tiny_records, work / "root", work / "serving"), timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model_dir = work / "serving" / "digits"
+    assert [path.name.isdigit() for path in model_dir.iterdir()] == [True]
+    return model_dir

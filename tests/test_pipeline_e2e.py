@@ -14,30 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_digits
+from conftest import REPO, pipeline_run_args, run_digits
 from data import contract
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 UPSTREAM_OF_TRAINER = ["ImportExampleGen", "ImportSchemaGen", "StatisticsGen", "ExampleValidator",
                        "AnomaliesGate", "Transform"]
-
-
-@pytest.fixture(scope="module")
-def tiny_records(sample_tree, tmp_path_factory) -> Path:
-    """TFRecords of 20 training digits per class (18 train + 2 eval) and 5 test digits per class."""
-    from tfrecord_builder.builder import build
-    from tfrecord_builder.config import BuildConfig
-
-    output = tmp_path_factory.mktemp("tiny") / "tfrecords"
-    build(BuildConfig(source=sample_tree, output=output, per_class=20, test_per_class=5, workers=1))
-    return output
-
-
-def _run_args(records: Path, root: Path, serving: Path, *extra: str) -> list[str]:
-    return ["pipeline", "run", "--data", str(records), "--pipeline-root", str(root), "--serving-dir", str(serving),
-            "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--base-weights", "none",
-            "--min-accuracy", "0", *extra]
 
 
 def _states(root: Path) -> dict[str, str]:
@@ -65,7 +48,7 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
     import tensorflow as tf
 
     root, serving = tmp_path / "root", tmp_path / "serving"
-    args = _run_args(tiny_records, root, serving)
+    args = pipeline_run_args(tiny_records, root, serving)
     first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -145,7 +128,7 @@ def test_bad_labels_and_missing_images_stop_the_run_before_transform(tiny_record
         writer.write(no_image.SerializeToString())
 
     root, serving = tmp_path / "root", tmp_path / "serving"
-    result = run_digits(*_run_args(records, root, serving), timeout=900)
+    result = run_digits(*pipeline_run_args(records, root, serving), timeout=900)
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: data anomalies, pipeline stopped before Transform:")
