@@ -15,13 +15,14 @@ import tensorflow_transform as tft
 
 from components.transform import IMAGE_XF
 from data import contract
-
-SERVING_SIGNATURE = "serving_default"
-EXAMPLES_SIGNATURE = "serving_examples"
-IMAGE_BYTES_INPUT = "image_bytes"
-EXAMPLES_INPUT = "examples"
-PROBABILITIES_OUTPUT = "probabilities"
-PREDICTED_CLASS_OUTPUT = "predicted_class"
+from data.contract import (  # noqa: F401  (the names the signatures are built from)
+    EXAMPLES_INPUT,
+    EXAMPLES_SIGNATURE,
+    IMAGE_BYTES_INPUT,
+    PREDICTED_CLASS_OUTPUT,
+    PROBABILITIES_OUTPUT,
+    SERVING_SIGNATURE,
+)
 
 
 def make_signatures(model, tf_transform_output: tft.TFTransformOutput) -> dict:

@@ -32,6 +32,14 @@ TRAINING_DIR = "training"  # source of the train and eval splits
 TESTING_DIR = "testing"  # source of the held-out test split
 SOURCE_DIRS = (TRAINING_DIR, TESTING_DIR)
 
+# The exported model's signatures: the contract between the Trainer, TF Serving, `digits serve` and clients.
+SERVING_SIGNATURE = "serving_default"  # encoded images in
+EXAMPLES_SIGNATURE = "serving_examples"  # serialized tf.train.Example in (TFMA, batch scoring)
+IMAGE_BYTES_INPUT = "image_bytes"
+EXAMPLES_INPUT = "examples"
+PROBABILITIES_OUTPUT = "probabilities"  # float [N, NUM_CLASSES]
+PREDICTED_CLASS_OUTPUT = "predicted_class"  # int64 [N]
+
 
 def transformed_name(key: str) -> str:
     """Name of a feature after Transform, so raw and transformed keys never collide."""

@@ -9,6 +9,7 @@ import click
 
 from data.cli import data_group
 from pipeline.commands import pipeline_group
+from serving.cli import predict_command, serve_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,8 @@ def cli():
 
 cli.add_command(data_group)
 cli.add_command(pipeline_group)
+cli.add_command(serve_command)
+cli.add_command(predict_command)
 
 
 def main() -> None:

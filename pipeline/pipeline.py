@@ -12,7 +12,6 @@ import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
 from components.config import CODE_FINGERPRINT_KEY
-from components.signatures import EXAMPLES_SIGNATURE, PROBABILITIES_OUTPUT
 from data import contract
 from pipeline.anomalies_gate import AnomaliesGate
 from pipeline.config import PipelineConfig
@@ -139,9 +138,9 @@ def eval_config(min_accuracy: float) -> tfma.EvalConfig:
                 # Load as a plain SavedModel and call the signature: loading it as a Keras model
                 # made the Evaluator ~3.5x slower (139 s vs 39 s on 50 digits) for the same metrics.
                 model_type=tfma.TF_GENERIC,
-                signature_name=EXAMPLES_SIGNATURE,
+                signature_name=contract.EXAMPLES_SIGNATURE,
                 label_key=contract.LABEL_KEY,
-                prediction_key=PROBABILITIES_OUTPUT,
+                prediction_key=contract.PROBABILITIES_OUTPUT,
             )
         ],
         slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[contract.LABEL_KEY])],

@@ -9,7 +9,7 @@ import os
 
 import tensorflow as tf
 
-from components.signatures import (
+from data.contract import (
     EXAMPLES_INPUT, EXAMPLES_SIGNATURE, IMAGE_BYTES_INPUT, PREDICTED_CLASS_OUTPUT, PROBABILITIES_OUTPUT,
     SERVING_SIGNATURE,
 )
