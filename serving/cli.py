@@ -1,0 +1,116 @@
+"""`digits serve` (the TF Serving-compatible model server) and `digits predict` (its client)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from serving.config import BatchingConfig, ServerConfig
+
+DEFAULT_MODEL_DIR = Path("serving_model") / "digits"  # where `digits pipeline run` pushes
+
+
+def _label(value: str) -> tuple[str, int]:
+    name, _, version = value.partition("=")
+    if not name or not version.isdigit():
+        raise click.BadParameter(f"expected NAME=VERSION (for example stable=1700000000), got {value!r}")
+    return name, int(version)
+
+
+@click.command("serve")
+@click.option("--model-dir", type=click.Path(path_type=Path), default=DEFAULT_MODEL_DIR, show_default=True,
+              help="The model's base path: one numbered directory per version (the Pusher's layout).")
+@click.option("--model-name", default="digits", show_default=True, help="Name in URLs and ModelSpecs.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--rest-port", type=int, default=8501, show_default=True, help="REST port (0: any free port).")
+@click.option("--grpc-port", type=int, default=8500, show_default=True, help="gRPC port (0: any free port).")
+@click.option("--num-versions", type=int, default=2, show_default=True,
+              help="Version policy: keep the newest N versions loaded.")
+@click.option("--label", "labels", multiple=True, metavar="NAME=VERSION",
+              help="Version label, e.g. --label stable=1700000000 (repeatable).")
+@click.option("--poll-interval", type=float, default=1.0, show_default=True,
+              help="Seconds between scans of --model-dir for new or removed versions.")
+@click.option("--batching/--no-batching", default=True, show_default=True, help="Server-side batching.")
+@click.option("--max-batch-size", type=int, default=BatchingConfig.max_batch_size, show_default=True)
+@click.option("--batch-timeout-micros", type=int, default=BatchingConfig.batch_timeout_micros, show_default=True,
+              help="How long a batch that is not full waits for more requests.")
+@click.option("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes, show_default=True)
+@click.option("--max-instances", type=int, default=ServerConfig.max_instances, show_default=True,
+              help="Most examples in one request.")
+@click.option("--max-concurrent-requests", type=int, default=ServerConfig.max_concurrent_requests,
+              show_default=True, help="Predict calls in flight; more get 429 / RESOURCE_EXHAUSTED.")
+@click.option("--shutdown-grace", type=float, default=ServerConfig.shutdown_grace_s, show_default=True,
+              help="Seconds in-flight requests get to finish after SIGTERM.")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="Replay the model's assets.extra/tf_serving_warmup_requests before serving a version.")
+def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_versions, labels, poll_interval, batching,
+                  max_batch_size, batch_timeout_micros, max_body_bytes, max_instances, max_concurrent_requests,
+                  shutdown_grace, warmup):
+    """Serve the pushed model versions over TF Serving's REST and gRPC APIs, with its Prometheus metrics."""
+    try:
+        config = ServerConfig(
+            model_base_path=model_dir, model_name=model_name, host=host, rest_port=rest_port, grpc_port=grpc_port,
+            num_versions=num_versions, labels=tuple(_label(label) for label in labels),
+            poll_interval_s=poll_interval,
+            batching=BatchingConfig(enabled=batching, max_batch_size=max_batch_size,
+                                    batch_timeout_micros=batch_timeout_micros),
+            max_body_bytes=max_body_bytes, max_instances=max_instances,
+            max_concurrent_requests=max_concurrent_requests, shutdown_grace_s=shutdown_grace, warmup=warmup)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    if not model_dir.is_dir():
+        raise click.ClickException(f"no model directory at {model_dir}: run `digits pipeline run` first, "
+                                   f"or point --model-dir at a directory of numbered SavedModel versions")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from serving.server import serve  # TensorFlow: only once the arguments are known to be good
+
+    def ready(endpoints) -> None:
+        versions = ", ".join(map(str, endpoints.versions)) or "none yet (waiting for a push)"
+        click.echo(f"serving {model_name} (versions: {versions}) from {model_dir}")
+        click.echo(f"  REST    http://{host}:{endpoints.rest_port}/v1/models/{model_name}")
+        click.echo(f"  gRPC    {host}:{endpoints.grpc_port}")
+        click.echo(f"  metrics http://{host}:{endpoints.rest_port}/monitoring/prometheus/metrics")
+        click.echo("ready (Ctrl-C or SIGTERM to stop)", err=False)
+        sys.stdout.flush()
+
+    try:
+        serve(config, on_ready=ready)
+    except OSError as error:
+        raise click.ClickException(f"cannot start the server: {error.strerror or error}") from None
+    click.echo("stopped")
+
+
+@click.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--rest", "rest_url", default=None, help="REST base URL [default: http://127.0.0.1:8501].")
+@click.option("--grpc", "grpc_target", default=None, metavar="HOST:PORT", help="Use gRPC instead of REST.")
+@click.option("--model-name", default="digits", show_default=True)
+@click.option("--version", type=int, default=None, help="A specific model version.")
+@click.option("--label", default=None, help="A version label, e.g. stable.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the server.")
+def predict_command(images, rest_url, grpc_target, model_name, version, label, timeout):
+    """Print the predicted digit and its confidence for each image file."""
+    from serving.client import GrpcClient, RestClient, ServerError
+
+    if rest_url and grpc_target:
+        raise click.UsageError("give --rest or --grpc, not both")
+    if version is not None and label is not None:
+        raise click.UsageError("give --version or --label, not both")
+    payloads = []
+    for path in images:
+        try:
+            payloads.append(path.read_bytes())
+        except OSError as error:
+            raise click.ClickException(f"cannot read {path}: {error.strerror}") from None
+    client = (GrpcClient(grpc_target, model_name, timeout) if grpc_target
+              else RestClient(rest_url or "http://127.0.0.1:8501", model_name, timeout))
+    try:
+        answers = client.predict(payloads, version=version, label=label)
+    except ServerError as error:
+        raise click.ClickException(f"the server refused: {error}") from None
+    width = max(len(str(path)) for path in images)
+    for path, answer in zip(images, answers):
+        click.echo(f"{str(path):<{width}}  {answer.digit}  ({answer.confidence:.3f})")

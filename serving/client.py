@@ -1,0 +1,156 @@
+"""Python clients for a TF Serving-compatible server (TF Serving itself or `digits serve`).
+
+    from serving.client import RestClient, GrpcClient
+    client = RestClient("http://127.0.0.1:8501")          # or GrpcClient("127.0.0.1:8500")
+    [answer] = client.predict([open("digit.png", "rb").read()])
+    print(answer.digit, answer.confidence)
+
+Both send the `serving_default` signature's `image_bytes`; the server (the Transform
+graph inside the model) does all preprocessing, so clients send the file as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+from data import contract
+
+
+class ServerError(Exception):
+    """The server answered with an error (HTTP status or gRPC code, and its message), or could not be reached."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Answer:
+    digit: int
+    confidence: float  # the probability of `digit`
+    probabilities: tuple[float, ...]
+
+
+def _answers(probabilities) -> list[Answer]:
+    answers = []
+    for row in probabilities:
+        row = tuple(float(value) for value in row)
+        digit = max(range(len(row)), key=row.__getitem__)
+        answers.append(Answer(digit, row[digit], row))
+    return answers
+
+
+class RestClient:
+    def __init__(self, url: str = "http://127.0.0.1:8501", model_name: str = "digits", timeout: float = 30.0):
+        import requests
+
+        self._session = requests.Session()
+        self._url = url.rstrip("/")
+        self._model = model_name
+        self._timeout = timeout
+
+    def _model_url(self, version: int | None, label: str | None) -> str:
+        if version is not None and label is not None:
+            raise ValueError("give a version or a label, not both")
+        suffix = f"/versions/{version}" if version is not None else f"/labels/{label}" if label is not None else ""
+        return f"{self._url}/v1/models/{self._model}{suffix}"
+
+    def _call(self, method: str, url: str, **kwargs) -> dict:
+        import requests
+
+        try:
+            response = self._session.request(method, url, timeout=self._timeout, **kwargs)
+        except requests.RequestException as error:
+            raise ServerError("UNAVAILABLE", f"cannot reach {self._url}: {type(error).__name__}") from None
+        try:
+            document = response.json()
+        except ValueError:
+            raise ServerError(f"HTTP {response.status_code}", response.text[:200] or "empty answer") from None
+        if response.status_code != 200:
+            raise ServerError(f"HTTP {response.status_code}", document.get("error", str(document)))
+        return document
+
+    def predict(self, images: list[bytes], version: int | None = None, label: str | None = None) -> list[Answer]:
+        body = {"signature_name": contract.SERVING_SIGNATURE,
+                "instances": [{"b64": base64.b64encode(image).decode("ascii")} for image in images]}
+        document = self._call("POST", self._model_url(version, label) + ":predict", json=body)
+        return _answers(row[contract.PROBABILITIES_OUTPUT] for row in document["predictions"])
+
+    def status(self, version: int | None = None) -> dict:
+        return self._call("GET", self._model_url(version, None))
+
+    def metadata(self, version: int | None = None, label: str | None = None) -> dict:
+        return self._call("GET", self._model_url(version, label) + "/metadata")
+
+
+class GrpcClient:
+    def __init__(self, target: str = "127.0.0.1:8500", model_name: str = "digits", timeout: float = 30.0):
+        import grpc
+        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        self._channel = grpc.insecure_channel(target)
+        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._target = target
+        self._model = model_name
+        self._timeout = timeout
+
+    def _spec(self, spec, version: int | None, label: str | None, signature: str | None = None) -> None:
+        if version is not None and label is not None:
+            raise ValueError("give a version or a label, not both")
+        spec.name = self._model
+        if version is not None:
+            spec.version.value = version
+        if label is not None:
+            spec.version_label = label
+        if signature is not None:
+            spec.signature_name = signature
+
+    def _call(self, method, request):
+        import grpc
+
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as error:
+            detail = error.details() or ""
+            if error.code() == grpc.StatusCode.UNAVAILABLE and not detail.startswith("Servable"):
+                detail = f"cannot reach {self._target}: {detail}"
+            raise ServerError(error.code().name, detail) from None
+
+    def predict(self, images: list[bytes], version: int | None = None, label: str | None = None) -> list[Answer]:
+        import numpy as np
+        from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest()
+        self._spec(request.model_spec, version, label, contract.SERVING_SIGNATURE)
+        request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=list(images),
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(
+                size=len(images))])))
+        request.output_filter.append(contract.PROBABILITIES_OUTPUT)
+        response = self._call(self._predict.Predict, request)
+        tensor = response.outputs[contract.PROBABILITIES_OUTPUT]
+        shape = [dim.size for dim in tensor.tensor_shape.dim]
+        values = (np.frombuffer(tensor.tensor_content, dtype=np.float32) if tensor.tensor_content
+                  else np.array(tensor.float_val, dtype=np.float32))
+        return _answers(values.reshape(shape))
+
+    def status(self, version: int | None = None):
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        request = get_model_status_pb2.GetModelStatusRequest()
+        self._spec(request.model_spec, version, None)
+        return self._call(self._models.GetModelStatus, request)
+
+    def metadata(self, version: int | None = None, label: str | None = None):
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        self._spec(request.model_spec, version, label)
+        return self._call(self._predict.GetModelMetadata, request)
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,171 @@
+"""Prometheus metrics under TF Serving's own names, plus prediction-drift metrics it lacks.
+
+TF Serving exports TensorFlow monitoring metrics as `:tensorflow:serving:...`
+(every non-alphanumeric character of `/tensorflow/serving/...` becomes ':'), with
+counters *without* a `_total` suffix and only `# TYPE` lines (its
+util/prometheus_exporter.cc). prometheus_client always appends `_total` to
+counters, which would break every dashboard and alert written against the real
+server, so this module renders the text format itself; tests parse it back with
+prometheus_client's parser.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+
+CONTENT_TYPE = "text/plain"  # what TF Serving sends
+METRICS_PATH = "/monitoring/prometheus/metrics"  # TF Serving's PrometheusExporter::kPrometheusPath
+
+
+def exponential_buckets(scale: float, growth: float, count: int) -> tuple[float, ...]:
+    """TensorFlow monitoring's Buckets::Exponential: scale * growth**i for i in 0..count-1."""
+    return tuple(scale * growth ** index for index in range(count))
+
+
+LATENCY_BUCKETS_US = exponential_buckets(10, 1.8, 33)  # request, runtime and warmup latency (microseconds)
+BATCH_SIZE_BUCKETS = exponential_buckets(1, 2, 15)
+CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+
+REQUEST_COUNT = ":tensorflow:serving:request_count"
+REQUEST_LATENCY = ":tensorflow:serving:request_latency"
+RUNTIME_LATENCY = ":tensorflow:serving:runtime_latency"
+LOAD_ATTEMPT_COUNT = ":tensorflow:cc:saved_model:load_attempt_count"
+LOAD_LATENCY = ":tensorflow:cc:saved_model:load_latency"
+WARMUP_LATENCY = ":tensorflow:serving:model_warmup_latency"
+BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
+QUEUING_LATENCY = ":tensorflow:serving:batching_session:queuing_latency"
+# Ours, for watching prediction drift (TF Serving has no view of what the model answers).
+PREDICTIONS = "digits_serving_predictions_total"
+CONFIDENCE = "digits_serving_prediction_confidence"
+LOADED_VERSIONS = "digits_serving_loaded_versions"
+
+BATCH_THREAD_POOL = "model_server_batch_threads"  # TF Serving's default thread_pool_name
+RUNTIME = "TF1"  # TF Serving's runtime label for SavedModels it runs through a Session
+
+
+class _Histogram:
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+
+class ServingMetrics:
+    """Thread-safe metric store; `render()` gives the Prometheus text exposition."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+        self._gauges: dict[str, dict[tuple, float]] = defaultdict(dict)
+        self._histograms: dict[str, dict[tuple, _Histogram]] = defaultdict(dict)
+        self._labels: dict[str, tuple[str, ...]] = {}
+        self._bounds: dict[str, tuple[float, ...]] = {}
+
+    def _count(self, name: str, labels: tuple[tuple[str, str], ...], amount: float = 1) -> None:
+        self._labels[name] = tuple(key for key, _ in labels)
+        self._counters[name][tuple(value for _, value in labels)] += amount
+
+    def _observe(self, name: str, bounds: tuple[float, ...], labels: tuple[tuple[str, str], ...], value: float):
+        self._labels[name] = tuple(key for key, _ in labels)
+        self._bounds[name] = bounds
+        key = tuple(value for _, value in labels)
+        histogram = self._histograms[name].get(key)
+        if histogram is None:
+            histogram = self._histograms[name][key] = _Histogram(bounds)
+        histogram.observe(value)
+
+    # -- what the server records -----------------------------------------------------------
+
+    def record_request(self, model_name: str, status: str, api: str, entrypoint: str, latency_s: float) -> None:
+        """One request: counted always, its latency only when it succeeded (as TF Serving does)."""
+        with self._lock:
+            self._count(REQUEST_COUNT, (("model_name", model_name), ("status", status)))
+            if status == "OK":
+                self._observe(REQUEST_LATENCY, LATENCY_BUCKETS_US,
+                              (("model_name", model_name), ("API", api), ("entrypoint", entrypoint)),
+                              latency_s * 1e6)
+
+    def record_runtime(self, model_name: str, api: str, latency_s: float) -> None:
+        """Time inside the model call for one request (batched calls: the whole batch's call)."""
+        with self._lock:
+            self._observe(RUNTIME_LATENCY, LATENCY_BUCKETS_US,
+                          (("model_name", model_name), ("API", api), ("runtime", RUNTIME)), latency_s * 1e6)
+
+    def record_load(self, model_path: str, ok: bool, seconds: float, warmup_seconds: float | None = None) -> None:
+        with self._lock:
+            self._count(LOAD_ATTEMPT_COUNT, (("model_path", model_path), ("status", "success" if ok else "fail")))
+            self._count(LOAD_LATENCY, (("model_path", model_path),), seconds * 1e6)
+            if warmup_seconds is not None:
+                self._observe(WARMUP_LATENCY, LATENCY_BUCKETS_US, (("model_path", model_path), ("status", "OK")),
+                              warmup_seconds * 1e6)
+
+    def record_batch(self, model_name: str, size: int, queued_s: float) -> None:
+        with self._lock:
+            self._observe(BATCH_SIZE, BATCH_SIZE_BUCKETS, (("thread_pool_name", BATCH_THREAD_POOL),), size)
+            self._observe(QUEUING_LATENCY, exponential_buckets(100, 1.2, 52),
+                          (("thread_pool_name", BATCH_THREAD_POOL),), queued_s * 1e6)
+
+    def record_predictions(self, model_name: str, version: int, classes, confidences) -> None:
+        """What the model answered: one count per predicted class and the top-class probability."""
+        with self._lock:
+            for predicted, confidence in zip(classes, confidences):
+                self._count(PREDICTIONS, (("model_name", model_name), ("model_version", str(version)),
+                                          ("predicted_class", str(int(predicted)))))
+                self._observe(CONFIDENCE, CONFIDENCE_BUCKETS,
+                              (("model_name", model_name), ("model_version", str(version))), float(confidence))
+
+    def set_loaded_versions(self, model_name: str, versions: list[int]) -> None:
+        with self._lock:
+            self._labels[LOADED_VERSIONS] = ("model_name", "model_version")
+            self._gauges[LOADED_VERSIONS] = {(model_name, str(version)): 1 for version in versions}
+
+    # -- exposition --------------------------------------------------------------------------
+
+    def render(self) -> str:
+        lines: list[str] = []
+        with self._lock:
+            for name in sorted(self._counters):
+                lines.append(f"# TYPE {name} counter")
+                for key, value in sorted(self._counters[name].items()):
+                    lines.append(f"{name}{_labels(self._labels[name], key)} {_number(value)}")
+            for name in sorted(self._gauges):
+                lines.append(f"# TYPE {name} gauge")
+                for key, value in sorted(self._gauges[name].items()):
+                    lines.append(f"{name}{_labels(self._labels[name], key)} {_number(value)}")
+            for name in sorted(self._histograms):
+                lines.append(f"# TYPE {name} histogram")
+                for key, histogram in sorted(self._histograms[name].items()):
+                    cumulative = 0
+                    for bound, count in zip([*histogram.bounds, None], histogram.counts):
+                        cumulative += count
+                        le = "+Inf" if bound is None else f"{bound:.6g}"
+                        lines.append(f"{name}_bucket{_labels(self._labels[name], key, le)} {cumulative}")
+                    # Full precision (TF Serving prints 6 digits): rate(sum)/rate(count) stays exact on a long-lived server.
+                    lines.append(f"{name}_sum{_labels(self._labels[name], key)} {histogram.total!r}")
+                    lines.append(f"{name}_count{_labels(self._labels[name], key)} {histogram.count}")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(names: tuple[str, ...], values: tuple, le: str | None = None) -> str:
+    pairs = [f'{name}="{_escape(value)}"' for name, value in zip(names, values)]
+    if le is not None:
+        pairs.append(f'le="{le}"')
+    return "{" + ",".join(pairs) + "}"
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

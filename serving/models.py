@@ -1,0 +1,270 @@
+"""Model versions on disk -> loaded, warmed-up servables, kept in line with the version policy.
+
+TF Serving's life cycle, as its status API reports it: a version found under the
+base path is LOADING, then AVAILABLE once loaded and warmed up; a version the
+policy no longer wants is UNLOADING, then END. Loading happens beside serving: the
+old version answers until the new one is AVAILABLE, and a request that picked a
+version keeps it until it is answered, so a switch fails no request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
+from data import contract
+from serving.batching import Batcher
+from serving.config import ServerConfig
+from serving.errors import invalid_argument, not_found
+from serving.metrics import ServingMetrics
+from serving.signature import Limits, Signature
+
+log = logging.getLogger(__name__)
+
+LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    version: int
+    state: str
+    error_code: str = "OK"
+    error_message: str = ""
+
+
+class Servable:
+    """One loaded version: its signatures and, with batching on, one batcher per signature."""
+
+    def __init__(self, config: ServerConfig, version: int, path: Path, metrics: ServingMetrics):
+        self.version = version
+        self.path = path
+        self._loaded = tf.saved_model.load(str(path))
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+        self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = dict(proto.meta_graphs[0].signature_def)
+        limits = Limits(config.max_instances, config.max_image_bytes, config.max_image_pixels,
+                        config.signature_image_input)
+        self.signatures = {name: Signature(name, self.signature_defs[name], function, limits)
+                           for name, function in self._loaded.signatures.items() if name in self.signature_defs}
+        self._batchers: dict[str, Batcher] = {}
+        if config.batching.enabled:
+            for name, signature in self.signatures.items():
+                if signature.batchable:
+                    self._batchers[name] = Batcher(
+                        signature.run, config.batching, f"{config.model_name}-{version}-{name}",
+                        on_batch=lambda size, waited: metrics.record_batch(config.model_name, size, waited))
+
+    def predict(self, signature: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Checks and runs one request, batched with concurrent ones when batching is on."""
+        size = signature.check(inputs)
+        batcher = self._batchers.get(signature.name)
+        if batcher is None:
+            return signature.run(inputs)
+        return batcher.submit(inputs, size).result()
+
+    def warm_up(self) -> int:
+        """Replays the model's own warmup requests (TF Serving's assets.extra convention)."""
+        from components.warmup import read_warmup_requests  # owns the file's format
+
+        if not (self.path / WARMUP_FILE).exists():
+            return 0
+        requests = read_warmup_requests(str(self.path))
+        for request in requests:
+            name = request.model_spec.signature_name or contract.SERVING_SIGNATURE
+            if name not in self.signatures:
+                raise ValueError(f"warmup request for signature {name!r}, which the model does not have")
+            signature = self.signatures[name]
+            inputs = {alias: tf.make_ndarray(tensor) for alias, tensor in request.inputs.items()}
+            signature.check(inputs)
+            signature.run(inputs)
+        return len(requests)
+
+    def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
+
+
+class ModelManager:
+    """Loads and unloads the versions of one model as they appear in and leave its base path."""
+
+    def __init__(self, config: ServerConfig, metrics: ServingMetrics):
+        self._config = config
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._servables: dict[int, Servable] = {}
+        self._status: dict[int, VersionStatus] = {}
+        self._failed: dict[int, tuple] = {}  # version -> directory fingerprint it failed with
+        self._seen: dict[int, tuple] = {}  # version -> fingerprint at the previous poll
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return self._config.model_name
+
+    def start(self) -> None:
+        """Loads what is on disk now (so the server opens with its model), then polls in the background."""
+        self.poll(settle=False)
+        self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            servables = list(self._servables.values())
+            self._servables.clear()
+        for servable in servables:
+            servable.close()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self._config.poll_interval_s):
+            try:
+                self.poll()
+            except Exception:  # a bad poll must not end polling
+                log.exception("polling %s failed", self._config.model_base_path)
+
+    def poll(self, settle: bool = True) -> None:
+        """One pass: load the versions the policy wants, then unload the ones it no longer wants.
+
+        With `settle`, a version directory is loaded only once it looks the same on two
+        polls in a row, so a version still being copied in (the Pusher copies file by
+        file) is not loaded half-written.
+        """
+        on_disk = self._versions_on_disk()
+        wanted = sorted(on_disk, reverse=True)[: self._config.num_versions]
+        for version in sorted(wanted):
+            if version in self._servables:
+                continue
+            fingerprint = _fingerprint(on_disk[version])
+            previous, self._seen[version] = self._seen.get(version), fingerprint
+            if self._failed.get(version) == fingerprint or (settle and previous != fingerprint):
+                continue
+            self._load(version, on_disk[version], fingerprint)
+        available = [version for version in wanted if version in self._servables]
+        if available:  # never unload the last good version for a newer one that does not load
+            for version in sorted(set(self._servables) - set(wanted)):
+                self._unload(version)
+        for version in list(self._status):
+            if version not in on_disk and version not in self._servables and self._status[version].state != END:
+                self._set_status(VersionStatus(version, END))
+
+    def _versions_on_disk(self) -> dict[int, Path]:
+        base = self._config.model_base_path
+        try:
+            entries = list(os.scandir(base))
+        except OSError:
+            return {}
+        return {int(entry.name): Path(entry.path) for entry in entries
+                if entry.name.isdigit() and entry.is_dir() and os.path.exists(os.path.join(entry.path, "saved_model.pb"))}
+
+    def _load(self, version: int, path: Path, fingerprint: tuple) -> None:
+        self._set_status(VersionStatus(version, LOADING))
+        started = time.monotonic()
+        log.info("loading %s version %d from %s", self.name, version, path)
+        try:
+            servable = Servable(self._config, version, path, self._metrics)
+            warmup_started = time.monotonic()
+            warmed = servable.warm_up() if self._config.warmup else 0
+            warmup_seconds = time.monotonic() - warmup_started
+        except Exception as error:  # any failure to load is reported in the version's status
+            message = f"Failed to load servable {self.name} version {version}: {_first_line(error)}"
+            log.error("%s", message)
+            self._failed[version] = fingerprint
+            self._metrics.record_load(str(path), ok=False, seconds=time.monotonic() - started)
+            self._set_status(VersionStatus(version, END, "UNKNOWN", message))
+            return
+        seconds = time.monotonic() - started
+        self._metrics.record_load(str(path), ok=True, seconds=seconds, warmup_seconds=warmup_seconds if warmed else None)
+        with self._lock:
+            self._servables[version] = servable
+        self._failed.pop(version, None)
+        self._set_status(VersionStatus(version, AVAILABLE))
+        self._metrics.set_loaded_versions(self.name, self.available_versions())
+        log.info("%s version %d AVAILABLE after %.1f s (%d warmup requests)", self.name, version, seconds, warmed)
+
+    def _unload(self, version: int) -> None:
+        self._set_status(VersionStatus(version, UNLOADING))
+        with self._lock:
+            servable = self._servables.pop(version)
+        self._metrics.set_loaded_versions(self.name, self.available_versions())
+        servable.close()  # requests holding it finish; new ones resolve to other versions
+        self._set_status(VersionStatus(version, END))
+        log.info("%s version %d unloaded", self.name, version)
+
+    def _set_status(self, status: VersionStatus) -> None:
+        with self._lock:
+            self._status[status.version] = status
+
+    # -- lookups for requests --------------------------------------------------------------
+
+    def check_name(self, name: str) -> None:
+        if name != self.name:
+            raise not_found(f"Servable not found for request: Latest({name})")
+
+    def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
+        """The servable a request names: a version, a label, or (neither) the newest available one."""
+        self.check_name(name)
+        with self._lock:
+            if label is not None:
+                labels = self._config.label_map
+                if label not in labels:
+                    raise invalid_argument(f"Unrecognized servable version label: {label}")
+                version = labels[label]
+            if version is not None:
+                servable = self._servables.get(version)
+                if servable is None:
+                    raise not_found(f"Servable not found for request: Specific({name}, {version})")
+                return servable
+            if not self._servables:
+                raise not_found(f"Servable not found for request: Latest({name})")
+            return self._servables[max(self._servables)]
+
+    def statuses(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
+        self.check_name(name)
+        with self._lock:
+            if label is not None:
+                labels = self._config.label_map
+                if label not in labels:
+                    raise invalid_argument(f"Unrecognized servable version label: {label}")
+                version = labels[label]
+            if version is not None:
+                if version not in self._status:
+                    raise not_found(f"Could not find version {version} of model {name}")
+                return [self._status[version]]
+            if not self._status:
+                raise not_found(f"Could not find any versions of model {name}")
+            return [self._status[v] for v in sorted(self._status, reverse=True)]
+
+    def available_versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._servables)
+
+
+def _fingerprint(path: Path) -> tuple:
+    """(files, bytes, newest mtime) of a version directory: changes while it is being written."""
+    count = size = 0
+    newest = 0.0
+    for root, _, files in os.walk(path):
+        for file in files:
+            try:
+                stat = os.stat(os.path.join(root, file))
+            except OSError:
+                continue
+            count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime)
+    return count, size, newest
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,146 @@
+"""TF Serving's REST API over aiohttp: model status, metadata, predict, and the Prometheus page.
+
+URLs are matched with TF Serving's own patterns (model_servers/http_rest_api_util.cc),
+case-insensitively; anything else under /v1/ is `Malformed request: <METHOD> <path>`
+(400), as there. Every answer is JSON; every error is `{"error": "..."}` with the HTTP
+status TF Serving maps its code to. Model work runs on a thread pool so the event
+loop keeps accepting connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from serving.config import ServerConfig
+from serving.errors import ServingError, invalid_argument
+from serving.json_tensor import parse_predict_body, predictions_json, to_tensors
+from serving.metrics import CONTENT_TYPE, METRICS_PATH
+from serving.service import ModelRequest, PredictionService, metadata_json, status_json
+
+_PREDICT = re.compile(r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)")
+_STATUS = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?")
+_V1 = re.compile(r"(?i)/v1/.*")
+BODY_READ_TIMEOUT_S = 30.0  # a client that stops sending mid-body gets 408, not a connection held forever
+
+
+def make_app(config: ServerConfig, service: PredictionService, executor: ThreadPoolExecutor) -> web.Application:
+    handler = _Handler(config, service, executor)
+    # aiohttp's own body limit answers in plain text; the handler enforces the limit with a JSON error.
+    app = web.Application(client_max_size=config.max_body_bytes + 1)
+    app.router.add_route("*", "/{tail:.*}", handler.dispatch)
+    return app
+
+
+class _Handler:
+    def __init__(self, config: ServerConfig, service: PredictionService, executor: ThreadPoolExecutor):
+        self._config = config
+        self._service = service
+        self._executor = executor
+        self._in_flight = 0
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.rel_url.raw_path  # still percent-encoded: names are decoded after matching, as in TF Serving
+        if path == METRICS_PATH and request.method == "GET":
+            return web.Response(text=self._service.metrics.render(), content_type=CONTENT_TYPE)
+        if not _V1.fullmatch(path):
+            return _json({"error": f"Not found: {request.method} {path}"}, 404)
+        started = time.perf_counter()
+        model_name, api = "", ""
+        try:
+            if request.method == "POST" and (match := _PREDICT.fullmatch(path)):
+                model_name, api = _decode(match.group(1), "model name"), match.group(4)
+                body, status = await self._predict(request, _model_request(match)), 200
+            elif request.method == "GET" and (match := _STATUS.fullmatch(path)):
+                if match.group(1) is None:
+                    raise invalid_argument("Missing model name in request.")
+                model_name = _decode(match.group(1), "model name")
+                body, status = await self._run(self._status_or_metadata, _model_request(match),
+                                               match.group(4) is not None), 200
+            else:
+                raise invalid_argument(f"Malformed request: {request.method} {path}")
+        except ServingError as error:
+            self._service.metrics.record_request(model_name, error.code, api, "REST", time.perf_counter() - started)
+            return _json({"error": error.message}, error.http_status)
+        self._service.metrics.record_request(model_name, "OK", api, "REST", time.perf_counter() - started)
+        return _json(body, status, indent=None if api else 1)  # status/metadata: protobuf's JSON layout
+
+    async def _predict(self, request: web.Request, model: ModelRequest) -> dict:
+        method = request.rel_url.raw_path.rsplit(":", 1)[-1]
+        if method in ("classify", "regress"):
+            raise invalid_argument(f"the model has predict signatures only; use :predict, not :{method}")
+        if method != "predict":  # TF Serving matches the URL case-insensitively but dispatches on the exact word
+            raise invalid_argument(f"Malformed request: {request.method} {request.rel_url.raw_path}")
+        if self._in_flight >= self._config.max_concurrent_requests:
+            raise ServingError("RESOURCE_EXHAUSTED", f"too many requests in flight (limit "
+                                                     f"{self._config.max_concurrent_requests}); retry later")
+        self._in_flight += 1
+        try:
+            payload = await self._read_body(request)
+            return await self._run(self._predict_sync, model, payload)
+        finally:
+            self._in_flight -= 1
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self._config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise ServingError("RESOURCE_EXHAUSTED", _too_large(request.content_length, limit)).with_http(413)
+        try:
+            return await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT_S)
+        except web.HTTPRequestEntityTooLarge as error:
+            raise ServingError("RESOURCE_EXHAUSTED", _too_large(error.actual_size, limit)).with_http(413) from None
+        except asyncio.TimeoutError:
+            raise ServingError("DEADLINE_EXCEEDED", f"the request body did not arrive within "
+                                                    f"{BODY_READ_TIMEOUT_S:.0f} s").with_http(408) from None
+
+    async def _run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def _predict_sync(self, model: ModelRequest, payload: bytes) -> dict:
+        signature_name, raw, row_format = parse_predict_body(payload)
+        prediction = self._service.predict(
+            model, signature_name, lambda signature: to_tensors(raw, row_format, signature),
+            missing_signature=lambda name: invalid_argument(
+                f'Serving signature name: "{name}" not found in signature def'))
+        return predictions_json(prediction.outputs, row_format)
+
+    def _status_or_metadata(self, model: ModelRequest, metadata: bool) -> dict:
+        if not metadata:
+            return status_json(self._service.statuses(model))
+        servable, signature_map = self._service.signature_def_map(model)
+        return metadata_json(model.name, servable.version, signature_map)
+
+
+def _model_request(match: re.Match) -> ModelRequest:
+    name, version, label = match.group(1), match.group(2), match.group(3)
+    if version is not None:
+        try:
+            number = int(version)
+            if number >= 2 ** 63:
+                raise ValueError
+        except ValueError:
+            raise invalid_argument(f"Failed to convert version: {version} to numeric.") from None
+    return ModelRequest(_decode(name, "model name"), int(version) if version is not None else None,
+                        _decode(label, "model version label") if label is not None else None)
+
+
+def _decode(value: str, what: str) -> str:
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise invalid_argument(f"Failed to decode {what}:{value}") from None
+
+
+def _too_large(size: int | None, limit: int) -> str:
+    size_text = f"{size} bytes" if size is not None else "more"
+    return f"the request body is {size_text}; the limit is {limit} bytes (--max-body-bytes)"
+
+
+def _json(document: dict, status: int, indent: int | None = None) -> web.Response:
+    return web.Response(text=json.dumps(document, indent=indent), status=status, content_type="application/json")

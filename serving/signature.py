@@ -1,0 +1,139 @@
+"""One signature of a loaded SavedModel: its SignatureDef, input checks and the model call.
+
+Inputs arrive as numpy arrays (from JSON or from TensorProtos); this module checks
+names, dtypes, ranks, batch sizes and the server's limits, then calls the concrete
+function. Any failure is a `ServingError` with TF Serving's code.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from serving.errors import ServingError, code_name, invalid_argument
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_instances: int
+    max_image_bytes: int
+    max_image_pixels: int
+    image_input: str  # string inputs with this name must be encoded images within the limits above
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: int  # types_pb2 enum, e.g. DT_STRING
+    shape: tuple[int, ...] | None  # -1 for unknown dimensions; None for unknown rank
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(object) if self.dtype == types_pb2.DT_STRING else tf.dtypes.as_dtype(self.dtype).as_numpy_dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return types_pb2.DataType.Name(self.dtype)
+
+    @property
+    def batched(self) -> bool:
+        return bool(self.shape) and self.shape[0] == -1
+
+
+def _spec(info: meta_graph_pb2.TensorInfo) -> TensorSpec:
+    if info.tensor_shape.unknown_rank:
+        return TensorSpec(info.dtype, None)
+    return TensorSpec(info.dtype, tuple(int(dim.size) for dim in info.tensor_shape.dim))
+
+
+class Signature:
+    def __init__(self, name: str, proto: meta_graph_pb2.SignatureDef, function, limits: Limits):
+        self.name = name
+        self.proto = proto
+        self.inputs = {alias: _spec(info) for alias, info in sorted(proto.inputs.items())}
+        self.outputs = {alias: _spec(info) for alias, info in sorted(proto.outputs.items())}
+        self._function = function
+        self._limits = limits
+
+    @property
+    def batchable(self) -> bool:
+        """Whether requests can be concatenated: every input and output has a batch dimension."""
+        return all(spec.batched for spec in [*self.inputs.values(), *self.outputs.values()])
+
+    def check(self, inputs: dict[str, np.ndarray]) -> int:
+        """Validates a request's inputs in place of the model; returns its batch size."""
+        missing = sorted(set(self.inputs) - set(inputs))
+        unknown = sorted(set(inputs) - set(self.inputs))
+        if unknown:
+            raise invalid_argument(f"input tensor alias not found in signature: {unknown[0]}. "
+                                   f"Inputs expected to be in the set {{{','.join(self.inputs)}}}.")
+        if missing:
+            sent = ",".join(sorted(inputs))
+            raise invalid_argument(f"input size does not match signature: {len(inputs)}!={len(self.inputs)} "
+                                   f"len({{{sent}}}) != len({{{','.join(self.inputs)}}}). Sent extra: {{}}. "
+                                   f"Missing but required: {{{','.join(missing)}}}.")
+        sizes = set()
+        for alias, value in inputs.items():
+            spec = self.inputs[alias]
+            if spec.shape is not None and value.ndim != len(spec.shape):
+                raise invalid_argument(f"input {alias} must have rank {len(spec.shape)} "
+                                       f"(shape {list(spec.shape)}), got shape {list(value.shape)}")
+            if spec.shape is not None:
+                for position, (want, got) in enumerate(zip(spec.shape, value.shape)):
+                    if want != -1 and want != got:
+                        raise invalid_argument(f"input {alias} dimension {position} must be {want}, got {got}")
+            if spec.batched:
+                sizes.add(value.shape[0])
+        if len(sizes) > 1:
+            raise invalid_argument(f"inputs have different batch sizes: {sorted(sizes)}")
+        size = sizes.pop() if sizes else 1
+        if size == 0:
+            raise invalid_argument("the request has no examples: send at least one instance")
+        if size > self._limits.max_instances:
+            raise invalid_argument(f"the request has {size} examples; the limit is {self._limits.max_instances} "
+                                   f"per request (send several requests)")
+        image = inputs.get(self._limits.image_input)
+        if image is not None and self.inputs[self._limits.image_input].dtype == types_pb2.DT_STRING:
+            for index, data in enumerate(image.reshape(-1)):
+                self._check_image(index, data)
+        return size
+
+    def _check_image(self, index: int, data) -> None:
+        if not isinstance(data, bytes):
+            raise invalid_argument(f"{self._limits.image_input}[{index}] must be bytes (JSON: {{\"b64\": ...}})")
+        if len(data) > self._limits.max_image_bytes:
+            raise invalid_argument(f"{self._limits.image_input}[{index}] is {len(data)} bytes; "
+                                   f"the limit is {self._limits.max_image_bytes} bytes per image")
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height, kind = image.width, image.height, image.format
+        except Exception:  # Pillow raises many types for data that is not an image
+            raise invalid_argument(f"{self._limits.image_input}[{index}] is not a PNG, JPEG, GIF or BMP image "
+                                   f"({len(data)} bytes)") from None
+        if kind not in ("PNG", "JPEG", "GIF", "BMP"):
+            raise invalid_argument(f"{self._limits.image_input}[{index}] is a {kind} image; "
+                                   f"send PNG, JPEG, GIF or BMP")
+        if width * height > self._limits.max_image_pixels:
+            raise invalid_argument(f"{self._limits.image_input}[{index}] is {width}x{height} pixels; "
+                                   f"the limit is {self._limits.max_image_pixels} pixels per image")
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Calls the model. Checked inputs only (see `check`); bad content still gives INVALID_ARGUMENT."""
+        tensors = {alias: tf.constant(value, dtype=tf.dtypes.as_dtype(self.inputs[alias].dtype))
+                   for alias, value in inputs.items()}
+        try:
+            outputs = self._function(**tensors)
+        except tf.errors.InvalidArgumentError as error:
+            raise invalid_argument(_first_line(error.message)) from None
+        except tf.errors.OpError as error:
+            raise ServingError(code_name(error.error_code), _first_line(error.message)) from None
+        return {alias: value.numpy() for alias, value in outputs.items()}
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "invalid input"
