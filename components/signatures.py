@@ -15,7 +15,7 @@ import tensorflow_transform as tft
 
 from components.transform import IMAGE_XF
 from data import contract
-from data.contract import (  # noqa: F401  (the names the signatures are built from)
+from data.contract import (
     EXAMPLES_INPUT,
     EXAMPLES_SIGNATURE,
     IMAGE_BYTES_INPUT,

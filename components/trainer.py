@@ -15,7 +15,9 @@ from components.config import TrainerConfig
 from components.data import make_dataset
 from components.model import build_model
 from components.signatures import make_signatures
+from components.warmup import warmup_images_from_examples, write_warmup_requests
 
+WARMUP_IMAGES = 8
 HISTORY_FILE = "history.json"  # in the model_run artifact: per-epoch metrics, read by the report
 
 log = logging.getLogger(__name__)
@@ -69,3 +71,5 @@ def run_fn(fn_args) -> None:
             indent=2,
         )
     model.save(fn_args.serving_model_dir, save_format="tf", signatures=make_signatures(model, tf_transform_output))
+    # Real digits as TF Serving warmup requests, so a freshly loaded version answers its first request fast.
+    write_warmup_requests(fn_args.serving_model_dir, warmup_images_from_examples(fn_args.eval_files, WARMUP_IMAGES))

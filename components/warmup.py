@@ -12,8 +12,8 @@ import os
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from components.signatures import IMAGE_BYTES_INPUT, SERVING_SIGNATURE
 from data import contract
+from data.contract import IMAGE_BYTES_INPUT, SERVING_SIGNATURE
 
 WARMUP_DIR = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"

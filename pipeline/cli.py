@@ -10,6 +10,7 @@ import click
 from data.cli import data_group
 from pipeline.commands import pipeline_group
 from serving.cli import predict_command, serve_command
+from serving.docker_context import docker_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +23,7 @@ cli.add_command(data_group)
 cli.add_command(pipeline_group)
 cli.add_command(serve_command)
 cli.add_command(predict_command)
+cli.add_command(docker_group)
 
 
 def main() -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 import click
 
-from serving.config import BatchingConfig, ServerConfig
+from serving.config import BatchingConfig, ServerConfig, batching_from_file
 
 DEFAULT_MODEL_DIR = Path("serving_model") / "digits"  # where `digits pipeline run` pushes
 
@@ -37,6 +38,9 @@ def _label(value: str) -> tuple[str, int]:
 @click.option("--max-batch-size", type=int, default=BatchingConfig.max_batch_size, show_default=True)
 @click.option("--batch-timeout-micros", type=int, default=BatchingConfig.batch_timeout_micros, show_default=True,
               help="How long a batch that is not full waits for more requests.")
+@click.option("--batching-parameters-file", type=click.Path(path_type=Path), default=None,
+              help="Take the batching settings from a TF Serving BatchingParameters file "
+                   "(e.g. docker/batching_parameters.txt); overrides the two options above.")
 @click.option("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes, show_default=True)
 @click.option("--max-instances", type=int, default=ServerConfig.max_instances, show_default=True,
               help="Most examples in one request.")
@@ -47,16 +51,19 @@ def _label(value: str) -> tuple[str, int]:
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="Replay the model's assets.extra/tf_serving_warmup_requests before serving a version.")
 def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_versions, labels, poll_interval, batching,
-                  max_batch_size, batch_timeout_micros, max_body_bytes, max_instances, max_concurrent_requests,
+                  max_batch_size, batch_timeout_micros, batching_parameters_file, max_body_bytes, max_instances, max_concurrent_requests,
                   shutdown_grace, warmup):
     """Serve the pushed model versions over TF Serving's REST and gRPC APIs, with its Prometheus metrics."""
     try:
+        batching_config = (batching_from_file(batching_parameters_file) if batching_parameters_file
+                           else BatchingConfig(max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros))
+        if not batching:
+            batching_config = dataclasses.replace(batching_config, enabled=False)
         config = ServerConfig(
             model_base_path=model_dir, model_name=model_name, host=host, rest_port=rest_port, grpc_port=grpc_port,
             num_versions=num_versions, labels=tuple(_label(label) for label in labels),
             poll_interval_s=poll_interval,
-            batching=BatchingConfig(enabled=batching, max_batch_size=max_batch_size,
-                                    batch_timeout_micros=batch_timeout_micros),
+            batching=batching_config,
             max_body_bytes=max_body_bytes, max_instances=max_instances,
             max_concurrent_requests=max_concurrent_requests, shutdown_grace_s=shutdown_grace, warmup=warmup)
     except ValueError as error:

@@ -33,6 +33,30 @@ class BatchingConfig:
             raise ValueError(f"max enqueued batches must be at least 1, got {self.max_enqueued_batches}")
 
 
+def batching_from_file(path: Path) -> BatchingConfig:
+    """The batching of a TF Serving batching parameters file (docker/batching_parameters.txt).
+
+    max_batch_size, batch_timeout_micros and max_enqueued_batches carry over; the
+    server runs one batch thread per signature and needs no padding, so
+    num_batch_threads and allowed_batch_sizes do not apply.
+    """
+    from serving.docker_context import parse_batching_parameters
+
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ValueError(f"cannot read batching parameters file {path}: {error.strerror}") from None
+    proto = parse_batching_parameters(text, str(path))
+    defaults = BatchingConfig()
+
+    def value(name: str) -> int:
+        return getattr(proto, name).value if proto.HasField(name) else getattr(defaults, name)
+
+    return BatchingConfig(enabled=True, max_batch_size=value("max_batch_size"),
+                          batch_timeout_micros=value("batch_timeout_micros"),
+                          max_enqueued_batches=value("max_enqueued_batches"))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model_base_path: Path
