@@ -16,6 +16,7 @@ BASE_WEIGHTS_CHOICES = ("auto", "imagenet", "none")
 # Also in custom_config: a hash of the code, so that TFX's cache notices code changes. Not a setting.
 CODE_FINGERPRINT_KEY = "code_fingerprint"
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class TrainerConfig:
     batch_size: int = 64
     learning_rate: float = 1e-4
     optimizer: str = "rmsprop"
+    # cosine: linear warm-up to learning_rate over warmup_epochs, then cosine decay to 0 at the last epoch.
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 1.0
     dense_units: tuple[int, int] = (64, 64)
     dropout: tuple[float, float] = (0.2, 0.2)
     base_weights: str = "auto"  # auto | imagenet | none | path to a .h5 weights file
@@ -46,6 +50,10 @@ class TrainerConfig:
             problems.append(f"batch size must be at least 1, got {self.batch_size}")
         if not self.learning_rate > 0:
             problems.append(f"learning rate must be positive, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.warmup_epochs < 0:
+            problems.append(f"warm-up epochs must be >= 0, got {self.warmup_epochs}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if len(self.dense_units) != 2 or min(self.dense_units) < 64:

@@ -33,11 +33,10 @@ def run_fn(fn_args) -> None:
     train = make_dataset(fn_args.train_files, fn_args.data_accessor, tf_transform_output, config, training=True)
     evaluation = make_dataset(fn_args.eval_files, fn_args.data_accessor, tf_transform_output, config,
                               training=False)
-    model = build_model(config, weights.keras_weights)
-
     # The pipeline sets train_args.num_steps = epochs x steps per epoch (one pass over train).
     steps_per_epoch = config.steps_per_epoch or max(1, fn_args.train_steps // config.epochs)
     epochs = config.epochs
+    model = build_model(config, weights.keras_weights, steps_per_epoch)
     log.info("training %d epochs x %d steps; base weights: %s", epochs, steps_per_epoch, weights.source)
     history = model.fit(
         train,

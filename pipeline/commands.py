@@ -59,6 +59,10 @@ def _setup_logging(log_dir: Path) -> Path:
 @click.option("--learning-rate", type=float, default=TrainerConfig.learning_rate, show_default=True)
 @click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "sgd"]), default=TrainerConfig.optimizer,
               show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default=TrainerConfig.lr_schedule,
+              show_default=True, help="cosine: warm up, then decay to zero by the last epoch.")
+@click.option("--warmup-epochs", type=float, default=TrainerConfig.warmup_epochs, show_default=True,
+              help="Epochs of linear learning-rate warm-up (cosine schedule).")
 @click.option("--base-weights", default=TrainerConfig.base_weights, show_default=True,
               help="auto (ImageNet if in the Keras cache, else random), imagenet, none, or a weights file.")
 @click.option("--steps-per-epoch", type=int, default=None, help="[default: one pass over the train split]")
@@ -68,7 +72,7 @@ def _setup_logging(log_dir: Path) -> Path:
               help="Held-out accuracy needed to bless (and push) the model.")
 @click.option("--no-cache", is_flag=True, help="Re-run every component instead of reusing cached outputs.")
 def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch_size, learning_rate, optimizer,
-                base_weights, steps_per_epoch, early_stopping_patience, min_accuracy, no_cache):
+                lr_schedule, warmup_epochs, base_weights, steps_per_epoch, early_stopping_patience, min_accuracy, no_cache):
     """Run the whole pipeline on a TFRecord build, ending with a pushed model if it is blessed."""
     from tfrecord_builder.manifest import ManifestError, verify
 
@@ -80,7 +84,7 @@ def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch
     try:
         trainer = TrainerConfig(
             epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
-            base_weights=base_weights, steps_per_epoch=steps_per_epoch,
+            lr_schedule=lr_schedule, warmup_epochs=warmup_epochs, base_weights=base_weights, steps_per_epoch=steps_per_epoch,
             early_stopping_patience=early_stopping_patience,
         )
         config = PipelineConfig(

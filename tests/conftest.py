@@ -87,59 +87,11 @@ def pushed_model(tiny_records, tmp_path_factory) -> Path:
     return model_dir
 
 
-class ServerProcess:
-    """A `digits serve` subprocess on loopback, on ports the OS picked."""
+def start_server(model_dir: Path, *extra: str, timeout: float = 180):
+    """`digits serve` on loopback, on ports the OS picks, polling every 0.2 s (see serving/process.py)."""
+    from serving.process import start_server as start
 
-    def __init__(self, process: subprocess.Popen, rest_port: int, grpc_port: int, output: list[str]):
-        self.process = process
-        self.rest_url = f"http://127.0.0.1:{rest_port}"
-        self.grpc_target = f"127.0.0.1:{grpc_port}"
-        self.output = output  # stdout lines so far (a thread keeps reading)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
-        import signal as signals
-
-        if self.process.poll() is None:
-            self.process.send_signal(signals.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        return self.process.returncode
-
-
-def start_server(model_dir: Path, *extra: str, timeout: float = 180) -> ServerProcess:
-    """Starts `digits serve --model-dir MODEL_DIR` and waits until it prints that both ports are up."""
-    import re
-    import threading
-    import time
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "--model-dir", str(model_dir), "--rest-port", "0",
-         "--grpc-port", "0", "--poll-interval", "0.2", *map(str, extra)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = "".join(output)
-        if "ready (" in text:
-            rest = re.search(r"REST\s+http://127\.0\.0\.1:(\d+)/", text)
-            grpc_port = re.search(r"gRPC\s+127\.0\.0\.1:(\d+)", text)
-            return ServerProcess(process, int(rest.group(1)), int(grpc_port.group(1)), output)
-        if process.poll() is not None:
-            break
-        time.sleep(0.2)
-    process.kill()
-    process.wait(timeout=30)
-    raise AssertionError("digits serve did not become ready:\n" + "".join(output)[-3000:])
+    return start(model_dir, "--poll-interval", "0.2", *extra, timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,68 @@
+"""`digits serve` as a child process on loopback: started, awaited until ready, stopped by PID.
+
+For tests, benchmarks and scripts that need a real server and must clean it up.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class ServerProcess:
+    """A running `digits serve`, on ports the OS picked."""
+
+    def __init__(self, process: subprocess.Popen, rest_port: int, grpc_port: int, output: list[str]):
+        self.process = process
+        self.rest_url = f"http://127.0.0.1:{rest_port}"
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
+        self.output = output  # its stdout and stderr lines so far (a thread keeps reading)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (graceful), then SIGKILL if it has not exited in time; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        return self.process.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+def start_server(model_dir: Path, *extra: str, timeout: float = 180, cwd: Path | None = None) -> ServerProcess:
+    """Starts `digits serve --model-dir MODEL_DIR --rest-port 0 --grpc-port 0 EXTRA...` and waits for `ready`."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+         "--rest-port", "0", "--grpc-port", "0", *map(str, extra)],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = "".join(output)
+        if "ready (" in text:
+            rest = re.search(r"REST\s+http://127\.0\.0\.1:(\d+)/", text)
+            grpc_port = re.search(r"gRPC\s+127\.0\.0\.1:(\d+)", text)
+            return ServerProcess(process, int(rest.group(1)), int(grpc_port.group(1)), output)
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.kill()
+    process.wait(timeout=30)
+    raise RuntimeError("digits serve did not become ready:\n" + "".join(output)[-3000:])

@@ -1,0 +1,328 @@
+"""`digits serve` against a model pushed by the real pipeline, over real HTTP and gRPC on loopback."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import REPO, run_digits, start_server
+from data import contract
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def pngs(sample_tree) -> list[tuple[int, bytes]]:
+    """Two test digits of each class: (label, PNG bytes)."""
+    return [(digit, path.read_bytes()) for digit in range(10)
+            for path in sorted((sample_tree / "testing" / str(digit)).iterdir())[:2]]
+
+
+@pytest.fixture(scope="module")
+def in_process(pushed_model):
+    """The floor: the pushed SavedModel's serving_default, called in this process."""
+    import tensorflow as tf
+
+    (version,) = pushed_model.iterdir()
+    signature = tf.saved_model.load(str(version)).signatures[contract.SERVING_SIGNATURE]
+    return lambda images: signature(image_bytes=tf.constant(images))[contract.PROBABILITIES_OUTPUT].numpy()
+
+
+def _b64(data: bytes) -> dict:
+    return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def _predict_rest(url: str, images: list[bytes], suffix: str = "", timeout: float = 60) -> requests.Response:
+    return requests.post(f"{url}/v1/models/digits{suffix}:predict",
+                         json={"instances": [_b64(image) for image in images]}, timeout=timeout)
+
+
+def _grpc_predict(target: str, images: list[bytes], version: int | None = None, label: str | None = None):
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digits"
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tf.make_tensor_proto(images, dtype=tf.string))
+    with grpc.insecure_channel(target) as channel:
+        return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+
+
+def _metrics(url: str) -> dict[str, dict[tuple, float]]:
+    """{sample name: {sorted label items: value}} from the Prometheus page."""
+    response = requests.get(f"{url}/monitoring/prometheus/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_rest_and_grpc_answer_as_the_model_does_in_process(model_server, pngs, in_process):
+    import tensorflow as tf
+
+    images = [png for _, png in pngs]
+    expected = in_process(images)
+
+    rows = _predict_rest(model_server.rest_url, images)
+    assert rows.status_code == 200 and rows.headers["Content-Type"] == "application/json"
+    predictions = rows.json()["predictions"]
+    assert len(predictions) == len(images)
+    np.testing.assert_allclose([p[contract.PROBABILITIES_OUTPUT] for p in predictions], expected, atol=1e-5)
+    assert [p[contract.PREDICTED_CLASS_OUTPUT] for p in predictions] == list(expected.argmax(axis=1))
+
+    columns = requests.post(f"{model_server.rest_url}/v1/models/digits:predict", timeout=60, json={
+        "signature_name": contract.SERVING_SIGNATURE, "inputs": {contract.IMAGE_BYTES_INPUT: [_b64(i) for i in images]}})
+    assert columns.status_code == 200, columns.text
+    np.testing.assert_allclose(columns.json()["outputs"][contract.PROBABILITIES_OUTPUT], expected, atol=1e-5)
+
+    response = _grpc_predict(model_server.grpc_target, images)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs[contract.PROBABILITIES_OUTPUT]), expected, atol=1e-5)
+    assert response.model_spec.name == "digits" and response.model_spec.signature_name == contract.SERVING_SIGNATURE
+
+    # The examples signature, through REST, as batch scoring would call it.
+    example = tf.train.Example(features=tf.train.Features(feature={
+        contract.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[images[0]]))}))
+    scored = requests.post(f"{model_server.rest_url}/v1/models/digits:predict", timeout=60, json={
+        "signature_name": contract.EXAMPLES_SIGNATURE, "instances": [_b64(example.SerializeToString())]})
+    assert scored.status_code == 200, scored.text
+    np.testing.assert_allclose(scored.json()["predictions"][0][contract.PROBABILITIES_OUTPUT], expected[0], atol=1e-5)
+
+
+def test_status_and_metadata_have_tf_servings_shape(model_server, pushed_model):
+    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                         prediction_service_pb2_grpc)
+
+    (version_dir,) = pushed_model.iterdir()
+    version = version_dir.name
+    status = requests.get(f"{model_server.rest_url}/v1/models/digits", timeout=30)
+    assert status.status_code == 200
+    assert status.json() == {"model_version_status": [
+        {"version": version, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    assert requests.get(f"{model_server.rest_url}/v1/models/digits/versions/{version}", timeout=30).json() == \
+        status.json()
+
+    metadata = requests.get(f"{model_server.rest_url}/v1/models/digits/metadata", timeout=30).json()
+    assert metadata["model_spec"] == {"name": "digits", "signature_name": "", "version": version}
+    signatures = metadata["metadata"]["signature_def"]["signature_def"]
+    assert set(signatures) == {contract.SERVING_SIGNATURE, contract.EXAMPLES_SIGNATURE}
+    image_input = signatures[contract.SERVING_SIGNATURE]["inputs"][contract.IMAGE_BYTES_INPUT]
+    assert image_input["dtype"] == "DT_STRING" and image_input["tensor_shape"]["dim"][0]["size"] == "-1"
+    assert signatures[contract.SERVING_SIGNATURE]["outputs"][contract.PROBABILITIES_OUTPUT]["dtype"] == "DT_FLOAT"
+
+    with grpc.insecure_channel(model_server.grpc_target) as channel:
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "digits"
+        reply = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=30)
+        assert [(s.version, s.state) for s in reply.model_version_status] == [
+            (int(version), get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = "digits"
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=30)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        assert reply.metadata["signature_def"].Unpack(signature_map)
+        assert reply.model_spec.version.value == int(version)
+        assert set(signature_map.signature_def) == {contract.SERVING_SIGNATURE, contract.EXAMPLES_SIGNATURE}
+
+
+def test_metrics_use_tf_servings_names_and_move_with_traffic(model_server, pngs):
+    before = _metrics(model_server.rest_url)
+    images = [png for _, png in pngs[:3]]
+    for _ in range(2):
+        assert _predict_rest(model_server.rest_url, images).status_code == 200
+    _grpc_predict(model_server.grpc_target, images)
+    assert requests.get(f"{model_server.rest_url}/v1/models/nope", timeout=30).status_code == 404
+    after = _metrics(model_server.rest_url)
+
+    def delta(name: str, **labels) -> float:
+        key = tuple(sorted(labels.items()))
+        return after.get(name, {}).get(key, 0) - before.get(name, {}).get(key, 0)
+
+    # request_count counts REST predicts, the gRPC predict and this module's other requests: at least these.
+    assert delta(":tensorflow:serving:request_count", model_name="digits", status="OK") >= 3
+    assert delta(":tensorflow:serving:request_count", model_name="nope", status="NOT_FOUND") == 1
+    assert delta(":tensorflow:serving:request_latency_count", model_name="digits", API="predict",
+                 entrypoint="REST") == 2
+    assert delta(":tensorflow:serving:request_latency_count", model_name="digits", API="Predict",
+                 entrypoint="GRPC") == 1
+    assert delta(":tensorflow:serving:runtime_latency_count", model_name="digits", API="Predict",
+                 runtime="TF1") == 3
+    buckets = [labels for labels in after[":tensorflow:serving:request_latency_bucket"]
+               if dict(labels)["API"] == "predict"]
+    assert len(buckets) == 34  # Exponential(10, 1.8, 33) and +Inf, as TF Serving
+    (version,) = {dict(labels)["model_version"] for labels in after["digits_serving_predictions_total"]}
+    assert sum(value for labels, value in after["digits_serving_predictions_total"].items()) - sum(
+        before.get("digits_serving_predictions_total", {}).values()) == 9
+    assert delta("digits_serving_prediction_confidence_count", model_name="digits", model_version=version) == 9
+    assert after[":tensorflow:cc:saved_model:load_attempt_count"]  # the version's load was counted
+    assert any(dict(labels)["status"] == "success"
+               for labels in after[":tensorflow:cc:saved_model:load_attempt_count"])
+    # The exposition has TF Serving's spelling: no `_total` on its counters.
+    page = requests.get(f"{model_server.rest_url}/monitoring/prometheus/metrics", timeout=30).text
+    assert "# TYPE :tensorflow:serving:request_count counter" in page
+    assert ":tensorflow:serving:request_count_total" not in page
+
+
+def test_the_models_warmup_requests_run_before_it_serves(model_server):
+    assert "(3 warmup requests)" in "".join(model_server.output)
+    assert ":tensorflow:serving:model_warmup_latency_count" in _metrics(model_server.rest_url)
+
+
+def test_concurrent_requests_are_batched(model_server, pngs):
+    before = _metrics(model_server.rest_url).get(":tensorflow:serving:batching_session:processed_batch_size_count",
+                                                 {})
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda png: _predict_rest(model_server.rest_url, [png]).status_code,
+                                 [png for _, png in pngs] * 4))
+    assert statuses == [200] * 80
+    after = _metrics(model_server.rest_url)
+    batches = sum(after[":tensorflow:serving:batching_session:processed_batch_size_count"].values()) - sum(
+        before.values())
+    assert batches < 80, "80 concurrent single-image requests should share model calls"
+
+
+def test_version_labels_and_explicit_versions(pushed_model, pngs, in_process):
+    (version_dir,) = pushed_model.iterdir()
+    version = int(version_dir.name)
+    server = start_server(pushed_model, "--label", f"stable={version}")
+    try:
+        image = [pngs[0][1]]
+        for suffix in (f"/versions/{version}", "/labels/stable"):
+            response = _predict_rest(server.rest_url, image, suffix)
+            assert response.status_code == 200, response.text
+            np.testing.assert_allclose(response.json()["predictions"][0][contract.PROBABILITIES_OUTPUT],
+                                       in_process(image)[0], atol=1e-5)
+        assert _grpc_predict(server.grpc_target, image, label="stable").model_spec.version.value == version
+    finally:
+        assert server.stop() == 0
+
+
+def _copy_version(source: Path, model_dir: Path, version: int) -> None:
+    """Copies a SavedModel in file by file, as the Pusher does (not an atomic rename)."""
+    shutil.copytree(source, model_dir / str(version))
+
+
+def test_a_new_version_is_served_without_restart_or_failed_requests(pushed_model, pngs, tmp_path):
+    (source,) = pushed_model.iterdir()
+    model_dir = tmp_path / "digits"
+    _copy_version(source, model_dir, 1)
+    server = start_server(model_dir, "--num-versions", "1")
+    failures: list[str] = []
+    versions_seen: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                response = _grpc_predict(server.grpc_target, [pngs[3][1]])
+                versions_seen.append(response.model_spec.version.value)
+            except grpc.RpcError as error:
+                failures.append(f"gRPC {error.code().name}: {error.details()}")
+            rest = _predict_rest(server.rest_url, [pngs[4][1]])
+            if rest.status_code != 200:
+                failures.append(f"REST {rest.status_code}: {rest.text}")
+
+    clients = [threading.Thread(target=traffic) for _ in range(4)]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(2)
+        _copy_version(source, model_dir, 2)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            states = {s["version"]: s["state"] for s in requests.get(
+                f"{server.rest_url}/v1/models/digits", timeout=30).json()["model_version_status"]}
+            if states == {"2": "AVAILABLE", "1": "END"}:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"version 2 did not replace version 1: {states}")
+        time.sleep(2)  # traffic keeps flowing on the new version
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(timeout=120)
+        exit_code = server.stop()
+    assert failures == []
+    assert versions_seen[0] == 1 and versions_seen[-1] == 2 and set(versions_seen) == {1, 2}
+    assert exit_code == 0
+    assert "Traceback" not in "".join(server.output)
+
+
+def test_sigterm_lets_in_flight_requests_finish(pushed_model, pngs):
+    server = start_server(pushed_model, "--no-batching")
+    images = [png for _, png in pngs] * 6  # 120 images: a request that takes a while on 2 cores
+    with ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(_predict_rest, server.rest_url, images, "", 120) for _ in range(4)]
+        time.sleep(0.5)
+        os.kill(server.pid, signal.SIGTERM)
+        results = [future.result() for future in pending]
+    assert [response.status_code for response in results] == [200] * 4
+    assert all(len(response.json()["predictions"]) == 120 for response in results)
+    assert server.process.wait(timeout=60) == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.rest_url}/v1/models/digits", timeout=5)
+
+
+def test_digits_predict_over_rest_and_grpc(model_server, sample_tree, tmp_path):
+    files = [sorted((sample_tree / "testing" / str(digit)).iterdir())[0] for digit in (3, 8)]
+    for transport in (["--rest", model_server.rest_url], ["--grpc", model_server.grpc_target]):
+        result = run_digits("predict", *files, *transport, timeout=120)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 2
+        for line, path in zip(lines, files):
+            name, digit, confidence = line.split()
+            assert name == str(path) and digit in contract.CLASS_NAMES
+            assert 0.0 < float(confidence.strip("()")) <= 1.0
+
+    missing = run_digits("predict", tmp_path / "nope.png", "--rest", model_server.rest_url)
+    assert missing.returncode == 1 and missing.stderr.strip() == f"Error: cannot read {tmp_path / 'nope.png'}: " \
+                                                                  f"No such file or directory"
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    refused = run_digits("predict", not_an_image, "--rest", model_server.rest_url)
+    assert refused.returncode == 1 and "HTTP 400" in refused.stderr and "not a PNG" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    down = run_digits("predict", files[0], "--rest", "http://127.0.0.1:9", timeout=60)
+    assert down.returncode == 1 and "cannot reach http://127.0.0.1:9" in down.stderr
+
+
+def test_python_client_is_importable_for_users_code(model_server, pngs):
+    from serving.client import GrpcClient, RestClient
+
+    image = pngs[5][1]
+    rest = RestClient(model_server.rest_url).predict([image])[0]
+    grpc_answer = GrpcClient(model_server.grpc_target).predict([image])[0]
+    assert rest.digit == grpc_answer.digit and abs(rest.confidence - grpc_answer.confidence) < 1e-5
+    assert len(rest.probabilities) == contract.NUM_CLASSES
+
+
+def test_serve_refuses_bad_arguments_with_one_line(tmp_path):
+    missing = run_digits("serve", "--model-dir", tmp_path / "nothing")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        f"Error: no model directory at {tmp_path / 'nothing'}: run `digits pipeline run` first, "
+        f"or point --model-dir at a directory of numbered SavedModel versions"]
+    bad = run_digits("serve", "--model-dir", tmp_path, "--num-versions", "0")
+    assert bad.returncode == 2 and "num versions must be at least 1, got 0" in bad.stderr
+    label = run_digits("serve", "--model-dir", tmp_path, "--label", "stable")
+    assert label.returncode == 2 and "expected NAME=VERSION" in label.stderr
