@@ -21,18 +21,24 @@ LR_SCHEDULES = ("cosine", "constant")
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    epochs: int = 10
+    # The measured recipe for InceptionV3 from random weights on the 3,600 training digits
+    # (README, "Training recipe"): Adam at 1e-3 with a cosine schedule over 22 epochs reaches
+    # 0.988 held-out accuracy; the original project's RMSprop at 1e-4 (constant) reaches 0.918.
+    epochs: int = 22
     batch_size: int = 64
-    learning_rate: float = 1e-4
-    optimizer: str = "rmsprop"
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
     # cosine: linear warm-up to learning_rate over warmup_epochs, then cosine decay to 0 at the last epoch.
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
     warmup_epochs: float = 1.0
     dense_units: tuple[int, int] = (64, 64)
     dropout: tuple[float, float] = (0.2, 0.2)
     base_weights: str = "auto"  # auto | imagenet | none | path to a .h5 weights file
-    early_stopping_patience: int = 3  # epochs without eval improvement before stopping
-    early_stopping_start_epoch: int = 4  # no stopping before this epoch: eval accuracy starts at chance
+    # Epochs without eval improvement before stopping. The eval split is 400 digits (one error is
+    # 0.25 %), and while the learning rate is high its accuracy wanders by +-1 %, so stopping only
+    # watches the second half of the schedule, with room for noise.
+    early_stopping_patience: int = 6
+    early_stopping_start_epoch: int = 12  # no stopping before this epoch
     batchnorm_momentum: float = 0.9  # InceptionV3 BatchNormalization moving averages (Keras: 0.99)
     max_translation: int = 5  # augmentation: pixels of random shift (pad, then random crop)
     max_rotation_degrees: float = 10.0  # augmentation: random rotation; no flips, ever, for digits

@@ -183,6 +183,12 @@ def _evaluation(outputs: dict) -> Evaluation | None:
     )
 
 
+def latest_results(pipeline_root: Path, pipeline_name: str = "digits") -> tuple[list[ComponentRun], Evaluation | None]:
+    """The latest run's components (state, wall time) and what its Evaluator and Pusher decided."""
+    run = _run_artifacts(Path(pipeline_root).resolve() / "metadata.sqlite", pipeline_name)
+    return run.components, _evaluation(run.outputs)
+
+
 @dataclass(frozen=True)
 class Report:
     path: Path

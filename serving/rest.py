@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from serving.config import ServerConfig
 from serving.errors import ServingError, invalid_argument
@@ -32,6 +34,9 @@ BODY_READ_TIMEOUT_S = 30.0  # a client that stops sending mid-body gets 408, not
 
 def make_app(config: ServerConfig, service: PredictionService, executor: ThreadPoolExecutor) -> web.Application:
     handler = _Handler(config, service, executor)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(existing, _MalformedHttpLogFilter) for existing in server_log.filters):
+        server_log.addFilter(_MalformedHttpLogFilter())
     # aiohttp's own body limit answers in plain text; the handler enforces the limit with a JSON error.
     app = web.Application(client_max_size=config.max_body_bytes + 1)
     app.router.add_route("*", "/{tail:.*}", handler.dispatch)
@@ -48,7 +53,7 @@ class _Handler:
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.rel_url.raw_path  # still percent-encoded: names are decoded after matching, as in TF Serving
         if path == METRICS_PATH and request.method == "GET":
-            return web.Response(text=self._service.metrics.render(), content_type=CONTENT_TYPE)
+            return web.Response(body=self._service.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
         if not _V1.fullmatch(path):
             return _json({"error": f"Not found: {request.method} {path}"}, 404)
         started = time.perf_counter()
@@ -93,11 +98,16 @@ class _Handler:
             raise ServingError("RESOURCE_EXHAUSTED", _too_large(request.content_length, limit)).with_http(413)
         try:
             return await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT_S)
-        except web.HTTPRequestEntityTooLarge as error:
-            raise ServingError("RESOURCE_EXHAUSTED", _too_large(error.actual_size, limit)).with_http(413) from None
+        except web.HTTPRequestEntityTooLarge:  # a chunked body (no Content-Length) passed the limit
+            raise ServingError("RESOURCE_EXHAUSTED", _too_large(None, limit)).with_http(413) from None
         except asyncio.TimeoutError:
             raise ServingError("DEADLINE_EXCEEDED", f"the request body did not arrive within "
                                                     f"{BODY_READ_TIMEOUT_S:.0f} s").with_http(408) from None
+        except ConnectionError:  # the client closed the connection before sending the whole body
+            raise ServingError("CANCELLED", f"the connection closed before the request body ended "
+                                            f"(Content-Length {request.content_length})") from None
+        except HttpProcessingError as error:  # e.g. a bad chunk in a chunked body
+            raise invalid_argument(f"the request body cannot be read: {_first_line(error.message)}") from None
 
     async def _run(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -138,9 +148,29 @@ def _decode(value: str, what: str) -> str:
 
 
 def _too_large(size: int | None, limit: int) -> str:
-    size_text = f"{size} bytes" if size is not None else "more"
+    size_text = f"{size} bytes" if size is not None else f"larger than {limit} bytes"
     return f"the request body is {size_text}; the limit is {limit} bytes (--max-body-bytes)"
 
 
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "malformed"
+
+
+class _MalformedHttpLogFilter(logging.Filter):
+    """aiohttp logs a malformed request (bad Content-Length, bad chunk) as an ERROR with a traceback,
+    as if the server had failed; it is the client's error, already answered 400: one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and record.msg == "Error handling request from %s":
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "malformed HTTP request from %s (answered 400): %s"
+            record.args = (*(record.args or ()), " ".join(str(error.message).split()))
+        return True
+
+
 def _json(document: dict, status: int, indent: int | None = None) -> web.Response:
-    return web.Response(text=json.dumps(document, indent=indent), status=status, content_type="application/json")
+    # Exactly TF Serving's header (aiohttp's `content_type=` would add "; charset=utf-8").
+    return web.Response(body=json.dumps(document, indent=indent).encode(), status=status,
+                        headers={"Content-Type": "application/json"})

@@ -97,11 +97,23 @@ def test_model_head_has_the_designed_layers_and_outputs_probabilities():
     assert base.input_shape == (None, 75, 75, 3)
     momenta = {layer.momentum for layer in base.layers if type(layer).__name__ == "BatchNormalization"}
     assert momenta == {TrainerConfig().batchnorm_momentum}
-    assert type(model.optimizer).__name__ == "RMSprop"
-    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
+    assert type(model.optimizer).__name__ == "Adam"
     probabilities = model(tf.zeros([2, 75, 75, 3]), training=False).numpy()
     assert probabilities.shape == (2, contract.NUM_CLASSES)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_by_the_last_step():
+    from components.model import learning_rate
+
+    schedule = learning_rate(TrainerConfig(epochs=10, learning_rate=1e-3, warmup_epochs=1), steps_per_epoch=50)
+    rates = [float(schedule(step)) for step in (0, 25, 50, 275, 499, 500)]
+    assert rates[0] == pytest.approx(1e-4) and rates[1] == pytest.approx(5.5e-4)  # linear warm-up from 0.1x
+    assert rates[2] == pytest.approx(1e-3)  # the peak after one epoch
+    assert rates[3] == pytest.approx(5e-4, rel=0.01)  # half-way through the decay
+    assert rates[4] < 1e-7 and rates[5] == 0.0
+    constant = TrainerConfig(lr_schedule="constant", learning_rate=1e-4, optimizer="rmsprop")
+    assert learning_rate(constant, steps_per_epoch=50) == 1e-4
 
 
 @pytest.mark.parametrize(
@@ -117,6 +129,8 @@ def test_model_head_has_the_designed_layers_and_outputs_probabilities():
         ({"batch_size": 0}, "batch size"),
         ({"batchnorm_momentum": 1.0}, "batchnorm momentum"),
         ({"early_stopping_start_epoch": -1}, "early stopping start epoch"),
+        ({"lr_schedule": "step"}, "learning-rate schedule must be one of cosine, constant"),
+        ({"warmup_epochs": -1}, "warm-up epochs must be >= 0"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_message(kwargs, message):
