@@ -32,6 +32,10 @@ def parse_predict_body(body: bytes) -> tuple[str, dict, bool]:
         raise invalid_argument("JSON Parse error: the request body is not UTF-8 text") from None
     except json.JSONDecodeError as error:
         raise invalid_argument(f"JSON Parse error: {error.msg} at offset: {error.pos}") from None
+    except RecursionError:  # arrays/objects nested about 1,000 deep overflow the decoder's stack
+        raise invalid_argument("JSON Parse error: the document is nested too deeply") from None
+    except ValueError as error:  # a number with more than 4,300 digits (Python's int conversion limit)
+        raise invalid_argument(f"JSON Parse error: {error}") from None
     if not isinstance(document, dict):
         raise invalid_argument(f"JSON Value: {_preview(document)} Is not object")
     signature_name = document.get("signature_name", "")
@@ -56,6 +60,14 @@ def parse_predict_body(body: bytes) -> tuple[str, dict, bool]:
 
 def to_tensors(raw: dict, row_format: bool, signature: Signature) -> dict[str, np.ndarray]:
     """Raw JSON values -> numpy arrays of the signature's input dtypes."""
+    try:
+        return _to_tensors(raw, row_format, signature)
+    except RecursionError:  # lists nested hundreds deep: the walks below recurse once per level
+        raise invalid_argument(f"the inputs are nested too deeply for signature inputs "
+                               f"{{{','.join(signature.inputs)}}}") from None
+
+
+def _to_tensors(raw: dict, row_format: bool, signature: Signature) -> dict[str, np.ndarray]:
     names = list(signature.inputs)
     if row_format:
         instances = raw["instances"]
@@ -130,11 +142,14 @@ def _b64decode(text, where: str) -> bytes:
     if "-" in text or "_" in text:
         raise invalid_argument(f"Unable to base64 decode {where}: it is URL-safe base64 ('-' or '_'); "
                                f"TF Serving takes the standard alphabet ('+' and '/')")
-    padded = text + "=" * (-len(text) % 4)
-    if not _BASE64.match(padded):
-        raise invalid_argument(f"Unable to base64 decode {where}: characters outside the base64 alphabet")
+    if not _BASE64.match(text):
+        raise invalid_argument(f"Unable to base64 decode {where}: characters outside the base64 alphabet "
+                               f"or misplaced '=' padding")
+    if len(text.rstrip("=")) % 4 == 1:  # 6 bits left over: no padding can complete it
+        raise invalid_argument(f"Unable to base64 decode {where}: {len(text.rstrip('='))} characters is not "
+                               f"a valid base64 length")
     try:
-        return base64.b64decode(padded, validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise invalid_argument(f"Unable to base64 decode {where}") from None
 
