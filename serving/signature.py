@@ -8,6 +8,7 @@ function. Any failure is a `ServingError` with TF Serving's code.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,10 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from serving.errors import ServingError, code_name, invalid_argument
+
+
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"BM", "BMP"))
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class Signature:
         sizes = set()
         for alias, value in inputs.items():
             spec = self.inputs[alias]
+            if _dtype_name(value) != spec.dtype_name:  # else tf.constant fails inside the model call
+                raise invalid_argument(f"input {alias} expects {spec.dtype_name} but {_dtype_name(value)} "
+                                       f"is provided")
             if spec.shape is not None and value.ndim != len(spec.shape):
                 raise invalid_argument(f"input {alias} must have rank {len(spec.shape)} "
                                        f"(shape {list(spec.shape)}), got shape {list(value.shape)}")
@@ -112,7 +120,15 @@ class Signature:
         try:
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 width, height, kind = image.width, image.height, image.format
+        except Image.DecompressionBombError:  # the header claims over twice Pillow's MAX_IMAGE_PIXELS
+            raise invalid_argument(f"{self._limits.image_input}[{index}] has more than "
+                                   f"{2 * Image.MAX_IMAGE_PIXELS} pixels; the limit is "
+                                   f"{self._limits.max_image_pixels} pixels per image") from None
         except Exception:  # Pillow raises many types for data that is not an image
+            kind = next((kind for magic, kind in _MAGIC if data.startswith(magic)), None)
+            if kind is not None:  # the right signature, but the header is cut short or broken
+                raise invalid_argument(f"{self._limits.image_input}[{index}] is a truncated or corrupt {kind} image "
+                                       f"({len(data)} bytes)") from None
             raise invalid_argument(f"{self._limits.image_input}[{index}] is not a PNG, JPEG, GIF or BMP image "
                                    f"({len(data)} bytes)") from None
         if kind not in ("PNG", "JPEG", "GIF", "BMP"):
@@ -129,11 +145,32 @@ class Signature:
         try:
             outputs = self._function(**tensors)
         except tf.errors.InvalidArgumentError as error:
-            raise invalid_argument(_first_line(error.message)) from None
+            raise invalid_argument(_op_message(error.message)) from None
         except tf.errors.OpError as error:
-            raise ServingError(code_name(error.error_code), _first_line(error.message)) from None
+            raise ServingError(code_name(error.error_code), _op_message(error.message)) from None
         return {alias: value.numpy() for alias, value in outputs.items()}
 
 
-def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else "invalid input"
+def _dtype_name(value: np.ndarray) -> str:
+    """The TF dtype of an input array: object arrays hold strings (bytes)."""
+    if value.dtype == object or value.dtype.kind in "SU":
+        return "DT_STRING"
+    try:
+        return types_pb2.DataType.Name(tf.dtypes.as_dtype(value.dtype).as_datatype_enum)
+    except TypeError:
+        return str(value.dtype)
+
+
+def _op_message(message: str) -> str:
+    """The failing op's own words from a TF error, e.g. "Invalid PNG data, size 317".
+
+    A concrete function's error reads "Graph execution error:", "Detected at node ...", the
+    stack, then the op's message and "[[{{node ...}}]] [Op:...]": the line before the node
+    marker is the one that says what was wrong with the input.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if line.startswith("[[{{node") and index > 0:
+            return lines[index - 1]
+    lines = [line for line in lines if line != "Graph execution error:"]
+    return re.sub(r"\s*\[Op:[^\]]*\]$", "", lines[0]) if lines else "invalid input"
