@@ -6,10 +6,12 @@ official stubs (`prediction_service_pb2_grpc.PredictionServiceStub`) work unchan
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -37,7 +39,8 @@ def make_server(config: ServerConfig, service: PredictionService) -> tuple[grpc.
         options=[("grpc.max_receive_message_length", config.max_body_bytes),
                  ("grpc.so_reuseport", 0)],
     )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(_PredictionServicer(service), server)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        _PredictionServicer(service, max_elements=config.max_body_bytes), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(_ModelServicer(service), server)
     port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
     if port == 0:
@@ -59,9 +62,29 @@ def _abort(context: grpc.ServicerContext, error: ServingError):
     context.abort(error.grpc_status, error.message)
 
 
+def _ndarray(alias: str, tensor, max_elements: int) -> np.ndarray:
+    """A TensorProto -> numpy, refusing shapes it cannot hold before make_ndarray allocates them.
+
+    make_ndarray fills a shape larger than the values sent by repeating the last value, so a
+    few-byte TensorProto claiming [10**12] would take the server's memory.
+    """
+    dims = [dim.size for dim in tensor.tensor_shape.dim]
+    if any(size < 0 for size in dims):
+        raise invalid_argument(f"input {alias}: the TensorProto has a negative dimension in shape {dims}")
+    elements = math.prod(dims)
+    if elements > max_elements:
+        raise invalid_argument(f"input {alias}: the TensorProto's shape {dims} has {elements} elements; "
+                               f"a request may hold at most {max_elements}")
+    try:
+        return tf.make_ndarray(tensor)
+    except (TypeError, ValueError) as error:
+        raise invalid_argument(f"input {alias}: the TensorProto cannot be read: {error}") from None
+
+
 class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, service: PredictionService):
+    def __init__(self, service: PredictionService, max_elements: int):
         self._service = service
+        self._max_elements = max_elements  # per input tensor; one per byte of the largest message
 
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         started = time.perf_counter()
@@ -78,10 +101,7 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
         model = _model_request(request.model_spec)
 
         def inputs(signature):
-            try:
-                return {alias: tf.make_ndarray(tensor) for alias, tensor in request.inputs.items()}
-            except (TypeError, ValueError) as error:
-                raise invalid_argument(f"an input TensorProto cannot be read: {error}") from None
+            return {alias: _ndarray(alias, tensor, self._max_elements) for alias, tensor in request.inputs.items()}
 
         prediction = self._service.predict(
             model, request.model_spec.signature_name, inputs,
