@@ -72,6 +72,7 @@ class ServerConfig:
     max_instances: int = 256  # examples in one request
     max_image_bytes: int = 1024 * 1024  # one encoded image
     max_image_pixels: int = 4096 * 4096  # width x height of one image, read from its header before decoding
+    max_request_pixels: int = 64 * 1024 * 1024  # all images of one request together (~200 MB decoded)
     max_concurrent_requests: int = 64  # predict calls in flight; more are refused, not queued without bound
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish
     warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests before a version is AVAILABLE
@@ -97,7 +98,7 @@ class ServerConfig:
             problems.append("each version label may be given once")
         if not self.poll_interval_s > 0:
             problems.append(f"poll interval must be positive, got {self.poll_interval_s}")
-        for name in ("max_body_bytes", "max_instances", "max_image_bytes", "max_image_pixels",
+        for name in ("max_body_bytes", "max_instances", "max_image_bytes", "max_image_pixels", "max_request_pixels",
                      "max_concurrent_requests"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")

@@ -92,9 +92,9 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
         try:
             response = self._predict(request)
         except ServingError as error:
-            self._service.metrics.record_request(name, error.code, "Predict", "GRPC", time.perf_counter() - started)
+            self._service.record_request(name, error.code, "Predict", "GRPC", time.perf_counter() - started)
             _abort(context, error)
-        self._service.metrics.record_request(name, "OK", "Predict", "GRPC", time.perf_counter() - started)
+        self._service.record_request(name, "OK", "Predict", "GRPC", time.perf_counter() - started)
         return response
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:

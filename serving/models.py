@@ -52,7 +52,7 @@ class Servable:
         proto.ParseFromString((path / "saved_model.pb").read_bytes())
         self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = dict(proto.meta_graphs[0].signature_def)
         limits = Limits(config.max_instances, config.max_image_bytes, config.max_image_pixels,
-                        config.signature_image_input)
+                        config.max_request_pixels, config.signature_image_input)
         self.signatures = {name: Signature(name, self.signature_defs[name], function, limits)
                            for name, function in self._loaded.signatures.items() if name in self.signature_defs}
         self._batchers: dict[str, Batcher] = {}
@@ -82,10 +82,9 @@ class Servable:
             name = request.model_spec.signature_name or contract.SERVING_SIGNATURE
             if name not in self.signatures:
                 raise ValueError(f"warmup request for signature {name!r}, which the model does not have")
+            # The model's own requests: not held to the per-request limits meant for clients.
             signature = self.signatures[name]
-            inputs = {alias: tf.make_ndarray(tensor) for alias, tensor in request.inputs.items()}
-            signature.check(inputs)
-            signature.run(inputs)
+            signature.run({alias: tf.make_ndarray(tensor) for alias, tensor in request.inputs.items()})
         return len(requests)
 
     def close(self) -> None:
@@ -231,7 +230,8 @@ class ModelManager:
             return self._servables[max(self._servables)]
 
     def statuses(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
-        self.check_name(name)
+        if name != self.name:
+            raise not_found(f"Could not find any versions of model {name}")
         with self._lock:
             if label is not None:
                 labels = self._config.label_map

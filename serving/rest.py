@@ -71,9 +71,9 @@ class _Handler:
             else:
                 raise invalid_argument(f"Malformed request: {request.method} {path}")
         except ServingError as error:
-            self._service.metrics.record_request(model_name, error.code, api, "REST", time.perf_counter() - started)
+            self._service.record_request(model_name, error.code, api, "REST", time.perf_counter() - started)
             return _json({"error": error.message}, error.http_status)
-        self._service.metrics.record_request(model_name, "OK", api, "REST", time.perf_counter() - started)
+        self._service.record_request(model_name, "OK", api, "REST", time.perf_counter() - started)
         return _json(body, status, indent=None if api else 1)  # status/metadata: protobuf's JSON layout
 
     async def _predict(self, request: web.Request, model: ModelRequest) -> dict:

@@ -20,6 +20,9 @@ from serving.models import ModelManager, Servable, VersionStatus
 from serving.signature import Signature
 
 
+UNKNOWN_MODEL = "unknown"  # the model_name label of requests for models that are not served
+
+
 @dataclass(frozen=True)
 class ModelRequest:
     """Which servable a request names (TF Serving's ModelSpec)."""
@@ -56,6 +59,12 @@ class PredictionService:
         self.metrics.record_runtime(request.name, "Predict", time.perf_counter() - started)
         self._record_answers(request.name, servable.version, outputs)
         return Prediction(servable, signature, outputs)
+
+    def record_request(self, model_name: str, status: str, api: str, entrypoint: str, seconds: float) -> None:
+        """Counts a request under its model's name; names of models this server does not serve are
+        counted as `unknown`, so that clients cannot grow the metric series without bound."""
+        label = model_name if model_name in ("", self.manager.name) else UNKNOWN_MODEL
+        self.metrics.record_request(label, status, api, entrypoint, seconds)
 
     def _record_answers(self, model_name: str, version: int, outputs: dict[str, np.ndarray]) -> None:
         probabilities = outputs.get(contract.PROBABILITIES_OUTPUT)

@@ -29,6 +29,7 @@ class Limits:
     max_instances: int
     max_image_bytes: int
     max_image_pixels: int
+    max_request_pixels: int
     image_input: str  # string inputs with this name must be encoded images within the limits above
 
 
@@ -107,11 +108,16 @@ class Signature:
                                    f"per request (send several requests)")
         image = inputs.get(self._limits.image_input)
         if image is not None and self.inputs[self._limits.image_input].dtype == types_pb2.DT_STRING:
-            for index, data in enumerate(image.reshape(-1)):
-                self._check_image(index, data)
+            pixels = sum(self._check_image(index, data) for index, data in enumerate(image.reshape(-1)))
+            if pixels > self._limits.max_request_pixels:
+                # Each image may be within its limit and the batch still too big to decode at once.
+                raise invalid_argument(f"the request's images have {pixels} pixels in all; the limit is "
+                                       f"{self._limits.max_request_pixels} pixels per request (send fewer or "
+                                       f"smaller images per request)")
         return size
 
-    def _check_image(self, index: int, data) -> None:
+    def _check_image(self, index: int, data) -> int:
+        """Checks one encoded image from its header; returns its pixel count."""
         if not isinstance(data, bytes):
             raise invalid_argument(f"{self._limits.image_input}[{index}] must be bytes (JSON: {{\"b64\": ...}})")
         if len(data) > self._limits.max_image_bytes:
@@ -137,6 +143,7 @@ class Signature:
         if width * height > self._limits.max_image_pixels:
             raise invalid_argument(f"{self._limits.image_input}[{index}] is {width}x{height} pixels; "
                                    f"the limit is {self._limits.max_image_pixels} pixels per image")
+        return width * height
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Calls the model. Checked inputs only (see `check`); bad content still gives INVALID_ARGUMENT."""

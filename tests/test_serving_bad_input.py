@@ -25,7 +25,7 @@ from conftest import start_server
 pytestmark = [pytest.mark.slow]
 
 TIMEOUT_S = 60  # per request: a hang fails the test instead of the session
-# The limited server's flags. --max-instances must admit the model's own warmup requests (up to 8 images).
+# The limited server's flags.
 MAX_INSTANCES, MAX_BODY_BYTES = 8, 6000
 
 
@@ -243,6 +243,14 @@ def test_rest_image_limits(model_server, png):
     assert len(too_many_bytes) > limits.max_image_bytes
     assert_error(post(model_server, {"instances": [b64(too_many_bytes)]}), 400,
                  f"is {len(too_many_bytes)} bytes; the limit is {limits.max_image_bytes} bytes per image")
+
+    # Each image within its limit, together too many to decode at once (5 x 4000 x 4000 pixels).
+    large = png_of(4000, 4000)
+    assert 4000 * 4000 <= limits.max_image_pixels < 5 * 4000 * 4000 and len(large) < limits.max_image_bytes
+    assert 5 * 4000 * 4000 > limits.max_request_pixels
+    assert_error(post(model_server, {"instances": [b64(large)] * 5}), 400,
+                 f"the request's images have {5 * 4000 * 4000} pixels in all; the limit is "
+                 f"{limits.max_request_pixels} pixels per request")
     assert_still_serving(model_server, png, since)
 
 
