@@ -34,10 +34,10 @@ class TrainerConfig:
     dense_units: tuple[int, int] = (64, 64)
     dropout: tuple[float, float] = (0.2, 0.2)
     base_weights: str = "auto"  # auto | imagenet | none | path to a .h5 weights file
-    # Epochs without eval improvement before stopping. The eval split is 400 digits (one error is
-    # 0.25 %), and while the learning rate is high its accuracy wanders by +-1 %, so stopping only
-    # watches the second half of the schedule, with room for noise.
-    early_stopping_patience: int = 6
+    # Epochs without eval improvement before stopping: a guard against runs that stall. The eval
+    # split is 400 digits (one error is 0.25 %) and wanders by +-1 % while the learning rate is
+    # high, so stopping only watches the second half of the schedule, with room for that noise.
+    early_stopping_patience: int = 10
     early_stopping_start_epoch: int = 12  # no stopping before this epoch
     batchnorm_momentum: float = 0.9  # InceptionV3 BatchNormalization moving averages (Keras: 0.99)
     max_translation: int = 5  # augmentation: pixels of random shift (pad, then random crop)
