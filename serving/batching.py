@@ -1,14 +1,16 @@
 """Server-side batching: concurrent requests for one model version share one model call.
 
 A thread per (version, signature) takes the first queued request, gathers what
-else is queued (waiting up to `batch_timeout_micros` for more) until
-`max_batch_size` examples, runs the signature once on the concatenation and
-hands each request its rows. While the model is busy, new requests queue up, so
-batches grow with load and a lone request never waits for company.
+else is queued until `max_batch_size` examples (waiting up to
+`batch_timeout_micros` for requests that are still being parsed), runs the
+signature once on the concatenation and hands each request its rows. While the
+model is busy, new requests queue up, so batches grow with load, and a lone
+request never waits for company.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -24,8 +26,54 @@ from serving.errors import ServingError
 
 log = logging.getLogger(__name__)
 
+_ARRIVAL_POLL_S = 0.0005
 Tensors = dict[str, np.ndarray]
 RunFn = Callable[[Tensors], Tensors]
+
+
+class Arrivals:
+    """Counts requests that are on their way to a batcher (being parsed and checked).
+
+    A batch that is not full waits for more work only while such requests exist, and at
+    most `batch_timeout_micros`: under load, batches fill up; a lone request never waits.
+    Each request is handled on one thread from parsing to submission, so the mark is
+    thread-local.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._count = 0
+        self._local = threading.local()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self) -> None:
+        """Counts a request before the thread that will submit it is known (see `tracking(added=True)`)."""
+        with self._lock:
+            self._count += 1
+
+    def remove(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+    @contextlib.contextmanager
+    def tracking(self, added: bool = False):
+        """Counts this thread's request until it reaches a batcher; `added`: `add()` counted it already."""
+        if not added:
+            self.add()
+        self._local.arriving = True
+        try:
+            yield
+        finally:
+            self.arrived()
+
+    def arrived(self) -> None:
+        """This thread's request reached a batcher (or failed before): it no longer counts."""
+        if getattr(self._local, "arriving", False):
+            self._local.arriving = False
+            self.remove()
 
 
 @dataclass
@@ -37,9 +85,10 @@ class _Task:
 
 
 class Batcher:
-    def __init__(self, run: RunFn, config: BatchingConfig, name: str,
+    def __init__(self, run: RunFn, config: BatchingConfig, name: str, arrivals: Arrivals | None = None,
                  on_batch: Callable[[int, float], None] | None = None):
         self._run = run
+        self._arrivals = arrivals or Arrivals()
         self._config = config
         self._queue: queue.Queue[_Task | None] = queue.Queue(config.max_enqueued_batches * config.max_batch_size)
         self._on_batch = on_batch  # (batch size, queueing seconds of the oldest task)
@@ -49,6 +98,7 @@ class Batcher:
 
     def submit(self, inputs: Tensors, size: int) -> Future:
         future: Future = Future()
+        self._arrivals.arrived()
         if self._closed:  # the version was unloaded after the request picked it: serve it directly
             _settle([_Task(inputs, size, future, time.monotonic())], self._run)
             return future
@@ -75,11 +125,16 @@ class Batcher:
             deadline = time.monotonic() + self._config.batch_timeout_micros / 1e6
             stop = False
             while size < self._config.max_batch_size:
-                remaining = deadline - time.monotonic()
                 try:
-                    task = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    task = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._arrivals.count == 0:
+                        break  # nobody else is coming: run now
+                    try:  # short waits, to notice when the last arriving request was refused elsewhere
+                        task = self._queue.get(timeout=min(remaining, _ARRIVAL_POLL_S))
+                    except queue.Empty:
+                        continue
                 if task is None:
                     stop = True
                     break

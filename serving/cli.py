@@ -37,7 +37,8 @@ def _label(value: str) -> tuple[str, int]:
 @click.option("--batching/--no-batching", default=True, show_default=True, help="Server-side batching.")
 @click.option("--max-batch-size", type=int, default=BatchingConfig.max_batch_size, show_default=True)
 @click.option("--batch-timeout-micros", type=int, default=BatchingConfig.batch_timeout_micros, show_default=True,
-              help="How long a batch that is not full waits for more requests.")
+              help="Longest wait of a batch that is not full for requests still being parsed "
+                   "(only while there are any).")
 @click.option("--batching-parameters-file", type=click.Path(path_type=Path), default=None,
               help="Take the batching settings from a TF Serving BatchingParameters file "
                    "(e.g. docker/batching_parameters.txt); overrides the two options above.")

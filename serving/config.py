@@ -19,9 +19,9 @@ class BatchingConfig:
 
     enabled: bool = True
     max_batch_size: int = 32  # images per model call
-    # How long a batch that is not full waits for more requests. 0: run at once with whatever
-    # queued up while the model was busy, so a lone request never waits.
-    batch_timeout_micros: int = 0
+    # How long a batch that is not full may wait for requests that are still being parsed. It
+    # waits only while there are such requests, so a lone request never waits; 0: never wait.
+    batch_timeout_micros: int = 10_000
     max_enqueued_batches: int = 64  # queue bound: further requests get UNAVAILABLE, not unbounded memory
 
     def __post_init__(self) -> None:

@@ -90,7 +90,8 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
         started = time.perf_counter()
         name = request.model_spec.name
         try:
-            response = self._predict(request)
+            with self._service.manager.arrivals.tracking():
+                response = self._predict(request)
         except ServingError as error:
             self._service.record_request(name, error.code, "Predict", "GRPC", time.perf_counter() - started)
             _abort(context, error)

@@ -21,7 +21,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from data import contract
-from serving.batching import Batcher
+from serving.batching import Arrivals, Batcher
 from serving.config import ServerConfig
 from serving.errors import invalid_argument, not_found
 from serving.metrics import ServingMetrics
@@ -44,7 +44,8 @@ class VersionStatus:
 class Servable:
     """One loaded version: its signatures and, with batching on, one batcher per signature."""
 
-    def __init__(self, config: ServerConfig, version: int, path: Path, metrics: ServingMetrics):
+    def __init__(self, config: ServerConfig, version: int, path: Path, metrics: ServingMetrics,
+                 arrivals: Arrivals):
         self.version = version
         self.path = path
         self._loaded = tf.saved_model.load(str(path))
@@ -60,7 +61,7 @@ class Servable:
             for name, signature in self.signatures.items():
                 if signature.batchable:
                     self._batchers[name] = Batcher(
-                        signature.run, config.batching, f"{config.model_name}-{version}-{name}",
+                        signature.run, config.batching, f"{config.model_name}-{version}-{name}", arrivals,
                         on_batch=lambda size, waited: metrics.record_batch(config.model_name, size, waited))
 
     def predict(self, signature: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -98,6 +99,7 @@ class ModelManager:
     def __init__(self, config: ServerConfig, metrics: ServingMetrics):
         self._config = config
         self._metrics = metrics
+        self.arrivals = Arrivals()  # requests on their way to a batcher, shared by every version
         self._lock = threading.Lock()
         self._servables: dict[int, Servable] = {}
         self._status: dict[int, VersionStatus] = {}
@@ -172,7 +174,7 @@ class ModelManager:
         started = time.monotonic()
         log.info("loading %s version %d from %s", self.name, version, path)
         try:
-            servable = Servable(self._config, version, path, self._metrics)
+            servable = Servable(self._config, version, path, self._metrics, self.arrivals)
             warmup_started = time.monotonic()
             warmed = servable.warm_up() if self._config.warmup else 0
             warmup_seconds = time.monotonic() - warmup_started

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
@@ -86,11 +87,16 @@ class _Handler:
             raise ServingError("RESOURCE_EXHAUSTED", f"too many requests in flight (limit "
                                                      f"{self._config.max_concurrent_requests}); retry later")
         self._in_flight += 1
+        arrivals = self._service.manager.arrivals
+        arrivals.add()  # from here on, batches may wait a little for this request (see serving/batching.py)
+        ticket = _Ticket()  # exactly one of this coroutine and the worker thread un-counts it
         try:
             payload = await self._read_body(request)
-            return await self._run(self._predict_sync, model, payload)
+            return await self._run(self._predict_sync, model, payload, ticket)
         finally:
             self._in_flight -= 1
+            if ticket.claim():  # the worker never started: the body failed, or the client went away
+                arrivals.remove()
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._config.max_body_bytes
@@ -112,7 +118,13 @@ class _Handler:
     async def _run(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
-    def _predict_sync(self, model: ModelRequest, payload: bytes) -> dict:
+    def _predict_sync(self, model: ModelRequest, payload: bytes, ticket: "_Ticket") -> dict:
+        if not ticket.claim():
+            raise ServingError("CANCELLED", "the request was cancelled")
+        with self._service.manager.arrivals.tracking(added=True):
+            return self._predict_tracked(model, payload)
+
+    def _predict_tracked(self, model: ModelRequest, payload: bytes) -> dict:
         signature_name, raw, row_format = parse_predict_body(payload)
         prediction = self._service.predict(
             model, signature_name, lambda signature: to_tensors(raw, row_format, signature),
@@ -125,6 +137,19 @@ class _Handler:
             return status_json(self._service.statuses(model))
         servable, signature_map = self._service.signature_def_map(model)
         return metadata_json(model.name, servable.version, signature_map)
+
+
+class _Ticket:
+    """Claimed once, by whichever side gets there first."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._claimed = False
+
+    def claim(self) -> bool:
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+            return not claimed
 
 
 def _model_request(match: re.Match) -> ModelRequest:
