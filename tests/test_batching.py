@@ -1,0 +1,126 @@
+"""The server-side batcher on its own: who waits, what is merged, and who gets an error."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from serving.batching import Arrivals, Batcher
+from serving.config import BatchingConfig
+from serving.errors import ServingError
+
+
+class Model:
+    """Records the batches it is called with; refuses any batch holding b"bad"; can be held."""
+
+    def __init__(self):
+        self.calls: list[list[bytes]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+
+    def __call__(self, inputs: dict) -> dict:
+        self.entered.set()
+        self.release.wait(timeout=30)
+        images = list(inputs["image_bytes"])
+        self.calls.append(images)
+        if b"bad" in images:
+            raise ServingError("INVALID_ARGUMENT", "Invalid PNG data")
+        return {"length": np.array([len(image) for image in images])}
+
+
+def _request(*images: bytes) -> dict:
+    return {"image_bytes": np.array(images, dtype=object)}
+
+
+def test_a_lone_request_does_not_wait_for_company():
+    model = Model()
+    batcher = Batcher(model, BatchingConfig(batch_timeout_micros=60_000_000), "lone")
+    try:
+        # Were it to wait for the 60 s timeout, result() would give up after 10 s.
+        assert batcher.submit(_request(b"abc"), 1).result(timeout=10)["length"].tolist() == [3]
+    finally:
+        batcher.close()
+    assert model.calls == [[b"abc"]]
+
+
+def test_requests_queued_while_the_model_is_busy_share_one_call():
+    model = Model()
+    batcher = Batcher(model, BatchingConfig(max_batch_size=4), "busy")
+    try:
+        model.release.clear()
+        first = batcher.submit(_request(b"a"), 1)
+        assert model.entered.wait(timeout=10)
+        rest = [batcher.submit(_request(b"b" * n), 1) for n in range(1, 6)]  # 5 queue up behind
+        model.release.set()
+        assert first.result(timeout=10)["length"].tolist() == [1]
+        assert [f.result(timeout=10)["length"].tolist() for f in rest] == [[1], [2], [3], [4], [5]]
+    finally:
+        batcher.close()
+    # The 5 queued ones: one call of 4 (max_batch_size), then the fifth.
+    assert [len(call) for call in model.calls] == [1, 4, 1]
+
+
+def test_one_bad_request_does_not_fail_the_others_in_its_batch():
+    model = Model()
+    batcher = Batcher(model, BatchingConfig(max_batch_size=8), "bad")
+    try:
+        model.release.clear()
+        blocker = batcher.submit(_request(b"x"), 1)
+        assert model.entered.wait(timeout=10)
+        good, bad, also_good = (batcher.submit(_request(data), 1) for data in (b"ok", b"bad", b"fine"))
+        model.release.set()
+        blocker.result(timeout=10)
+        assert good.result(timeout=10)["length"].tolist() == [2]
+        assert also_good.result(timeout=10)["length"].tolist() == [4]
+        with pytest.raises(ServingError, match="Invalid PNG data"):
+            bad.result(timeout=10)
+    finally:
+        batcher.close()
+    assert [b"ok", b"bad", b"fine"] in model.calls  # tried together first, then one by one
+
+
+def test_a_batch_waits_for_a_request_that_is_still_being_parsed():
+    model = Model()
+    arrivals = Arrivals()
+    batcher = Batcher(model, BatchingConfig(max_batch_size=8, batch_timeout_micros=30_000_000), "wait", arrivals)
+    parsing = threading.Event()
+    go_on = threading.Event()
+
+    def slow_client() -> None:
+        with arrivals.tracking():  # counted from here...
+            parsing.set()
+            go_on.wait(timeout=10)
+            batcher.submit(_request(b"late"), 1).result(timeout=30)  # ...to here
+
+    client = threading.Thread(target=slow_client)
+    try:
+        client.start()
+        assert parsing.wait(timeout=10)
+        early = batcher.submit(_request(b"early"), 1)
+        go_on.set()
+        assert early.result(timeout=20)["length"].tolist() == [5]
+        client.join(timeout=20)
+    finally:
+        batcher.close()
+    assert model.calls == [[b"early", b"late"]]
+    assert arrivals.count == 0
+
+
+def test_a_full_queue_refuses_with_unavailable():
+    model = Model()
+    batcher = Batcher(model, BatchingConfig(max_batch_size=1, max_enqueued_batches=1), "full")
+    try:
+        model.release.clear()
+        running = batcher.submit(_request(b"a"), 1)
+        assert model.entered.wait(timeout=10)
+        queued = batcher.submit(_request(b"b"), 1)
+        with pytest.raises(ServingError, match="queue .* is full") as refused:
+            batcher.submit(_request(b"c"), 1)
+        assert refused.value.code == "UNAVAILABLE" and refused.value.http_status == 503
+        model.release.set()
+        assert running.result(timeout=10) and queued.result(timeout=10)
+    finally:
+        batcher.close()
