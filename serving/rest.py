@@ -29,6 +29,7 @@ from serving.service import ModelRequest, PredictionService, metadata_json, stat
 
 _PREDICT = re.compile(r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)")
 _STATUS = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?")
+log = logging.getLogger(__name__)
 _V1 = re.compile(r"(?i)/v1/.*")
 BODY_READ_TIMEOUT_S = 30.0  # a client that stops sending mid-body gets 408, not a connection held forever
 
@@ -74,6 +75,10 @@ class _Handler:
         except ServingError as error:
             self._service.record_request(model_name, error.code, api, "REST", time.perf_counter() - started)
             return _json({"error": error.message}, error.http_status)
+        except Exception as error:  # a bug, not bad input: logged with its traceback, answered in TF Serving's shape
+            log.exception("%s %s failed", request.method, path)
+            self._service.record_request(model_name, "INTERNAL", api, "REST", time.perf_counter() - started)
+            return _json({"error": f"internal error: {type(error).__name__}"}, 500)
         self._service.record_request(model_name, "OK", api, "REST", time.perf_counter() - started)
         return _json(body, status, indent=None if api else 1)  # status/metadata: protobuf's JSON layout
 
