@@ -209,19 +209,21 @@ class ModelManager:
 
     # -- lookups for requests --------------------------------------------------------------
 
-    def check_name(self, name: str) -> None:
-        if name != self.name:
-            raise not_found(f"Servable not found for request: Latest({name})")
+    def _labelled(self, version: int | None, label: str | None) -> int | None:
+        """The version a request names, directly or through a version label."""
+        if label is None:
+            return version
+        labels = self._config.label_map
+        if label not in labels:
+            raise invalid_argument(f"Unrecognized servable version label: {label}")
+        return labels[label]
 
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
         """The servable a request names: a version, a label, or (neither) the newest available one."""
-        self.check_name(name)
+        if name != self.name:
+            raise not_found(f"Servable not found for request: Latest({name})")
+        version = self._labelled(version, label)
         with self._lock:
-            if label is not None:
-                labels = self._config.label_map
-                if label not in labels:
-                    raise invalid_argument(f"Unrecognized servable version label: {label}")
-                version = labels[label]
             if version is not None:
                 servable = self._servables.get(version)
                 if servable is None:
@@ -234,12 +236,8 @@ class ModelManager:
     def statuses(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
         if name != self.name:
             raise not_found(f"Could not find any versions of model {name}")
+        version = self._labelled(version, label)
         with self._lock:
-            if label is not None:
-                labels = self._config.label_map
-                if label not in labels:
-                    raise invalid_argument(f"Unrecognized servable version label: {label}")
-                version = labels[label]
             if version is not None:
                 if version not in self._status:
                     raise not_found(f"Could not find version {version} of model {name}")
