@@ -1,23 +1,24 @@
 """Server-side batching: concurrent requests for one model version share one model call.
 
-A thread per (version, signature) takes the first queued request, gathers what
-else is queued until `max_batch_size` examples (waiting up to
-`batch_timeout_micros` for requests that are still being parsed), runs the
-signature once on the concatenation and hands each request its rows. While the
-model is busy, new requests queue up, so batches grow with load, and a lone
-request never waits for company.
+Requests queue per (version, signature). The request at the head of the queue
+leads: on its own thread it gathers what else is queued, up to `max_batch_size`
+examples (waiting up to `batch_timeout_micros` for requests that are still being
+parsed), runs the signature once on the concatenation, hands each request its
+rows and passes the lead to the head of what queued meanwhile. While the model is
+busy, new requests queue up, so batches grow with load; a lone request never
+waits for company and runs on its own thread, with no hand-off to a batching
+thread and back (a millisecond or so of a single-image call on a small machine).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -76,106 +77,134 @@ class Arrivals:
             self.remove()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Task:
     inputs: Tensors
     size: int
-    future: Future
     enqueued: float
+    ready: threading.Event = field(default_factory=threading.Event)
+    leads: bool = False  # set (with `ready`) when it heads the queue and its thread is to run the next batch
+    outputs: Tensors | None = None
+    error: BaseException | None = None
+
+    def lead(self) -> None:
+        self.leads = True
+        self.ready.set()
+
+    def resolve(self, outputs: Tensors | None = None, error: BaseException | None = None) -> None:
+        self.outputs, self.error = outputs, error
+        self.ready.set()
+
+    def result(self) -> Tensors:
+        if self.error is not None:
+            raise self.error
+        return self.outputs
 
 
 class Batcher:
+    """Batches the concurrent requests for one signature of one version (leader/follower, see above)."""
+
     def __init__(self, run: RunFn, config: BatchingConfig, name: str, arrivals: Arrivals | None = None,
                  on_batch: Callable[[int, float], None] | None = None):
+        self.name = name
         self._run = run
         self._arrivals = arrivals or Arrivals()
         self._config = config
-        self._queue: queue.Queue[_Task | None] = queue.Queue(config.max_enqueued_batches * config.max_batch_size)
+        self._capacity = config.max_enqueued_batches * config.max_batch_size
         self._on_batch = on_batch  # (batch size, queueing seconds of the oldest task)
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._changed = threading.Condition()  # guards the queue and the lead; notified when a task queues
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._leading = False  # a thread is gathering or running a batch; when False the queue is empty
 
-    def submit(self, inputs: Tensors, size: int) -> Future:
-        future: Future = Future()
+    @property
+    def busy(self) -> bool:
+        """A batch is being gathered or run."""
+        return self._leading
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (not counting the one being run)."""
+        return len(self._queue)
+
+    def run(self, inputs: Tensors, size: int) -> Tensors:
+        """This request's outputs, computed in one model call with the requests queued beside it."""
+        task = _Task(inputs, size, time.monotonic())
         self._arrivals.arrived()
-        if self._closed:  # the version was unloaded after the request picked it: serve it directly
-            _settle([_Task(inputs, size, future, time.monotonic())], self._run)
-            return future
+        with self._changed:
+            if len(self._queue) >= self._capacity:
+                raise ServingError("UNAVAILABLE", "The batch scheduling queue to which this task was submitted is full")
+            self._queue.append(task)
+            self._changed.notify()  # a leader gathering its batch may be waiting for this one
+            if not self._leading:
+                self._leading = task.leads = True
+        if not task.leads:
+            task.ready.wait()  # its rows are ready, or it heads the queue and now leads
+        if task.leads:
+            self._lead()
+        return task.result()
+
+    def _lead(self) -> None:
+        """Gathers a batch from the head of the queue, runs it, and passes the lead on."""
+        batch, size = self._gather()
         try:
-            self._queue.put_nowait(_Task(inputs, size, future, time.monotonic()))
-        except queue.Full:
-            raise ServingError("UNAVAILABLE", "The batch scheduling queue to which this task was submitted is full")
-        return future
-
-    def close(self) -> None:
-        """Serves what is queued, then stops the thread."""
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join()
-
-    def _loop(self) -> None:
-        carry: _Task | None = None
-        while True:
-            first = carry or self._queue.get()
-            carry = None
-            if first is None:
-                return
-            tasks, size = [first], first.size
-            deadline = time.monotonic() + self._config.batch_timeout_micros / 1e6
-            stop = False
-            while size < self._config.max_batch_size:
-                try:
-                    task = self._queue.get_nowait()
-                except queue.Empty:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._arrivals.count == 0:
-                        break  # nobody else is coming: run now
-                    try:  # short waits, to notice when the last arriving request was refused elsewhere
-                        task = self._queue.get(timeout=min(remaining, _ARRIVAL_POLL_S))
-                    except queue.Empty:
-                        continue
-                if task is None:
-                    stop = True
-                    break
-                if size + task.size > self._config.max_batch_size:
-                    carry = task  # starts the next batch; a request is never split
-                    break
-                tasks.append(task)
-                size += task.size
             if self._on_batch is not None:
-                self._on_batch(size, time.monotonic() - first.enqueued)
-            _settle(tasks, self._run)
-            if stop:
-                if carry is not None:
-                    _settle([carry], self._run)
-                return
+                self._on_batch(size, time.monotonic() - batch[0].enqueued)
+        except Exception:  # metrics must not cost the batch its answers
+            log.exception("recording batch metrics failed")
+        try:
+            _settle(batch, self._run)
+        finally:
+            with self._changed:
+                if self._queue:
+                    self._queue[0].lead()
+                else:
+                    self._leading = False
+
+    def _gather(self) -> tuple[list[_Task], int]:
+        limit = self._config.max_batch_size
+        deadline = time.monotonic() + self._config.batch_timeout_micros / 1e6
+        with self._changed:
+            first = self._queue.popleft()
+            batch, size = [first], first.size
+            while size < limit:
+                if self._queue:
+                    if size + self._queue[0].size > limit:
+                        break  # it starts the next batch: a request is never split
+                    task = self._queue.popleft()
+                    batch.append(task)
+                    size += task.size
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._arrivals.count == 0:
+                    break  # nobody else is coming: run now
+                # Short waits, to notice when the last arriving request was refused elsewhere.
+                self._changed.wait(timeout=min(remaining, _ARRIVAL_POLL_S))
+        return batch, size
 
 
 def _settle(tasks: list[_Task], run: RunFn) -> None:
-    """Runs the tasks as one batch and resolves their futures; a bad request never fails its neighbours."""
+    """Runs the tasks as one batch and resolves every one of them; a bad request never fails its neighbours."""
     try:
         if len(tasks) == 1:
             outputs = run(tasks[0].inputs)
         else:
             outputs = run({name: np.concatenate([task.inputs[name] for task in tasks])
                            for name in tasks[0].inputs})
+        start = 0
+        for task in tasks:
+            end = start + task.size
+            task.resolve({name: value[start:end] for name, value in outputs.items()})
+            start = end
     except ServingError as error:
         if len(tasks) == 1:
-            tasks[0].future.set_exception(error)
+            tasks[0].resolve(error=error)
             return
         # One request's bad input (say, bytes that are not an image) fails the whole call:
         # run them one by one so only that request gets the error.
         for task in tasks:
             _settle([task], run)
-        return
-    except BaseException as error:  # resolves every future: a request must never hang
+    except BaseException as error:  # resolves every task: a request must never hang
         log.exception("batched model call failed")
         for task in tasks:
-            task.future.set_exception(ServingError("INTERNAL", f"model call failed: {error}"))
-        return
-    start = 0
-    for task in tasks:
-        end = start + task.size
-        task.future.set_result({name: value[start:end] for name, value in outputs.items()})
-        start = end
+            if task.outputs is None and task.error is None:
+                task.resolve(error=ServingError("INTERNAL", f"model call failed: {error}"))

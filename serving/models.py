@@ -57,6 +57,8 @@ class Servable:
         self.signatures = {name: Signature(name, self.signature_defs[name], function, limits)
                            for name, function in self._loaded.signatures.items() if name in self.signature_defs}
         self._batchers: dict[str, Batcher] = {}
+        self._idle = threading.Condition()  # notified when the last running request finishes
+        self._in_flight = 0
         if config.batching.enabled:
             for name, signature in self.signatures.items():
                 if signature.batchable:
@@ -66,11 +68,19 @@ class Servable:
 
     def predict(self, signature: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Checks and runs one request, batched with concurrent ones when batching is on."""
-        size = signature.check(inputs)
-        batcher = self._batchers.get(signature.name)
-        if batcher is None:
-            return signature.run(inputs)
-        return batcher.submit(inputs, size).result()
+        with self._idle:
+            self._in_flight += 1
+        try:
+            size = signature.check(inputs)
+            batcher = self._batchers.get(signature.name)
+            if batcher is None:
+                return signature.run(inputs)
+            return batcher.run(inputs, size)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
 
     def warm_up(self) -> int:
         """Replays the model's own warmup requests (TF Serving's assets.extra convention)."""
@@ -89,8 +99,9 @@ class Servable:
         return len(requests)
 
     def close(self) -> None:
-        for batcher in self._batchers.values():
-            batcher.close()
+        """Waits for the requests that are running on this version to finish (new ones resolve elsewhere)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0)
 
 
 class ModelManager:

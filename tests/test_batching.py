@@ -1,8 +1,13 @@
-"""The server-side batcher on its own: who waits, what is merged, and who gets an error."""
+"""The server-side batcher on its own: who waits, what is merged, who runs it, and who gets an error.
+
+Each request runs on its own thread, as in the server (a REST worker or a gRPC thread).
+"""
 
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -35,30 +40,73 @@ def _request(*images: bytes) -> dict:
     return {"image_bytes": np.array(images, dtype=object)}
 
 
+class Clients:
+    """Threads that each send one request through the batcher."""
+
+    def __init__(self, batcher: Batcher):
+        self._batcher = batcher
+        self._pool = ThreadPoolExecutor(max_workers=16)
+
+    def send(self, *images: bytes) -> Future:
+        return self._pool.submit(self._batcher.run, _request(*images), len(images))
+
+    def send_queued(self, *images: bytes) -> Future:
+        """Sends a request and waits until it is queued behind the batch that is running."""
+        queued = self._batcher.queued
+        future = self.send(*images)
+        _wait_for(lambda: self._batcher.queued == queued + 1)
+        return future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 def test_a_lone_request_does_not_wait_for_company():
     model = Model()
     batcher = Batcher(model, BatchingConfig(batch_timeout_micros=60_000_000), "lone")
+    clients = Clients(batcher)
     try:
         # Were it to wait for the 60 s timeout, result() would give up after 10 s.
-        assert batcher.submit(_request(b"abc"), 1).result(timeout=10)["length"].tolist() == [3]
+        assert clients.send(b"abc").result(timeout=10)["length"].tolist() == [3]
     finally:
-        batcher.close()
+        clients.close()
     assert model.calls == [[b"abc"]]
+
+
+def test_a_lone_request_runs_on_its_own_thread():
+    threads = []
+
+    def model(inputs: dict) -> dict:
+        threads.append(threading.current_thread())
+        return {"length": np.array([len(image) for image in inputs["image_bytes"]])}
+
+    batcher = Batcher(model, BatchingConfig(), "inline")
+    assert batcher.run(_request(b"abc"), 1)["length"].tolist() == [3]
+    assert threads == [threading.current_thread()]
 
 
 def test_requests_queued_while_the_model_is_busy_share_one_call():
     model = Model()
     batcher = Batcher(model, BatchingConfig(max_batch_size=4), "busy")
+    clients = Clients(batcher)
     try:
         model.release.clear()
-        first = batcher.submit(_request(b"a"), 1)
+        first = clients.send(b"a")
         assert model.entered.wait(timeout=10)
-        rest = [batcher.submit(_request(b"b" * n), 1) for n in range(1, 6)]  # 5 queue up behind
+        rest = [clients.send_queued(b"b" * n) for n in range(1, 6)]  # 5 queue up behind
         model.release.set()
         assert first.result(timeout=10)["length"].tolist() == [1]
         assert [f.result(timeout=10)["length"].tolist() for f in rest] == [[1], [2], [3], [4], [5]]
     finally:
-        batcher.close()
+        model.release.set()
+        clients.close()
     # The 5 queued ones: one call of 4 (max_batch_size), then the fifth.
     assert [len(call) for call in model.calls] == [1, 4, 1]
 
@@ -66,11 +114,12 @@ def test_requests_queued_while_the_model_is_busy_share_one_call():
 def test_one_bad_request_does_not_fail_the_others_in_its_batch():
     model = Model()
     batcher = Batcher(model, BatchingConfig(max_batch_size=8), "bad")
+    clients = Clients(batcher)
     try:
         model.release.clear()
-        blocker = batcher.submit(_request(b"x"), 1)
+        blocker = clients.send(b"x")
         assert model.entered.wait(timeout=10)
-        good, bad, also_good = (batcher.submit(_request(data), 1) for data in (b"ok", b"bad", b"fine"))
+        good, bad, also_good = (clients.send_queued(data) for data in (b"ok", b"bad", b"fine"))
         model.release.set()
         blocker.result(timeout=10)
         assert good.result(timeout=10)["length"].tolist() == [2]
@@ -78,7 +127,8 @@ def test_one_bad_request_does_not_fail_the_others_in_its_batch():
         with pytest.raises(ServingError, match="Invalid PNG data"):
             bad.result(timeout=10)
     finally:
-        batcher.close()
+        model.release.set()
+        clients.close()
     assert [b"ok", b"bad", b"fine"] in model.calls  # tried together first, then one by one
 
 
@@ -86,6 +136,7 @@ def test_a_batch_waits_for_a_request_that_is_still_being_parsed():
     model = Model()
     arrivals = Arrivals()
     batcher = Batcher(model, BatchingConfig(max_batch_size=8, batch_timeout_micros=30_000_000), "wait", arrivals)
+    clients = Clients(batcher)
     parsing = threading.Event()
     go_on = threading.Event()
 
@@ -93,18 +144,20 @@ def test_a_batch_waits_for_a_request_that_is_still_being_parsed():
         with arrivals.tracking():  # counted from here...
             parsing.set()
             go_on.wait(timeout=10)
-            batcher.submit(_request(b"late"), 1).result(timeout=30)  # ...to here
+            batcher.run(_request(b"late"), 1)  # ...to here
 
     client = threading.Thread(target=slow_client)
     try:
         client.start()
         assert parsing.wait(timeout=10)
-        early = batcher.submit(_request(b"early"), 1)
+        early = clients.send(b"early")
+        _wait_for(lambda: batcher.busy)  # the early one leads, and waits for company
         go_on.set()
         assert early.result(timeout=20)["length"].tolist() == [5]
         client.join(timeout=20)
     finally:
-        batcher.close()
+        go_on.set()
+        clients.close()
     assert model.calls == [[b"early", b"late"]]
     assert arrivals.count == 0
 
@@ -112,15 +165,17 @@ def test_a_batch_waits_for_a_request_that_is_still_being_parsed():
 def test_a_full_queue_refuses_with_unavailable():
     model = Model()
     batcher = Batcher(model, BatchingConfig(max_batch_size=1, max_enqueued_batches=1), "full")
+    clients = Clients(batcher)
     try:
         model.release.clear()
-        running = batcher.submit(_request(b"a"), 1)
+        running = clients.send(b"a")
         assert model.entered.wait(timeout=10)
-        queued = batcher.submit(_request(b"b"), 1)
+        queued = clients.send_queued(b"b")
         with pytest.raises(ServingError, match="queue .* is full") as refused:
-            batcher.submit(_request(b"c"), 1)
+            batcher.run(_request(b"c"), 1)  # refused at once, on the caller's thread
         assert refused.value.code == "UNAVAILABLE" and refused.value.http_status == 503
         model.release.set()
         assert running.result(timeout=10) and queued.result(timeout=10)
     finally:
-        batcher.close()
+        model.release.set()
+        clients.close()
