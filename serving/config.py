@@ -76,6 +76,9 @@ class ServerConfig:
     max_concurrent_requests: int = 64  # predict calls in flight; more are refused, not queued without bound
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish
     warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests before a version is AVAILABLE
+    onednn: bool = False  # TensorFlow's oneDNN kernels; off: Eigen, as TF Serving's CPU image (serving/runtime.py)
+    intra_op_threads: int = 0  # TF Serving's --tensorflow_intra_op_parallelism; 0: TensorFlow's choice
+    inter_op_threads: int = 0  # TF Serving's --tensorflow_inter_op_parallelism; 0: TensorFlow's choice
     signature_image_input: str = contract.IMAGE_BYTES_INPUT  # string inputs checked as images
 
     def __post_init__(self) -> None:
@@ -102,6 +105,10 @@ class ServerConfig:
                      "max_concurrent_requests"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name.replace('_', ' ')} must be >= 0 (0: TensorFlow's choice), "
+                                f"got {getattr(self, name)}")
         if self.shutdown_grace_s < 0:
             problems.append(f"shutdown grace must be >= 0 seconds, got {self.shutdown_grace_s}")
         if problems:

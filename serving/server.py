@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from serving import runtime
 from serving.config import ServerConfig
 from serving.grpc_service import make_server
 from serving.metrics import ServingMetrics
@@ -39,6 +40,7 @@ def serve(config: ServerConfig, on_ready: Callable[[Endpoints], None] | None = N
 
 
 async def _serve(config: ServerConfig, on_ready) -> None:
+    log.info("%s", runtime.apply(config.onednn, config.intra_op_threads, config.inter_op_threads))
     metrics = ServingMetrics()
     manager = ModelManager(config, metrics)
     loop = asyncio.get_running_loop()
