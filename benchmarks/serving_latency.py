@@ -1,12 +1,18 @@
 """Serving latency, batching throughput and a soak test of `digits serve`, in one run.
 
 Against one pushed SavedModel (default: the newest version under serving_model/digits):
+  - kernels: in-process time of a call with 1 and with 16 digits, with TensorFlow's
+    oneDNN kernels and with its Eigen kernels (why `digits serve` defaults to Eigen);
   - floor: the model's serving_default signature called in this process, one image
-    per call (--requests calls; p50 and p99);
+    per call, with the server's kernels (--requests calls; p50 and p99);
   - REST and gRPC: one image per request, one client, keep-alive connection / channel,
-    against `digits serve` with its default settings (batching on);
-  - batching: 16 concurrent clients for --seconds each, with batching on and off
-    (two server runs), throughput in requests/s;
+    against `digits serve` with its default settings (batching on). REST is timed
+    with the standard library's http.client and, for comparison, with `requests`
+    (which adds about a millisecond of client-side Python per call here). The floor,
+    REST and gRPC calls alternate in rounds of 25, so drift in the machine's speed
+    falls on each alike;
+  - batching: 16 concurrent clients, requests/s with batching on and off: two servers
+    side by side, loaded in alternating 5-second windows (--seconds in all for each);
   - soak: --soak requests at concurrency 32 (REST), counting errors and the server's
     resident memory after the first 10 % of requests and at the end.
 Clients send the same real digit PNGs the embedded sample holds; the server runs on
@@ -24,14 +30,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import http.client
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+THROUGHPUT_WINDOW_S = 5.0
 sys.path.insert(0, str(REPO))
 
 
@@ -50,64 +59,137 @@ def _digits(count: int) -> list[bytes]:
     return [encode_png(image) for image in images[:count]]
 
 
-def in_process(version_dir: Path, images: list[bytes], requests: int) -> dict:
-    import tensorflow as tf
+class _InProcess:
+    """The floor: the SavedModel's serving_default signature called in this process."""
 
-    from data import contract
+    def __init__(self, version_dir: Path, images: list[bytes]):
+        import tensorflow as tf
 
-    signature = tf.saved_model.load(str(version_dir)).signatures[contract.SERVING_SIGNATURE]
-    for image in images[:20]:  # the first calls trace and allocate
-        signature(image_bytes=tf.constant([image]))
-    times = []
-    for index in range(requests):
-        start = time.perf_counter()
-        signature(image_bytes=tf.constant([images[index % len(images)]]))[contract.PROBABILITIES_OUTPUT].numpy()
-        times.append(time.perf_counter() - start)
-    return _percentiles(times)
+        from data import contract
 
+        self._tf, self._contract = tf, contract
+        self._signature = tf.saved_model.load(str(version_dir)).signatures[contract.SERVING_SIGNATURE]
+        self._images = images
 
-def rest_sequential(url: str, images: list[bytes], requests_count: int) -> dict:
-    import requests
-
-    session = requests.Session()
-    bodies = [json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}]}) for image in images]
-    endpoint = f"{url}/v1/models/digits:predict"
-    for body in bodies[:20]:
-        session.post(endpoint, data=body, timeout=60).raise_for_status()
-    times = []
-    for index in range(requests_count):
-        start = time.perf_counter()
-        response = session.post(endpoint, data=bodies[index % len(bodies)], timeout=60)
-        response.json()
-        times.append(time.perf_counter() - start)
-        response.raise_for_status()
-    return _percentiles(times)
+    def __call__(self, index: int) -> None:
+        image = self._images[index % len(self._images)]
+        self._signature(image_bytes=self._tf.constant([image]))[self._contract.PROBABILITIES_OUTPUT].numpy()
 
 
-def grpc_sequential(target: str, images: list[bytes], requests_count: int) -> dict:
-    import grpc
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+class _Rest:
+    """One keep-alive connection; `client`: "http.client" (the standard library) or "requests"."""
 
-    from data import contract
+    def __init__(self, url: str, images: list[bytes], client: str):
+        bodies = [json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}]}).encode()
+                  for image in images]
+        path = "/v1/models/digits:predict"
+        headers = {"Content-Type": "application/json"}
+        if client == "requests":
+            import requests
 
-    requests_ = []
-    for image in images:
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = "digits"
-        request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
-        requests_.append(request)
-    with grpc.insecure_channel(target) as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        for request in requests_[:20]:
-            stub.Predict(request, timeout=60)
-        times = []
-        for index in range(requests_count):
-            start = time.perf_counter()
-            response = stub.Predict(requests_[index % len(requests_)], timeout=60)
-            tf.make_ndarray(response.outputs[contract.PROBABILITIES_OUTPUT])
-            times.append(time.perf_counter() - start)
-    return _percentiles(times)
+            session = requests.Session()
+
+            def post(body: bytes) -> None:
+                response = session.post(url + path, data=body, headers=headers, timeout=60)
+                response.raise_for_status()
+                response.json()
+        else:
+            host, port = url.removeprefix("http://").split(":")
+            connection = http.client.HTTPConnection(host, int(port), timeout=60)
+
+            def post(body: bytes) -> None:
+                connection.request("POST", path, body=body, headers=headers)
+                response = connection.getresponse()
+                answer = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"REST predict answered {response.status}: {answer[:200]!r}")
+                json.loads(answer)
+        self._post, self._bodies = post, bodies
+
+    def __call__(self, index: int) -> None:
+        self._post(self._bodies[index % len(self._bodies)])
+
+
+class _Grpc:
+    """The official PredictionService stub on one channel."""
+
+    def __init__(self, target: str, images: list[bytes]):
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+        from data import contract
+
+        self._requests = []
+        for image in images:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "digits"
+            request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
+            self._requests.append(request)
+        self._channel = grpc.insecure_channel(target)
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._tf, self._output = tf, contract.PROBABILITIES_OUTPUT
+
+    def __call__(self, index: int) -> None:
+        response = self._stub.Predict(self._requests[index % len(self._requests)], timeout=60)
+        self._tf.make_ndarray(response.outputs[self._output])
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def interleaved(callers: dict, requests_count: int, per_round: int = 25) -> dict[str, dict]:
+    """p50/p99 of each caller over `requests_count` calls, made in alternating rounds of
+    `per_round` calls, so that drift in the machine's speed (shared and noisy: the same call
+    takes 10 ms one minute and 15 the next) falls on every caller alike."""
+    for call in callers.values():
+        for index in range(20):  # the first calls trace, allocate and open connections
+            call(index)
+    times: dict[str, list[float]] = {name: [] for name in callers}
+    for round_ in range(max(1, requests_count // per_round)):
+        for name, call in callers.items():
+            for index in range(round_ * per_round, (round_ + 1) * per_round):
+                start = time.perf_counter()
+                call(index)
+                times[name].append(time.perf_counter() - start)
+    return {name: _percentiles(values) for name, values in times.items()}
+
+
+def kernels_batch_times(version_dir: Path, images: list[bytes]) -> dict:
+    """In-process ms per call of 1 and of 16 digits with TensorFlow's Eigen and oneDNN kernels.
+
+    TensorFlow reads the choice once, when it loads, so each runs in fresh processes: two
+    per kernel, alternating, each taking the best of 5 repetitions (the machine is noisy).
+    """
+    script = (
+        "import json, sys, time, tensorflow as tf\n"
+        "from data import contract\n"
+        "images = [bytes.fromhex(h) for h in json.loads(sys.stdin.read())]\n"
+        f"signature = tf.saved_model.load({str(version_dir)!r}).signatures[contract.SERVING_SIGNATURE]\n"
+        "result = {}\n"
+        "for size in (1, 16):\n"
+        "    batch = tf.constant(images[:size])\n"
+        "    calls = 64 // size + 8\n"
+        "    for _ in range(5): signature(image_bytes=batch)\n"
+        "    best = float('inf')\n"
+        "    for _ in range(5):\n"
+        "        start = time.perf_counter()\n"
+        "        for _ in range(calls): signature(image_bytes=batch)\n"
+        "        best = min(best, (time.perf_counter() - start) / calls)\n"
+        "    result[size] = 1000 * best\n"
+        "print(json.dumps(result))\n")
+    payload = json.dumps([image.hex() for image in images[:16]])
+    results: dict[str, dict[str, float]] = {}
+    for onednn in ("0", "1", "0", "1"):
+        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn}
+        done = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True, text=True,
+                              cwd=REPO, env=env, timeout=600, check=True)
+        times = json.loads(done.stdout.strip().splitlines()[-1])
+        best = results.setdefault("onednn" if onednn == "1" else "eigen", {"batch1_ms": float("inf"),
+                                                                           "batch16_ms": float("inf")})
+        best["batch1_ms"] = min(best["batch1_ms"], times["1"])
+        best["batch16_ms"] = min(best["batch16_ms"], times["16"])
+    return results
 
 
 async def _load(url: str, images: list[bytes], concurrency: int, *, seconds: float | None = None,
@@ -165,13 +247,18 @@ def _rss(pid: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=REPO / "serving_model" / "digits")
-    parser.add_argument("--requests", type=int, default=300, help="sequential requests per latency measurement")
+    parser.add_argument("--requests", type=int, default=400, help="sequential requests per latency measurement")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per throughput measurement")
     parser.add_argument("--soak", type=int, default=10_000, help="requests in the soak test")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from serving.config import ServerConfig
+    from serving.runtime import ONEDNN_ENV
+
+    # The floor runs with the server's kernels: its default, unless the environment chooses (both read it).
+    os.environ.setdefault(ONEDNN_ENV, str(int(ServerConfig.onednn)))
 
     versions = sorted((p for p in args.model_dir.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
     if not versions:
@@ -183,20 +270,48 @@ def main() -> None:
     results: dict = {"model": str(version_dir), "cores": os.cpu_count()}
     print(f"model {version_dir}, {os.cpu_count()} cores", flush=True)
 
-    results["in_process"] = in_process(version_dir, images, args.requests)
-    print(f"  in-process      p50 {results['in_process']['p50_ms']:7.2f} ms   p99 "
-          f"{results['in_process']['p99_ms']:7.2f} ms", flush=True)
+    kernels = kernels_batch_times(version_dir, images)
+    results["kernels"] = kernels
+    for name, figures in kernels.items():
+        print(f"  in-process, {name + ' kernels':15s} 1 digit {figures['batch1_ms']:6.2f} ms   16 digits "
+              f"{figures['batch16_ms']:6.2f} ms", flush=True)
 
+    floor = _InProcess(version_dir, images)
     with start_server(args.model_dir, cwd=REPO) as server:
-        results["rest"] = rest_sequential(server.rest_url, images, args.requests)
-        print(f"  REST            p50 {results['rest']['p50_ms']:7.2f} ms   p99 {results['rest']['p99_ms']:7.2f} ms",
-              flush=True)
-        results["grpc"] = grpc_sequential(server.grpc_target, images, args.requests)
-        print(f"  gRPC            p50 {results['grpc']['p50_ms']:7.2f} ms   p99 {results['grpc']['p99_ms']:7.2f} ms",
-              flush=True)
-        results["batching_on"] = asyncio.run(_load(server.rest_url, images, 16, seconds=args.seconds))
-        print(f"  16 clients, batching on   {results['batching_on']['requests_per_s']:7.1f} req/s "
-              f"({results['batching_on']['errors']} errors)", flush=True)
+        grpc_caller = _Grpc(server.grpc_target, images)
+        latencies = interleaved({"in_process": floor,
+                                 "rest": _Rest(server.rest_url, images, "http.client"),
+                                 "rest_requests": _Rest(server.rest_url, images, "requests"),
+                                 "grpc": grpc_caller}, args.requests)
+        grpc_caller.close()
+        results.update(latencies)
+        for name, label in (("in_process", "in-process"), ("rest", "REST"),
+                            ("rest_requests", "REST (requests)"), ("grpc", "gRPC")):
+            print(f"  {label:15s} p50 {latencies[name]['p50_ms']:7.2f} ms   p99 {latencies[name]['p99_ms']:7.2f} ms",
+                  flush=True)
+        # Batching on (this server) against off (a second one, started beside it): alternating
+        # windows, so both see the machine alike; only one is under load at a time.
+        with start_server(args.model_dir, "--no-batching", cwd=REPO) as unbatched:
+            urls = {"batching_on": server.rest_url, "batching_off": unbatched.rest_url}
+            for url in urls.values():
+                asyncio.run(_load(url, images, 16, total=64))  # warm both paths
+            windows = max(1, round(args.seconds / THROUGHPUT_WINDOW_S))
+            for name in urls:
+                results[name] = {"ok": 0, "errors": 0, "error_kinds": {}, "seconds": 0.0}
+            for _ in range(windows):
+                for name, url in urls.items():
+                    window = asyncio.run(_load(url, images, 16, seconds=THROUGHPUT_WINDOW_S))
+                    total = results[name]
+                    total["ok"] += window["ok"]
+                    total["errors"] += window["errors"]
+                    total["seconds"] += window["seconds"]
+                    for kind, count in window["error_kinds"].items():
+                        total["error_kinds"][kind] = total["error_kinds"].get(kind, 0) + count
+            for name, label in (("batching_on", "on "), ("batching_off", "off")):
+                total = results[name]
+                total["requests_per_s"] = total["ok"] / total["seconds"]
+                print(f"  16 clients, batching {label}  {total['requests_per_s']:7.1f} req/s "
+                      f"({total['errors']} errors, {windows} windows of {THROUGHPUT_WINDOW_S:.0f} s)", flush=True)
 
         rss = {}
 
@@ -213,12 +328,6 @@ def main() -> None:
         print(f"  soak: {soak['ok'] + soak['errors']:,} requests at concurrency 32, {soak['errors']} errors, "
               f"{soak['requests_per_s']:.1f} req/s, RSS {soak['rss_after_10pct_mb']:.0f} -> "
               f"{soak['rss_end_mb']:.0f} MB ({100 * soak['rss_growth']:+.1f} %)", flush=True)
-
-    with start_server(args.model_dir, "--no-batching", cwd=REPO) as server:
-        asyncio.run(_load(server.rest_url, images, 16, total=64))  # warm the unbatched path
-        results["batching_off"] = asyncio.run(_load(server.rest_url, images, 16, seconds=args.seconds))
-        print(f"  16 clients, batching off  {results['batching_off']['requests_per_s']:7.1f} req/s "
-              f"({results['batching_off']['errors']} errors)", flush=True)
 
     floor = results["in_process"]["p50_ms"]
     checks = {

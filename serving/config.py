@@ -37,8 +37,9 @@ def batching_from_file(path: Path) -> BatchingConfig:
     """The batching of a TF Serving batching parameters file (docker/batching_parameters.txt).
 
     max_batch_size, batch_timeout_micros and max_enqueued_batches carry over; the
-    server runs one batch thread per signature and needs no padding, so
-    num_batch_threads and allowed_batch_sizes do not apply.
+    server runs one batch at a time per signature, on a thread of one of its requests
+    (serving/batching.py), and needs no padding, so num_batch_threads and
+    allowed_batch_sizes do not apply.
     """
     from serving.docker_context import parse_batching_parameters
 

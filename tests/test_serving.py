@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, run_digits, start_server
 from data import contract
+from serving.runtime import ONEDNN_ENV
 
 pytestmark = [pytest.mark.slow]
 
@@ -190,6 +191,17 @@ def test_the_models_warmup_requests_run_before_it_serves(model_server):
     assert ":tensorflow:serving:model_warmup_latency_count" in _metrics(model_server.rest_url)
 
 
+def test_the_server_runs_eigen_kernels_unless_asked_for_onednn(model_server, pushed_model, pngs):
+    # The default follows TF Serving's CPU image (serving/runtime.py); the environment may choose, as for TF.
+    default = "oneDNN" if os.environ.get(ONEDNN_ENV, "0").lower() in ("1", "true", "yes", "on") else "Eigen"
+    assert f": {default} kernels, intra-op threads TF's default, inter-op threads TF's default" in "".join(
+        model_server.output)
+    with start_server(pushed_model, "--onednn", "--intra-op-threads", "1", "--inter-op-threads", "2") as server:
+        assert ": oneDNN kernels, intra-op threads 1, inter-op threads 2" in "".join(server.output)
+        assert _predict_rest(server.rest_url, [pngs[0][1]]).status_code == 200
+        assert "not as asked" not in "".join(server.output)
+
+
 def test_concurrent_requests_are_batched(model_server, pngs):
     before = _metrics(model_server.rest_url).get(":tensorflow:serving:batching_session:processed_batch_size_count",
                                                  {})
@@ -330,3 +342,5 @@ def test_serve_refuses_bad_arguments_with_one_line(tmp_path):
     assert bad.returncode == 2 and "num versions must be at least 1, got 0" in bad.stderr
     label = run_digits("serve", "--model-dir", tmp_path, "--label", "stable")
     assert label.returncode == 2 and "expected NAME=VERSION" in label.stderr
+    threads = run_digits("serve", "--model-dir", tmp_path, "--intra-op-threads", "-1")
+    assert threads.returncode == 2 and "intra op threads must be >= 0 (0: TensorFlow's choice), got -1" in threads.stderr
