@@ -4,7 +4,7 @@ The tensorflow wheel turns oneDNN's kernels on by default on x86; TF Serving's
 official CPU image runs TensorFlow's Eigen kernels (oneDNN builds are separate,
 Intel-published images). The server follows the image: measured on this project's
 model (benchmarks/serving_latency.py, README), Eigen runs a batch of 16 digits in
-about 0.6x oneDNN's time and a single digit in about the same, so batching pays.
+0.7-0.75x oneDNN's time and a single digit in 1.2x, so batching pays off under load.
 TensorFlow reads the choice once, when it loads, hence `select_kernels` before
 anything imports it. The thread pools are TF Serving's
 `--tensorflow_intra_op_parallelism` / `--tensorflow_inter_op_parallelism` (0: TF's choice).
