@@ -41,14 +41,22 @@ def _request(*images: bytes) -> dict:
 
 
 class Clients:
-    """Threads that each send one request through the batcher."""
+    """Threads that each send one request through the batcher; on exit, the model is let go and they finish."""
 
-    def __init__(self, batcher: Batcher):
+    def __init__(self, batcher: Batcher, model: Model):
         self._batcher = batcher
+        self._model = model
         self._pool = ThreadPoolExecutor(max_workers=16)
 
     def send(self, *images: bytes) -> Future:
         return self._pool.submit(self._batcher.run, _request(*images), len(images))
+
+    def send_held(self, *images: bytes) -> Future:
+        """Sends a request and holds the model inside its call (until `model.release` is set)."""
+        self._model.release.clear()
+        future = self.send(*images)
+        assert self._model.entered.wait(timeout=10)
+        return future
 
     def send_queued(self, *images: bytes) -> Future:
         """Sends a request and waits until it is queued behind the batch that is running."""
@@ -57,7 +65,11 @@ class Clients:
         _wait_for(lambda: self._batcher.queued == queued + 1)
         return future
 
-    def close(self) -> None:
+    def __enter__(self) -> "Clients":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._model.release.set()
         self._pool.shutdown(wait=True)
 
 
@@ -71,12 +83,9 @@ def _wait_for(condition, timeout: float = 10) -> None:
 def test_a_lone_request_does_not_wait_for_company():
     model = Model()
     batcher = Batcher(model, BatchingConfig(batch_timeout_micros=60_000_000), "lone")
-    clients = Clients(batcher)
-    try:
+    with Clients(batcher, model) as clients:
         # Were it to wait for the 60 s timeout, result() would give up after 10 s.
         assert clients.send(b"abc").result(timeout=10)["length"].tolist() == [3]
-    finally:
-        clients.close()
     assert model.calls == [[b"abc"]]
 
 
@@ -95,18 +104,12 @@ def test_a_lone_request_runs_on_its_own_thread():
 def test_requests_queued_while_the_model_is_busy_share_one_call():
     model = Model()
     batcher = Batcher(model, BatchingConfig(max_batch_size=4), "busy")
-    clients = Clients(batcher)
-    try:
-        model.release.clear()
-        first = clients.send(b"a")
-        assert model.entered.wait(timeout=10)
+    with Clients(batcher, model) as clients:
+        first = clients.send_held(b"a")
         rest = [clients.send_queued(b"b" * n) for n in range(1, 6)]  # 5 queue up behind
         model.release.set()
         assert first.result(timeout=10)["length"].tolist() == [1]
         assert [f.result(timeout=10)["length"].tolist() for f in rest] == [[1], [2], [3], [4], [5]]
-    finally:
-        model.release.set()
-        clients.close()
     # The 5 queued ones: one call of 4 (max_batch_size), then the fifth.
     assert [len(call) for call in model.calls] == [1, 4, 1]
 
@@ -114,11 +117,8 @@ def test_requests_queued_while_the_model_is_busy_share_one_call():
 def test_one_bad_request_does_not_fail_the_others_in_its_batch():
     model = Model()
     batcher = Batcher(model, BatchingConfig(max_batch_size=8), "bad")
-    clients = Clients(batcher)
-    try:
-        model.release.clear()
-        blocker = clients.send(b"x")
-        assert model.entered.wait(timeout=10)
+    with Clients(batcher, model) as clients:
+        blocker = clients.send_held(b"x")
         good, bad, also_good = (clients.send_queued(data) for data in (b"ok", b"bad", b"fine"))
         model.release.set()
         blocker.result(timeout=10)
@@ -126,9 +126,6 @@ def test_one_bad_request_does_not_fail_the_others_in_its_batch():
         assert also_good.result(timeout=10)["length"].tolist() == [4]
         with pytest.raises(ServingError, match="Invalid PNG data"):
             bad.result(timeout=10)
-    finally:
-        model.release.set()
-        clients.close()
     assert [b"ok", b"bad", b"fine"] in model.calls  # tried together first, then one by one
 
 
@@ -136,7 +133,6 @@ def test_a_batch_waits_for_a_request_that_is_still_being_parsed():
     model = Model()
     arrivals = Arrivals()
     batcher = Batcher(model, BatchingConfig(max_batch_size=8, batch_timeout_micros=30_000_000), "wait", arrivals)
-    clients = Clients(batcher)
     parsing = threading.Event()
     go_on = threading.Event()
 
@@ -147,17 +143,17 @@ def test_a_batch_waits_for_a_request_that_is_still_being_parsed():
             batcher.run(_request(b"late"), 1)  # ...to here
 
     client = threading.Thread(target=slow_client)
-    try:
-        client.start()
-        assert parsing.wait(timeout=10)
-        early = clients.send(b"early")
-        _wait_for(lambda: batcher.busy)  # the early one leads, and waits for company
-        go_on.set()
-        assert early.result(timeout=20)["length"].tolist() == [5]
-        client.join(timeout=20)
-    finally:
-        go_on.set()
-        clients.close()
+    with Clients(batcher, model) as clients:
+        try:
+            client.start()
+            assert parsing.wait(timeout=10)
+            early = clients.send(b"early")
+            _wait_for(lambda: batcher.busy)  # the early one leads, and waits for company
+            go_on.set()
+            assert early.result(timeout=20)["length"].tolist() == [5]
+            client.join(timeout=20)
+        finally:
+            go_on.set()
     assert model.calls == [[b"early", b"late"]]
     assert arrivals.count == 0
 
@@ -165,17 +161,11 @@ def test_a_batch_waits_for_a_request_that_is_still_being_parsed():
 def test_a_full_queue_refuses_with_unavailable():
     model = Model()
     batcher = Batcher(model, BatchingConfig(max_batch_size=1, max_enqueued_batches=1), "full")
-    clients = Clients(batcher)
-    try:
-        model.release.clear()
-        running = clients.send(b"a")
-        assert model.entered.wait(timeout=10)
+    with Clients(batcher, model) as clients:
+        running = clients.send_held(b"a")
         queued = clients.send_queued(b"b")
         with pytest.raises(ServingError, match="queue .* is full") as refused:
             batcher.run(_request(b"c"), 1)  # refused at once, on the caller's thread
         assert refused.value.code == "UNAVAILABLE" and refused.value.http_status == 503
         model.release.set()
         assert running.result(timeout=10) and queued.result(timeout=10)
-    finally:
-        model.release.set()
-        clients.close()
