@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from serving.config import BatchingConfig, ServerConfig, batching_from_file
+from serving.config import BATCH_WAITS, BatchingConfig, ServerConfig, batching_from_file
 from serving.runtime import ONEDNN_ENV, select_kernels
 
 DEFAULT_MODEL_DIR = Path("serving_model") / "digits"  # where `digits pipeline run` pushes
@@ -36,18 +38,25 @@ def _label(value: str) -> tuple[str, int]:
 @click.option("--poll-interval", type=float, default=1.0, show_default=True,
               help="Seconds between scans of --model-dir for new or removed versions.")
 @click.option("--batching/--no-batching", default=True, show_default=True, help="Server-side batching.")
-@click.option("--max-batch-size", type=int, default=BatchingConfig.max_batch_size, show_default=True)
+@click.option("--max-batch-size", type=int, default=BatchingConfig.max_batch_size, show_default=True,
+              help="Most examples per request and per batch (TF Serving's max_batch_size).")
 @click.option("--batch-timeout-micros", type=int, default=BatchingConfig.batch_timeout_micros, show_default=True,
-              help="Longest wait of a batch that is not full for requests still being parsed "
-                   "(only while there are any).")
+              help="Longest wait of a batch that is not full for more requests (TF Serving's batch_timeout_micros).")
+@click.option("--batch-wait", type=click.Choice(BATCH_WAITS), default=BatchingConfig.batch_wait, show_default=True,
+              help="always: every batch that is not full waits the whole timeout (TF Serving); arriving: only "
+                   "while requests are on their way to its queue, so a lone request never waits.")
 @click.option("--batching-parameters-file", type=click.Path(path_type=Path), default=None,
               help="Take the batching settings from a TF Serving BatchingParameters file "
-                   "(e.g. docker/batching_parameters.txt); overrides the two options above.")
+                   "(e.g. docker/batching_parameters.txt) instead of --max-batch-size and --batch-timeout-micros.")
 @click.option("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes, show_default=True)
 @click.option("--max-instances", type=int, default=ServerConfig.max_instances, show_default=True,
               help="Most examples in one request.")
 @click.option("--max-concurrent-requests", type=int, default=ServerConfig.max_concurrent_requests,
-              show_default=True, help="Predict calls in flight; more get 429 / RESOURCE_EXHAUSTED.")
+              show_default=True, help="Predict calls in flight, REST and gRPC together; more get 429 / "
+                                      "RESOURCE_EXHAUSTED. Status and metadata requests are not limited.")
+@click.option("--rest-api-timeout-in-ms", "rest_api_timeout_ms", type=int, default=ServerConfig.rest_api_timeout_ms,
+              show_default=True, help="A REST predict still queued after this long is dropped (TF Serving's flag; "
+                                      "gRPC calls carry their own deadline).")
 @click.option("--shutdown-grace", type=float, default=ServerConfig.shutdown_grace_s, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
@@ -60,12 +69,19 @@ def _label(value: str) -> tuple[str, int]:
 @click.option("--inter-op-threads", type=int, default=0, show_default=True,
               help="Ops run at once (TF Serving's --tensorflow_inter_op_parallelism); 0: TensorFlow's choice.")
 def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_versions, labels, poll_interval, batching,
-                  max_batch_size, batch_timeout_micros, batching_parameters_file, max_body_bytes, max_instances,
-                  max_concurrent_requests, shutdown_grace, warmup, onednn, intra_op_threads, inter_op_threads):
+                  max_batch_size, batch_timeout_micros, batch_wait, batching_parameters_file, max_body_bytes,
+                  max_instances, max_concurrent_requests, rest_api_timeout_ms, shutdown_grace, warmup, onednn,
+                  intra_op_threads, inter_op_threads):
     """Serve the pushed model versions over TF Serving's REST and gRPC APIs, with its Prometheus metrics."""
     try:
-        batching_config = (batching_from_file(batching_parameters_file) if batching_parameters_file
-                           else BatchingConfig(max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros))
+        if batching_parameters_file:
+            batching_config = dataclasses.replace(batching_from_file(batching_parameters_file), batch_wait=batch_wait)
+        elif max_batch_size != BatchingConfig.max_batch_size:  # allowed_batch_sizes end at the default's
+            sizes = tuple(size for size in BatchingConfig().allowed_batch_sizes if size < max_batch_size)
+            batching_config = BatchingConfig(max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros,
+                                             batch_wait=batch_wait, allowed_batch_sizes=(*sizes, max_batch_size))
+        else:
+            batching_config = BatchingConfig(batch_timeout_micros=batch_timeout_micros, batch_wait=batch_wait)
         if not batching:
             batching_config = dataclasses.replace(batching_config, enabled=False)
         config = ServerConfig(
@@ -74,7 +90,8 @@ def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_version
             poll_interval_s=poll_interval,
             batching=batching_config,
             max_body_bytes=max_body_bytes, max_instances=max_instances,
-            max_concurrent_requests=max_concurrent_requests, shutdown_grace_s=shutdown_grace, warmup=warmup,
+            max_concurrent_requests=max_concurrent_requests, rest_api_timeout_ms=rest_api_timeout_ms,
+            shutdown_grace_s=shutdown_grace, warmup=warmup,
             onednn=onednn, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
@@ -82,8 +99,12 @@ def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_version
         raise click.ClickException(f"no model directory at {model_dir}: run `digits pipeline run` first, "
                                    f"or point --model-dir at a directory of numbered SavedModel versions")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # From here on a stop signal ends the command quietly with 0, even while TensorFlow is still
+    # being imported (the server installs its own handlers once its event loop runs).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_before_serving)
     select_kernels(config.onednn)  # before TensorFlow loads: it reads the choice once
-    from serving.server import serve  # TensorFlow: only once the arguments are known to be good
+    logging.getLogger(__name__).info("starting: importing TensorFlow")
 
     def ready(endpoints) -> None:
         versions = ", ".join(map(str, endpoints.versions)) or "none yet (waiting for a push)"
@@ -95,10 +116,32 @@ def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_version
         sys.stdout.flush()
 
     try:
+        from serving.server import serve  # TensorFlow: only once the arguments are known to be good
+
         serve(config, on_ready=ready)
+    except _StoppedBeforeServing:
+        logging.getLogger(__name__).info("stopped during start-up")
     except OSError as error:
         raise click.ClickException(f"cannot start the server: {error.strerror or error}") from None
     click.echo("stopped")
+    # Threads the grace period did not wait for (a version load, a request past it) must not hold
+    # the exit, nor interpreter shutdown tear TensorFlow down under them: leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
+class _StoppedBeforeServing(BaseException):
+    """SIGTERM or SIGINT arrived before the server's event loop took over the signals.
+
+    A BaseException, like KeyboardInterrupt: an `except Exception` in the code it interrupts (an
+    import, say) must not swallow it.
+    """
+
+
+def _stop_before_serving(signum, frame) -> None:
+    raise _StoppedBeforeServing()
 
 
 @click.command("predict")
@@ -109,7 +152,9 @@ def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_version
 @click.option("--version", type=int, default=None, help="A specific model version.")
 @click.option("--label", default=None, help="A version label, e.g. stable.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the server.")
-def predict_command(images, rest_url, grpc_target, model_name, version, label, timeout):
+@click.option("--batch-size", type=click.IntRange(min=1), default=BatchingConfig.max_batch_size, show_default=True,
+              help="Images per request: at most the server's max_batch_size (TF Serving refuses larger requests).")
+def predict_command(images, rest_url, grpc_target, model_name, version, label, timeout, batch_size):
     """Print the predicted digit and its confidence for each image file."""
     from serving.client import GrpcClient, RestClient, ServerError
 
@@ -123,8 +168,8 @@ def predict_command(images, rest_url, grpc_target, model_name, version, label, t
             payloads.append(path.read_bytes())
         except OSError as error:
             raise click.ClickException(f"cannot read {path}: {error.strerror}") from None
-    client = (GrpcClient(grpc_target, model_name, timeout) if grpc_target
-              else RestClient(rest_url or "http://127.0.0.1:8501", model_name, timeout))
+    client = (GrpcClient(grpc_target, model_name, timeout, batch_size) if grpc_target
+              else RestClient(rest_url or "http://127.0.0.1:8501", model_name, timeout, batch_size))
     try:
         answers = client.predict(payloads, version=version, label=label)
     except ServerError as error:

@@ -7,6 +7,8 @@
 
 Both send the `serving_default` signature's `image_bytes`; the server (the Transform
 graph inside the model) does all preprocessing, so clients send the file as it is.
+Many images go in several requests of at most `batch_size` each: TF Serving with
+batching on refuses a request larger than its `max_batch_size` (32 in docker/).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import base64
 from dataclasses import dataclass
 
 from data import contract
+from serving.config import BatchingConfig
+
+DEFAULT_BATCH_SIZE = BatchingConfig.max_batch_size  # the server's and the container's max_batch_size
 
 
 class ServerError(Exception):
@@ -33,6 +38,12 @@ class Answer:
     probabilities: tuple[float, ...]
 
 
+def _chunks(images: list[bytes], batch_size: int) -> list[list[bytes]]:
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    return [images[start:start + batch_size] for start in range(0, len(images), batch_size)]
+
+
 def _answers(probabilities) -> list[Answer]:
     answers = []
     for row in probabilities:
@@ -43,13 +54,15 @@ def _answers(probabilities) -> list[Answer]:
 
 
 class RestClient:
-    def __init__(self, url: str = "http://127.0.0.1:8501", model_name: str = "digits", timeout: float = 30.0):
+    def __init__(self, url: str = "http://127.0.0.1:8501", model_name: str = "digits", timeout: float = 30.0,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
         import requests
 
         self._session = requests.Session()
         self._url = url.rstrip("/")
         self._model = model_name
         self._timeout = timeout
+        self._batch_size = batch_size
 
     def _model_url(self, version: int | None, label: str | None) -> str:
         if version is not None and label is not None:
@@ -73,10 +86,15 @@ class RestClient:
         return document
 
     def predict(self, images: list[bytes], version: int | None = None, label: str | None = None) -> list[Answer]:
-        body = {"signature_name": contract.SERVING_SIGNATURE,
-                "instances": [{"b64": base64.b64encode(image).decode("ascii")} for image in images]}
-        document = self._call("POST", self._model_url(version, label) + ":predict", json=body)
-        return _answers(row[contract.PROBABILITIES_OUTPUT] for row in document["predictions"])
+        """One answer per image, in order; sent in requests of at most `batch_size` images."""
+        url = self._model_url(version, label) + ":predict"
+        answers = []
+        for chunk in _chunks(list(images), self._batch_size):
+            body = {"signature_name": contract.SERVING_SIGNATURE,
+                    "instances": [{"b64": base64.b64encode(image).decode("ascii")} for image in chunk]}
+            document = self._call("POST", url, json=body)
+            answers.extend(_answers(row[contract.PROBABILITIES_OUTPUT] for row in document["predictions"]))
+        return answers
 
     def status(self, version: int | None = None) -> dict:
         return self._call("GET", self._model_url(version, None))
@@ -86,7 +104,8 @@ class RestClient:
 
 
 class GrpcClient:
-    def __init__(self, target: str = "127.0.0.1:8500", model_name: str = "digits", timeout: float = 30.0):
+    def __init__(self, target: str = "127.0.0.1:8500", model_name: str = "digits", timeout: float = 30.0,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
         import grpc
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -96,6 +115,7 @@ class GrpcClient:
         self._target = target
         self._model = model_name
         self._timeout = timeout
+        self._batch_size = batch_size
 
     def _spec(self, spec, version: int | None, label: str | None, signature: str | None = None) -> None:
         if version is not None and label is not None:
@@ -120,23 +140,27 @@ class GrpcClient:
             raise ServerError(error.code().name, detail) from None
 
     def predict(self, images: list[bytes], version: int | None = None, label: str | None = None) -> list[Answer]:
+        """One answer per image, in order; sent in requests of at most `batch_size` images."""
         import numpy as np
         from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
         from tensorflow_serving.apis import predict_pb2
 
-        request = predict_pb2.PredictRequest()
-        self._spec(request.model_spec, version, label, contract.SERVING_SIGNATURE)
-        request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_STRING, string_val=list(images),
-            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(
-                size=len(images))])))
-        request.output_filter.append(contract.PROBABILITIES_OUTPUT)
-        response = self._call(self._predict.Predict, request)
-        tensor = response.outputs[contract.PROBABILITIES_OUTPUT]
-        shape = [dim.size for dim in tensor.tensor_shape.dim]
-        values = (np.frombuffer(tensor.tensor_content, dtype=np.float32) if tensor.tensor_content
-                  else np.array(tensor.float_val, dtype=np.float32))
-        return _answers(values.reshape(shape))
+        answers = []
+        for chunk in _chunks(list(images), self._batch_size):
+            request = predict_pb2.PredictRequest()
+            self._spec(request.model_spec, version, label, contract.SERVING_SIGNATURE)
+            request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_STRING, string_val=chunk,
+                tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(
+                    size=len(chunk))])))
+            request.output_filter.append(contract.PROBABILITIES_OUTPUT)
+            response = self._call(self._predict.Predict, request)
+            tensor = response.outputs[contract.PROBABILITIES_OUTPUT]
+            shape = [dim.size for dim in tensor.tensor_shape.dim]
+            values = (np.frombuffer(tensor.tensor_content, dtype=np.float32) if tensor.tensor_content
+                      else np.array(tensor.float_val, dtype=np.float32))
+            answers.extend(_answers(values.reshape(shape)))
+        return answers
 
     def status(self, version: int | None = None):
         from tensorflow_serving.apis import get_model_status_pb2

@@ -13,33 +13,82 @@ from pathlib import Path
 from data import contract
 
 
+BATCH_WAITS = ("arriving", "always")
+# TF Serving's values for fields a batching parameters file leaves out (its SharedBatchScheduler::QueueOptions).
+TF_SERVING_QUEUE_DEFAULTS = {"max_batch_size": 1000, "batch_timeout_micros": 0, "max_enqueued_batches": 10}
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
-    """Server-side batching of concurrent requests (TF Serving's `BatchingParameters`)."""
+    """Server-side batching of concurrent requests: TF Serving's `BatchingParameters`.
+
+    The defaults are the container's own file, docker/batching_parameters.txt (a test
+    keeps them equal), so `digits serve` and the TF Serving image batch alike out of the box.
+    """
 
     enabled: bool = True
-    max_batch_size: int = 32  # images per model call
-    # How long a batch that is not full may wait for requests that are still being parsed. It
-    # waits only while there are such requests, so a lone request never waits; 0: never wait.
-    batch_timeout_micros: int = 10_000
-    max_enqueued_batches: int = 64  # queue bound: further requests get UNAVAILABLE, not unbounded memory
+    # The most examples one request may have, and the most one batch holds (TF Serving's
+    # input_batch_size_limit): a larger request is refused with TF Serving's "Task size N is
+    # larger than maximum input batch size M", unless large batch splitting is on.
+    max_batch_size: int = 32
+    # The longest a batch that is not full waits for more requests, counted from its first one.
+    batch_timeout_micros: int = 2_000
+    # How that wait ends. "always": TF Serving's behaviour, every batch that is not full waits the
+    # whole timeout, so a lone request pays it too. "arriving" (digits serve's default): the wait
+    # ends as soon as no request is on its way to the same queue (parsed, its model resolved, its
+    # inputs being checked), so a lone request never waits and batches still fill under load.
+    batch_wait: str = "arriving"
+    # Queue bound: beyond max_enqueued_batches x max_batch_size queued examples, requests get
+    # UNAVAILABLE at once instead of memory and latency growing without bound.
+    max_enqueued_batches: int = 100
+    # Split a request into parts of at most max_execution_batch_size examples (each may join a
+    # different batch) instead of refusing it; max_batch_size then only limits the request.
+    enable_large_batch_splitting: bool = False
+    max_execution_batch_size: int | None = None  # None: max_batch_size
+    # TF Serving pads each batch up to the next of these sizes and records that size as
+    # processed_batch_size. digits serve runs batches unpadded (it has no compiled shapes to
+    # hit) but records the size TF Serving would have run, so the metric reads alike.
+    allowed_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_batch_sizes", tuple(int(size) for size in self.allowed_batch_sizes))
+        problems = []
         if self.max_batch_size < 1:
-            raise ValueError(f"max batch size must be at least 1, got {self.max_batch_size}")
+            problems.append(f"max batch size must be at least 1, got {self.max_batch_size}")
         if self.batch_timeout_micros < 0:
-            raise ValueError(f"batch timeout must be >= 0 microseconds, got {self.batch_timeout_micros}")
+            problems.append(f"batch timeout must be >= 0 microseconds, got {self.batch_timeout_micros}")
+        if self.batch_wait not in BATCH_WAITS:
+            problems.append(f"batch wait must be one of {', '.join(BATCH_WAITS)}, got {self.batch_wait!r}")
         if self.max_enqueued_batches < 1:
-            raise ValueError(f"max enqueued batches must be at least 1, got {self.max_enqueued_batches}")
+            problems.append(f"max enqueued batches must be at least 1, got {self.max_enqueued_batches}")
+        if self.max_execution_batch_size is not None and not 1 <= self.max_execution_batch_size:
+            problems.append(f"max execution batch size must be at least 1, got {self.max_execution_batch_size}")
+        sizes = list(self.allowed_batch_sizes)
+        if sizes and (sizes != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != self.execution_batch_size):
+            problems.append(f"allowed batch sizes must increase and end at the largest batch, "
+                            f"{self.execution_batch_size}, got {sizes}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def execution_batch_size(self) -> int:
+        """The most examples one model call runs."""
+        if self.enable_large_batch_splitting and self.max_execution_batch_size is not None:
+            return self.max_execution_batch_size
+        return self.max_batch_size
+
+    def padded_size(self, size: int) -> int:
+        """The batch size TF Serving would run `size` examples as (the next allowed size up)."""
+        return next((allowed for allowed in self.allowed_batch_sizes if allowed >= size), size)
 
 
 def batching_from_file(path: Path) -> BatchingConfig:
     """The batching of a TF Serving batching parameters file (docker/batching_parameters.txt).
 
-    max_batch_size, batch_timeout_micros and max_enqueued_batches carry over; the
-    server runs one batch at a time per signature, on a thread of one of its requests
-    (serving/batching.py), and needs no padding, so num_batch_threads and
-    allowed_batch_sizes do not apply.
+    Fields it leaves out take TF Serving's defaults, not ours, so that the file means what it
+    means to TF Serving. num_batch_threads and pad_variable_length_inputs do not apply:
+    each queue runs one batch at a time, on the thread of the request at its head
+    (serving/batching.py), and the model's only inputs are vectors of strings.
     """
     from serving.docker_context import parse_batching_parameters
 
@@ -48,14 +97,19 @@ def batching_from_file(path: Path) -> BatchingConfig:
     except OSError as error:
         raise ValueError(f"cannot read batching parameters file {path}: {error.strerror}") from None
     proto = parse_batching_parameters(text, str(path))
-    defaults = BatchingConfig()
 
-    def value(name: str) -> int:
-        return getattr(proto, name).value if proto.HasField(name) else getattr(defaults, name)
+    def value(name: str, default):
+        return getattr(proto, name).value if proto.HasField(name) else default
 
-    return BatchingConfig(enabled=True, max_batch_size=value("max_batch_size"),
-                          batch_timeout_micros=value("batch_timeout_micros"),
-                          max_enqueued_batches=value("max_enqueued_batches"))
+    # A field the file leaves out has TF Serving's default (SharedBatchScheduler::QueueOptions).
+    return BatchingConfig(
+        enabled=True,
+        max_batch_size=value("max_batch_size", TF_SERVING_QUEUE_DEFAULTS["max_batch_size"]),
+        batch_timeout_micros=value("batch_timeout_micros", TF_SERVING_QUEUE_DEFAULTS["batch_timeout_micros"]),
+        max_enqueued_batches=value("max_enqueued_batches", TF_SERVING_QUEUE_DEFAULTS["max_enqueued_batches"]),
+        enable_large_batch_splitting=value("enable_large_batch_splitting", False),
+        max_execution_batch_size=value("max_execution_batch_size", None),
+        allowed_batch_sizes=tuple(proto.allowed_batch_sizes))
 
 
 @dataclass(frozen=True)
@@ -70,11 +124,16 @@ class ServerConfig:
     poll_interval_s: float = 1.0  # TF Serving's --file_system_poll_wait_seconds
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     max_body_bytes: int = 8 * 1024 * 1024  # larger REST bodies or gRPC messages: 413 / RESOURCE_EXHAUSTED
-    max_instances: int = 256  # examples in one request
+    max_instances: int = 256  # examples in one request (with batching on, its max_batch_size limits it too)
     max_image_bytes: int = 1024 * 1024  # one encoded image
     max_image_pixels: int = 4096 * 4096  # width x height of one image, read from its header before decoding
     max_request_pixels: int = 64 * 1024 * 1024  # all images of one request together (~200 MB decoded)
-    max_concurrent_requests: int = 64  # predict calls in flight; more are refused, not queued without bound
+    # Predict calls in flight, REST and gRPC together; more get 429 / RESOURCE_EXHAUSTED at once instead of
+    # queueing without bound. Status and metadata requests do not count and are always answered.
+    max_concurrent_requests: int = 64
+    # TF Serving's --rest_api_timeout_in_ms: a REST predict still queued for the model after this long is
+    # dropped (gRPC calls carry their own deadline).
+    rest_api_timeout_ms: int = 30_000
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish
     warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests before a version is AVAILABLE
     onednn: bool = False  # TensorFlow's oneDNN kernels; off: Eigen, as TF Serving's CPU image (serving/runtime.py)
@@ -103,7 +162,7 @@ class ServerConfig:
         if not self.poll_interval_s > 0:
             problems.append(f"poll interval must be positive, got {self.poll_interval_s}")
         for name in ("max_body_bytes", "max_instances", "max_image_bytes", "max_image_pixels", "max_request_pixels",
-                     "max_concurrent_requests"):
+                     "max_concurrent_requests", "rest_api_timeout_ms"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         for name in ("intra_op_threads", "inter_op_threads"):

@@ -32,9 +32,9 @@ def _mirrored_messages() -> dict:
     """MonitoringConfig and BatchingParameters, which the tensorflow-serving-api wheel does not ship.
 
     Field names and numbers copied from tensorflow_serving/config/monitoring_config.proto and
-    tensorflow_serving/servables/tensorflow/session_bundle_config.proto (fields 1-7, the ones
-    TF Serving 2.16 documents for --batching_parameters_file). A private pool, so that a later
-    import of the real modules cannot clash with these names.
+    tensorflow_serving/servables/tensorflow/session_bundle_config.proto (BatchingParameters as of
+    TF Serving 2.16.1: fields 1-9). A private pool, so that a later import of the real modules
+    cannot clash with these names.
     """
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
@@ -61,6 +61,8 @@ def _mirrored_messages() -> dict:
     add(batching, "thread_pool_name", 5, field.TYPE_MESSAGE, ".google.protobuf.StringValue")
     add(batching, "allowed_batch_sizes", 6, field.TYPE_INT64, label=repeated)
     add(batching, "pad_variable_length_inputs", 7, field.TYPE_BOOL)
+    add(batching, "enable_large_batch_splitting", 8, field.TYPE_MESSAGE, ".google.protobuf.BoolValue")
+    add(batching, "max_execution_batch_size", 9, field.TYPE_MESSAGE, ".google.protobuf.Int64Value")
     pool.Add(proto)
 
     factory = message_factory.MessageFactory(pool)
@@ -92,9 +94,13 @@ def parse_batching_parameters(text: str, source: str = BATCHING_PARAMETERS):
     """batching_parameters.txt as tensorflow.serving.BatchingParameters, checked as TF Serving checks it."""
     parameters = _parse(text, _mirrored_messages()["BatchingParameters"](), source)
     sizes = list(parameters.allowed_batch_sizes)
-    if sizes and (sizes != sorted(set(sizes)) or sizes[-1] != parameters.max_batch_size.value):
-        raise ValueError(f"{source}: allowed_batch_sizes {sizes} must increase and end at max_batch_size "
-                         f"{parameters.max_batch_size.value}")
+    splitting = parameters.HasField("enable_large_batch_splitting") and parameters.enable_large_batch_splitting.value
+    # As TF Serving checks it: the largest padded batch is the largest batch that can run.
+    last, name = parameters.max_batch_size.value, "max_batch_size"
+    if splitting and parameters.HasField("max_execution_batch_size"):
+        last, name = parameters.max_execution_batch_size.value, "max_execution_batch_size"
+    if sizes and (sizes != sorted(set(sizes)) or sizes[-1] != last):
+        raise ValueError(f"{source}: allowed_batch_sizes {sizes} must increase and end at {name} {last}")
     return parameters
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -22,20 +23,30 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
+from serving.batching import Caller
 from serving.config import ServerConfig
 from serving.errors import ServingError, invalid_argument
 from serving.service import ModelRequest, PredictionService
+from serving.signature import Signature
 
 SIGNATURE_DEF_FIELD = "signature_def"
 _ERROR_CODES = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type  # tensorflow.error.Code
 
 
+# Threads beyond the predict limit, so status and metadata calls find one while predicts fill the rest.
+STATUS_THREADS = 8
+NO_DEADLINE_S = 1e8  # grpc reports "no deadline" as a deadline centuries away
+
+
 def make_server(config: ServerConfig, service: PredictionService) -> tuple[grpc.Server, int]:
-    """A started-ready (not started) server and the port it bound."""
+    """A started-ready (not started) server and the port it bound.
+
+    No `maximum_concurrent_rpcs`: it would count health checks against the limit and refuse them
+    under load. Predicts are limited by the service's admission (shared with REST) instead, and
+    refused at once beyond it, so at most that many threads ever hold a predict.
+    """
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=config.max_concurrent_requests, thread_name_prefix="grpc"),
-        # Beyond the limit, calls get RESOURCE_EXHAUSTED at once instead of queueing without bound.
-        maximum_concurrent_rpcs=config.max_concurrent_requests,
+        ThreadPoolExecutor(max_workers=config.max_concurrent_requests + STATUS_THREADS, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", config.max_body_bytes),
                  ("grpc.so_reuseport", 0)],
     )
@@ -62,23 +73,51 @@ def _abort(context: grpc.ServicerContext, error: ServingError):
     context.abort(error.grpc_status, error.message)
 
 
-def _ndarray(alias: str, tensor, max_elements: int) -> np.ndarray:
-    """A TensorProto -> numpy, refusing shapes it cannot hold before make_ndarray allocates them.
+def _inputs(request: predict_pb2.PredictRequest, signature: Signature, max_elements: int) -> dict[str, np.ndarray]:
+    """The request's TensorProtos -> numpy, once their claimed shapes pass the signature's checks.
 
-    make_ndarray fills a shape larger than the values sent by repeating the last value, so a
-    few-byte TensorProto claiming [10**12] would take the server's memory.
+    make_ndarray fills a shape larger than the values sent by repeating the last value (as
+    TensorFlow's own Tensor::FromProto does), so a 14-byte TensorProto claiming [8388608]
+    strings would cost 128 MB: names, dtypes, ranks and the batch size (against the request
+    limits) are checked first, from the claims alone, and the total against what the
+    signature can accept.
     """
-    dims = [dim.size for dim in tensor.tensor_shape.dim]
-    if any(size < 0 for size in dims):
-        raise invalid_argument(f"input {alias}: the TensorProto has a negative dimension in shape {dims}")
-    elements = math.prod(dims)
-    if elements > max_elements:
-        raise invalid_argument(f"input {alias}: the TensorProto's shape {dims} has {elements} elements; "
-                               f"a request may hold at most {max_elements}")
+    claimed = {}
+    for alias, tensor in request.inputs.items():
+        dims = [dim.size for dim in tensor.tensor_shape.dim]
+        if any(size < 0 for size in dims):
+            raise invalid_argument(f"input {alias}: the TensorProto has a negative dimension in shape {dims}")
+        claimed[alias] = (_dtype_name(tensor.dtype), tuple(dims))
+    signature.check_shapes(claimed)
+    inputs = {}
+    for alias, tensor in request.inputs.items():
+        elements = math.prod(claimed[alias][1])
+        limit = min(max_elements, signature.max_elements(alias) or max_elements)
+        if elements > limit:
+            raise invalid_argument(f"input {alias}: the TensorProto's shape {list(claimed[alias][1])} has "
+                                   f"{elements} elements; a request may hold at most {limit}")
+        try:
+            inputs[alias] = tf.make_ndarray(tensor)
+        except (TypeError, ValueError) as error:
+            raise invalid_argument(f"input {alias}: the TensorProto cannot be read: {error}") from None
+    return inputs
+
+
+def _dtype_name(dtype: int) -> str:
     try:
-        return tf.make_ndarray(tensor)
-    except (TypeError, ValueError) as error:
-        raise invalid_argument(f"input {alias}: the TensorProto cannot be read: {error}") from None
+        return types_pb2.DataType.Name(dtype)
+    except ValueError:
+        return f"dtype {dtype}"
+
+
+def _caller(context: grpc.ServicerContext) -> Caller:
+    """TF Serving runs a call under its gRPC deadline (prediction_service_impl.cc); so does this.
+
+    gRPC also ends a call whose deadline passed: only an ended call with time left was cancelled.
+    """
+    remaining = context.time_remaining()
+    return Caller.within(remaining if remaining is not None and remaining < NO_DEADLINE_S else None,
+                         gone=lambda: not context.is_active() and context.time_remaining() > 0)
 
 
 class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -90,24 +129,26 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
         started = time.perf_counter()
         name = request.model_spec.name
         try:
-            with self._service.manager.arrivals.tracking():
-                response = self._predict(request)
+            admission = self._service.admission
+            admission.enter()
+            try:
+                response = self._predict(request, _caller(context))
+            finally:
+                admission.leave()
         except ServingError as error:
             self._service.record_request(name, error.code, "Predict", "GRPC", time.perf_counter() - started)
             _abort(context, error)
         self._service.record_request(name, "OK", "Predict", "GRPC", time.perf_counter() - started)
         return response
 
-    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+    def _predict(self, request: predict_pb2.PredictRequest, caller: Caller) -> predict_pb2.PredictResponse:
         model = _model_request(request.model_spec)
-
-        def inputs(signature):
-            return {alias: _ndarray(alias, tensor, self._max_elements) for alias, tensor in request.inputs.items()}
-
         prediction = self._service.predict(
-            model, request.model_spec.signature_name, inputs,
+            model, request.model_spec.signature_name,
+            lambda signature: _inputs(request, signature, self._max_elements),
             missing_signature=lambda name: ServingError("FAILED_PRECONDITION",
-                                                        f'Serving signature key "{name}" not found.'))
+                                                        f'Serving signature key "{name}" not found.'),
+            caller=caller)
         wanted = list(request.output_filter) or list(prediction.outputs)
         for alias in wanted:
             if alias not in prediction.outputs:
@@ -117,7 +158,7 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
             raise invalid_argument(f"duplicate output tensor alias: {wanted}")
         response = predict_pb2.PredictResponse()
         response.model_spec.name = model.name
-        response.model_spec.version.value = prediction.servable.version
+        response.model_spec.version.value = prediction.version
         response.model_spec.signature_name = prediction.signature.name
         for alias in wanted:
             response.outputs[alias].CopyFrom(tf.make_tensor_proto(prediction.outputs[alias]))
@@ -133,13 +174,13 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
                 if field != SIGNATURE_DEF_FIELD:
                     raise invalid_argument(f"Metadata field {field} is not supported")
             model = _model_request(request.model_spec)
-            servable, signature_map = self._service.signature_def_map(model)
+            servable = self._service.servable(model)
         except ServingError as error:
             _abort(context, error)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = servable.version
-        response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
+        response.metadata[SIGNATURE_DEF_FIELD].Pack(servable.signature_def_map())
         return response
 
     def Classify(self, request, context):

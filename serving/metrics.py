@@ -25,7 +25,8 @@ def exponential_buckets(scale: float, growth: float, count: int) -> tuple[float,
 
 
 LATENCY_BUCKETS_US = exponential_buckets(10, 1.8, 33)  # request, runtime and warmup latency (microseconds)
-BATCH_SIZE_BUCKETS = exponential_buckets(1, 2, 15)
+BATCH_SIZE_BUCKETS = exponential_buckets(1, 2, 14)  # batching_util.h: [1, 2, ..., 2^13] and +Inf
+QUEUING_LATENCY_BUCKETS_US = exponential_buckets(100, 1.2, 52)  # batching_session.cc (~1 s)
 CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 REQUEST_COUNT = ":tensorflow:serving:request_count"
@@ -34,14 +35,20 @@ RUNTIME_LATENCY = ":tensorflow:serving:runtime_latency"
 LOAD_ATTEMPT_COUNT = ":tensorflow:cc:saved_model:load_attempt_count"
 LOAD_LATENCY = ":tensorflow:cc:saved_model:load_latency"
 WARMUP_LATENCY = ":tensorflow:serving:model_warmup_latency"
-BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
+# Batching (batching_session.cc, batching_util.h): per request queued, per input tensor, per model call.
 QUEUING_LATENCY = ":tensorflow:serving:batching_session:queuing_latency"
+INPUT_BATCH_SIZE = ":tensorflow:serving:batching_session:input_batch_size"
+BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
+PADDING_SIZE = ":tensorflow:serving:batching_session:padding_size"
+WRAPPED_RUN_COUNT = ":tensorflow:serving:batching_session:wrapped_run_count"
 # Ours, for watching prediction drift (TF Serving has no view of what the model answers).
 PREDICTIONS = "digits_serving_predictions_total"
 CONFIDENCE = "digits_serving_prediction_confidence"
 LOADED_VERSIONS = "digits_serving_loaded_versions"
 
-BATCH_THREAD_POOL = "model_server_batch_threads"  # TF Serving's default thread_pool_name
+# The thread_pool_name label of queuing_latency: the model server creates its batching sessions
+# with an empty name (CreateBatchingSession in batching_session.cc).
+BATCH_THREAD_POOL = ""
 RUNTIME = "TF1"  # TF Serving's runtime label for SavedModels it runs through a Session
 
 
@@ -109,11 +116,21 @@ class ServingMetrics:
                 self._observe(WARMUP_LATENCY, LATENCY_BUCKETS_US, (("model_path", model_path), ("status", "OK")),
                               warmup_seconds * 1e6)
 
-    def record_batch(self, model_name: str, size: int, queued_s: float) -> None:
+    def record_batching(self, stats) -> None:
+        """What the batcher reports (serving.batching.BatchStats), under TF Serving's names and meanings:
+        the queueing time of every request taken off a queue (dropped ones too), the size of each
+        request's input tensors, and the padded size, padding and count of each model call."""
         with self._lock:
-            self._observe(BATCH_SIZE, BATCH_SIZE_BUCKETS, (("thread_pool_name", BATCH_THREAD_POOL),), size)
-            self._observe(QUEUING_LATENCY, exponential_buckets(100, 1.2, 52),
-                          (("thread_pool_name", BATCH_THREAD_POOL),), queued_s * 1e6)
+            for seconds in stats.queued_s:
+                self._observe(QUEUING_LATENCY, QUEUING_LATENCY_BUCKETS_US,
+                              (("thread_pool_name", BATCH_THREAD_POOL),), seconds * 1e6)
+            for size in stats.input_sizes:
+                self._observe(INPUT_BATCH_SIZE, BATCH_SIZE_BUCKETS, (), size)
+            if stats.batch_size is not None:
+                self._observe(BATCH_SIZE, BATCH_SIZE_BUCKETS, (), stats.batch_size)
+                self._observe(PADDING_SIZE, BATCH_SIZE_BUCKETS,
+                              (("execution_batch_size", str(stats.batch_size)),), stats.padding)
+                self._count(WRAPPED_RUN_COUNT, ())
 
     def record_predictions(self, model_name: str, version: int, classes, confidences) -> None:
         """What the model answered: one count per predicted class and the top-class probability."""

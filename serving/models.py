@@ -9,19 +9,25 @@ version keeps it until it is answered, so a switch fails no request.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf import json_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
 
 from data import contract
-from serving.batching import Arrivals, Batcher
+from serving.batching import NO_CALLER, Arrival, Batcher, Caller
 from serving.config import ServerConfig
 from serving.errors import invalid_argument, not_found
 from serving.metrics import ServingMetrics
@@ -30,7 +36,6 @@ from serving.signature import Limits, Signature
 log = logging.getLogger(__name__)
 
 LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
 @dataclass(frozen=True)
@@ -44,49 +49,91 @@ class VersionStatus:
 class Servable:
     """One loaded version: its signatures and, with batching on, one batcher per signature."""
 
-    def __init__(self, config: ServerConfig, version: int, path: Path, metrics: ServingMetrics,
-                 arrivals: Arrivals):
+    def __init__(self, config: ServerConfig, version: int, path: Path, metrics: ServingMetrics):
         self.version = version
         self.path = path
+        self._model_name = config.model_name
         self._loaded = tf.saved_model.load(str(path))
         proto = saved_model_pb2.SavedModel()
         proto.ParseFromString((path / "saved_model.pb").read_bytes())
         self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = dict(proto.meta_graphs[0].signature_def)
+        batching = config.batching
         limits = Limits(config.max_instances, config.max_image_bytes, config.max_image_pixels,
-                        config.max_request_pixels, config.signature_image_input)
+                        config.max_request_pixels, config.signature_image_input,
+                        batch_limit=batching.max_batch_size if batching.enabled else None)
         self.signatures = {name: Signature(name, self.signature_defs[name], function, limits)
                            for name, function in self._loaded.signatures.items() if name in self.signature_defs}
         self._batchers: dict[str, Batcher] = {}
-        self._idle = threading.Condition()  # notified when the last running request finishes
+        self._idle = threading.Condition()  # guards _in_flight; notified when the last running request finishes
         self._in_flight = 0
-        if config.batching.enabled:
+        self._metadata: dict | None = None
+        if batching.enabled:
             for name, signature in self.signatures.items():
                 if signature.batchable:
                     self._batchers[name] = Batcher(
-                        signature.run, config.batching, f"{config.model_name}-{version}-{name}", arrivals,
-                        on_batch=lambda size, waited: metrics.record_batch(config.model_name, size, waited))
+                        signature.run, batching, f"{config.model_name}-{version}-{name}",
+                        on_stats=metrics.record_batching,
+                        locate=lambda parts, signature=signature: [signature.undecodable(p) for p in parts])
 
-    def predict(self, signature: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Checks and runs one request, batched with concurrent ones when batching is on."""
+    # -- requests ----------------------------------------------------------------------------
+
+    def arrival(self, signature: Signature) -> Arrival | contextlib.nullcontext:
+        """Marks a request on its way to the signature's batch queue (see serving/batching.py)."""
+        batcher = self._batchers.get(signature.name)
+        return batcher.arrival() if batcher is not None else contextlib.nullcontext()
+
+    def run(self, signature: Signature, inputs: dict[str, np.ndarray], size: int, caller: Caller = NO_CALLER,
+            arrival: Arrival | None = None) -> dict[str, np.ndarray]:
+        """Runs checked inputs (`signature.check`), batched with concurrent requests when batching is on.
+
+        What TF Serving times as runtime_latency: its session's Run, which with batching
+        includes the wait in the batch queue.
+        """
+        batcher = self._batchers.get(signature.name)
+        if batcher is not None:
+            return batcher.run(inputs, size, caller, arrival if isinstance(arrival, Arrival) else None)
+        lost = caller.lost(time.monotonic(), queued=False)
+        if lost is not None:
+            raise lost
+        return signature.run(inputs)
+
+    def enter(self) -> None:
+        """A request holds this version (ModelManager.lease counts it as it resolves it)."""
         with self._idle:
             self._in_flight += 1
-        try:
-            size = signature.check(inputs)
-            batcher = self._batchers.get(signature.name)
-            if batcher is None:
-                return signature.run(inputs)
-            return batcher.run(inputs, size)
-        finally:
-            with self._idle:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.notify_all()
+
+    def leave(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def signature_def_map(self) -> get_model_metadata_pb2.SignatureDefMap:
+        """The whole SignatureDef map of the MetaGraph, as TF Serving's GetModelMetadata returns it."""
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature_def in self.signature_defs.items():
+            signature_map.signature_def[name].CopyFrom(signature_def)
+        return signature_map
+
+    def metadata_json(self) -> dict:
+        """GetModelMetadataResponse as TF Serving's REST API prints it, made once per version."""
+        if self._metadata is None:
+            signature_map = self.signature_def_map()
+            self._metadata = {
+                "model_spec": {"name": self._model_name, "signature_name": "", "version": str(self.version)},
+                # Yes, `signature_def` twice: TF Serving's JSON of the SignatureDefMap inside `metadata`.
+                "metadata": {"signature_def": json_format.MessageToDict(
+                    signature_map, including_default_value_fields=True, preserving_proto_field_name=True)},
+            }
+        return self._metadata
+
+    # -- life cycle ------------------------------------------------------------------------------
 
     def warm_up(self) -> int:
         """Replays the model's own warmup requests (TF Serving's assets.extra convention)."""
-        from components.warmup import read_warmup_requests  # owns the file's format
+        from components.warmup import read_warmup_requests, warmup_path  # owns the file's name and format
 
-        if not (self.path / WARMUP_FILE).exists():
+        if not os.path.exists(warmup_path(str(self.path))):
             return 0
         requests = read_warmup_requests(str(self.path))
         for request in requests:
@@ -98,10 +145,16 @@ class Servable:
             signature.run({alias: tf.make_ndarray(tensor) for alias, tensor in request.inputs.items()})
         return len(requests)
 
-    def close(self) -> None:
-        """Waits for the requests that are running on this version to finish (new ones resolve elsewhere)."""
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Waits until no request holds this version (new ones resolve elsewhere); False on timeout."""
         with self._idle:
-            self._idle.wait_for(lambda: self._in_flight == 0)
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout)
+
+    def release(self) -> None:
+        """Drops the loaded model, its functions and batchers, so that their memory can be freed."""
+        self.signatures = {}
+        self._batchers = {}
+        self._loaded = None
 
 
 class ModelManager:
@@ -110,7 +163,6 @@ class ModelManager:
     def __init__(self, config: ServerConfig, metrics: ServingMetrics):
         self._config = config
         self._metrics = metrics
-        self.arrivals = Arrivals()  # requests on their way to a batcher, shared by every version
         self._lock = threading.Lock()
         self._servables: dict[int, Servable] = {}
         self._status: dict[int, VersionStatus] = {}
@@ -123,21 +175,23 @@ class ModelManager:
     def name(self) -> str:
         return self._config.model_name
 
-    def start(self) -> None:
-        """Loads what is on disk now (so the server opens with its model), then polls in the background."""
+    def load_existing(self) -> None:
+        """Loads the versions on disk now, so that the server opens with its model."""
         self.poll(settle=False)
+
+    def start_polling(self) -> None:
+        """Watches the base path in the background for versions that come and go."""
         self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stops polling (a load under way is not interrupted: TensorFlow cannot be); False if the
+        poller is still busy after `timeout` seconds."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-        with self._lock:
-            servables = list(self._servables.values())
-            self._servables.clear()
-        for servable in servables:
-            servable.close()
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self._config.poll_interval_s):
@@ -156,6 +210,8 @@ class ModelManager:
         on_disk = self._versions_on_disk()
         wanted = sorted(on_disk, reverse=True)[: self._config.num_versions]
         for version in sorted(wanted):
+            if self._stop.is_set():
+                return  # shutting down: load nothing more
             if version in self._servables:
                 continue
             fingerprint = _fingerprint(on_disk[version])
@@ -185,7 +241,7 @@ class ModelManager:
         started = time.monotonic()
         log.info("loading %s version %d from %s", self.name, version, path)
         try:
-            servable = Servable(self._config, version, path, self._metrics, self.arrivals)
+            servable = Servable(self._config, version, path, self._metrics)
             warmup_started = time.monotonic()
             warmed = servable.warm_up() if self._config.warmup else 0
             warmup_seconds = time.monotonic() - warmup_started
@@ -210,7 +266,10 @@ class ModelManager:
         with self._lock:
             servable = self._servables.pop(version)
         self._metrics.set_loaded_versions(self.name, self.available_versions())
-        servable.close()  # requests holding it finish; new ones resolve to other versions
+        servable.wait_idle()  # requests holding it finish; new ones resolve to other versions
+        servable.release()
+        del servable
+        _free_memory()
         self._set_status(VersionStatus(version, END))
         log.info("%s version %d unloaded", self.name, version)
 
@@ -229,20 +288,36 @@ class ModelManager:
             raise invalid_argument(f"Unrecognized servable version label: {label}")
         return labels[label]
 
+    @contextlib.contextmanager
+    def lease(self, name: str, version: int | None = None, label: str | None = None) -> Iterator[Servable]:
+        """The servable a request names, held for the request: counted in flight in the same step that
+        finds it, so no unload can slip between finding it and using it."""
+        with self._lock:
+            servable = self._resolve(name, version, label)
+            servable.enter()
+        try:
+            yield servable
+        finally:
+            servable.leave()
+
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
-        """The servable a request names: a version, a label, or (neither) the newest available one."""
+        """The servable a request names, for a quick look (status, metadata); see `lease` to use it."""
+        with self._lock:
+            return self._resolve(name, version, label)
+
+    def _resolve(self, name: str, version: int | None, label: str | None) -> Servable:
+        """A version, a label, or (neither) the newest available version; under self._lock."""
         if name != self.name:
             raise not_found(f"Servable not found for request: Latest({name})")
         version = self._labelled(version, label)
-        with self._lock:
-            if version is not None:
-                servable = self._servables.get(version)
-                if servable is None:
-                    raise not_found(f"Servable not found for request: Specific({name}, {version})")
-                return servable
-            if not self._servables:
-                raise not_found(f"Servable not found for request: Latest({name})")
-            return self._servables[max(self._servables)]
+        if version is not None:
+            servable = self._servables.get(version)
+            if servable is None:
+                raise not_found(f"Servable not found for request: Specific({name}, {version})")
+            return servable
+        if not self._servables:
+            raise not_found(f"Servable not found for request: Latest({name})")
+        return self._servables[max(self._servables)]
 
     def statuses(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
         if name != self.name:
@@ -260,6 +335,16 @@ class ModelManager:
     def available_versions(self) -> list[int]:
         with self._lock:
             return sorted(self._servables)
+
+
+def _free_memory() -> None:
+    """After an unload: collect the model's Python objects and hand the freed heap back to the OS
+    (glibc keeps freed memory mapped otherwise; figures in the README, Performance)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _fingerprint(path: Path) -> tuple:

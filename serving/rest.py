@@ -3,8 +3,8 @@
 URLs are matched with TF Serving's own patterns (model_servers/http_rest_api_util.cc),
 case-insensitively; anything else under /v1/ is `Malformed request: <METHOD> <path>`
 (400), as there. Every answer is JSON; every error is `{"error": "..."}` with the HTTP
-status TF Serving maps its code to. Model work runs on a thread pool so the event
-loop keeps accepting connections.
+status TF Serving maps its code to. Predicts run on a thread pool so the event loop
+keeps accepting connections; status and metadata are answered on the loop itself.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
@@ -21,11 +20,12 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from serving.batching import Caller
 from serving.config import ServerConfig
 from serving.errors import ServingError, invalid_argument
 from serving.json_tensor import parse_predict_body, predictions_json, to_tensors
 from serving.metrics import CONTENT_TYPE, METRICS_PATH
-from serving.service import ModelRequest, PredictionService, metadata_json, status_json
+from serving.service import ModelRequest, PredictionService, status_json
 
 _PREDICT = re.compile(r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)")
 _STATUS = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?")
@@ -50,7 +50,6 @@ class _Handler:
         self._config = config
         self._service = service
         self._executor = executor
-        self._in_flight = 0
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.rel_url.raw_path  # still percent-encoded: names are decoded after matching, as in TF Serving
@@ -58,18 +57,23 @@ class _Handler:
             return web.Response(body=self._service.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
         if not _V1.fullmatch(path):
             return _json({"error": f"Not found: {request.method} {path}"}, 404)
+        # TF Serving's clock starts once the request, body included, has arrived: a slow sender's
+        # upload is not the server's latency. Every /v1/ request is counted, status and metadata GETs
+        # too (its http_server.cc; gRPC's GetModelStatus and GetModelMetadata are not counted).
         started = time.perf_counter()
         model_name, api = "", ""
         try:
             if request.method == "POST" and (match := _PREDICT.fullmatch(path)):
                 model_name, api = _decode(match.group(1), "model name"), match.group(4)
-                body, status = await self._predict(request, _model_request(match)), 200
+                payload = await self._predict_body(request)
+                started = time.perf_counter()
+                body = await self._predict(request, _model_request(match), payload)
             elif request.method == "GET" and (match := _STATUS.fullmatch(path)):
                 if match.group(1) is None:
                     raise invalid_argument("Missing model name in request.")
                 model_name = _decode(match.group(1), "model name")
-                body, status = await self._run(self._status_or_metadata, _model_request(match),
-                                               match.group(4) is not None), 200
+                # On the event loop, never queued behind predicts: health checks are answered under overload.
+                body = self._status_or_metadata(_model_request(match), match.group(4) is not None)
             else:
                 raise invalid_argument(f"Malformed request: {request.method} {path}")
         except ServingError as error:
@@ -80,28 +84,33 @@ class _Handler:
             self._service.record_request(model_name, "INTERNAL", api, "REST", time.perf_counter() - started)
             return _json({"error": f"internal error: {type(error).__name__}"}, 500)
         self._service.record_request(model_name, "OK", api, "REST", time.perf_counter() - started)
-        return _json(body, status, indent=None if api else 1)  # status/metadata: protobuf's JSON layout
+        return _json(body, 200, indent=None if api else 1)  # status/metadata: protobuf's JSON layout
 
-    async def _predict(self, request: web.Request, model: ModelRequest) -> dict:
+    async def _predict_body(self, request: web.Request) -> bytes:
         method = request.rel_url.raw_path.rsplit(":", 1)[-1]
         if method in ("classify", "regress"):
             raise invalid_argument(f"the model has predict signatures only; use :predict, not :{method}")
         if method != "predict":  # TF Serving matches the URL case-insensitively but dispatches on the exact word
             raise invalid_argument(f"Malformed request: {request.method} {request.rel_url.raw_path}")
-        if self._in_flight >= self._config.max_concurrent_requests:
-            raise ServingError("RESOURCE_EXHAUSTED", f"too many requests in flight (limit "
-                                                     f"{self._config.max_concurrent_requests}); retry later")
-        self._in_flight += 1
-        arrivals = self._service.manager.arrivals
-        arrivals.add()  # from here on, batches may wait a little for this request (see serving/batching.py)
-        ticket = _Ticket()  # exactly one of this coroutine and the worker thread un-counts it
+        return await self._read_body(request)
+
+    async def _predict(self, request: web.Request, model: ModelRequest, payload: bytes) -> dict:
+        """Admitted (or refused) only once the body is here, so a slow sender holds no predict slot."""
+        admission = self._service.admission
+        transport = request.transport
+        caller = Caller.within(self._config.rest_api_timeout_ms / 1000,
+                               gone=lambda: transport is None or transport.is_closing())
+        admission.enter()
         try:
-            payload = await self._read_body(request)
-            return await self._run(self._predict_sync, model, payload, ticket)
+            work = self._executor.submit(self._predict_sync, model, payload, caller)
+        except BaseException:
+            admission.leave()
+            raise
+        try:
+            return await asyncio.wrap_future(work)
         finally:
-            self._in_flight -= 1
-            if ticket.claim():  # the worker never started: the body failed, or the client went away
-                arrivals.remove()
+            if work.cancel():  # never started (this coroutine was cancelled first): nothing else will leave
+                admission.leave()
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._config.max_body_bytes
@@ -120,41 +129,22 @@ class _Handler:
         except HttpProcessingError as error:  # e.g. a bad chunk in a chunked body
             raise invalid_argument(f"the request body cannot be read: {_first_line(error.message)}") from None
 
-    async def _run(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
-
-    def _predict_sync(self, model: ModelRequest, payload: bytes, ticket: "_Ticket") -> dict:
-        if not ticket.claim():
-            raise ServingError("CANCELLED", "the request was cancelled")
-        with self._service.manager.arrivals.tracking(added=True):
-            return self._predict_tracked(model, payload)
-
-    def _predict_tracked(self, model: ModelRequest, payload: bytes) -> dict:
-        signature_name, raw, row_format = parse_predict_body(payload)
-        prediction = self._service.predict(
-            model, signature_name, lambda signature: to_tensors(raw, row_format, signature),
-            missing_signature=lambda name: invalid_argument(
-                f'Serving signature name: "{name}" not found in signature def'))
-        return predictions_json(prediction.outputs, row_format)
+    def _predict_sync(self, model: ModelRequest, payload: bytes, caller: Caller) -> dict:
+        try:
+            signature_name, raw, row_format = parse_predict_body(payload)
+            prediction = self._service.predict(
+                model, signature_name, lambda signature: to_tensors(raw, row_format, signature),
+                missing_signature=lambda name: invalid_argument(
+                    f'Serving signature name: "{name}" not found in signature def'),
+                caller=caller)
+            return predictions_json(prediction.outputs, row_format)
+        finally:
+            self._service.admission.leave()
 
     def _status_or_metadata(self, model: ModelRequest, metadata: bool) -> dict:
         if not metadata:
             return status_json(self._service.statuses(model))
-        servable, signature_map = self._service.signature_def_map(model)
-        return metadata_json(model.name, servable.version, signature_map)
-
-
-class _Ticket:
-    """Claimed once, by whichever side gets there first."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._claimed = False
-
-    def claim(self) -> bool:
-        with self._lock:
-            claimed, self._claimed = self._claimed, True
-            return not claimed
+        return self._service.servable(model).metadata_json()
 
 
 def _model_request(match: re.Match) -> ModelRequest:

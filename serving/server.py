@@ -1,8 +1,11 @@
 """`digits serve`: the model manager, the REST and gRPC front ends, and an orderly life cycle.
 
 Start: load the versions on disk (so the ports open with a model), open gRPC and
-REST, print where. SIGTERM or SIGINT: stop accepting, let in-flight requests finish
-(up to the grace period), unload, exit 0.
+REST, print where. SIGTERM or SIGINT at any moment, start-up included: stop
+accepting, let in-flight requests finish, and return, all within the grace period
+from the signal (a second signal cuts the wait short). What cannot be waited for
+within it, such as a version load under way (TensorFlow cannot interrupt one), is
+left behind: the caller then ends the process (`digits serve` exits 0).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from serving.rest import make_app
 from serving.service import PredictionService
 
 log = logging.getLogger(__name__)
+_POLL_S = 0.02  # how often shutdown looks at what is still running
 
 
 @dataclass(frozen=True)
@@ -39,33 +44,114 @@ def serve(config: ServerConfig, on_ready: Callable[[Endpoints], None] | None = N
     asyncio.run(_serve(config, on_ready))
 
 
+class _Stop:
+    """The stop signal: when it came, and whether a second one asked not to wait any longer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, grace_s: float):
+        self._loop = loop
+        self._grace_s = grace_s
+        self.requested = asyncio.Event()
+        self.deadline: float | None = None
+
+    def __call__(self) -> None:
+        if self.requested.is_set():
+            log.info("second stop signal: not waiting any longer")
+            self.deadline = self._loop.time()
+            return
+        self.deadline = self._loop.time() + self._grace_s
+        self.requested.set()
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - self._loop.time()) if self.deadline is not None else float("inf")
+
+    async def wait_until(self, done: Callable[[], bool]) -> bool:
+        """Waits for `done()` while the grace lasts; False if time ran out first."""
+        while not done():
+            if self.remaining() <= 0:
+                return False
+            await asyncio.sleep(min(_POLL_S, self.remaining()))
+        return True
+
+
 async def _serve(config: ServerConfig, on_ready) -> None:
+    loop = asyncio.get_running_loop()
+    stop = _Stop(loop, config.shutdown_grace_s)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
     log.info("%s", runtime.apply(config.onednn, config.intra_op_threads, config.inter_op_threads))
     metrics = ServingMetrics()
     manager = ModelManager(config, metrics)
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, manager.start)
-    service = PredictionService(manager, metrics)
+    if not await _load_existing(manager, stop):
+        log.info("stopped during start-up, before the ports opened")
+        return
+    service = PredictionService(manager, metrics, config.max_concurrent_requests)
     executor = ThreadPoolExecutor(max_workers=config.max_concurrent_requests, thread_name_prefix="rest")
     grpc_server, grpc_port = make_server(config, service)
     runner = web.AppRunner(make_app(config, service, executor), access_log=None,
                            shutdown_timeout=config.shutdown_grace_s, handle_signals=False)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    grpc_server.start()
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.rest_port, reuse_address=True)
     try:
-        grpc_server.start()
-        await runner.setup()
-        site = web.TCPSite(runner, config.host, config.rest_port, reuse_address=True)
         await site.start()
-        rest_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
-        if on_ready is not None:
-            on_ready(Endpoints(rest_port, grpc_port, manager.available_versions()))
-        await stop.wait()
-        log.info("shutting down: finishing in-flight requests (up to %.0f s)", config.shutdown_grace_s)
-    finally:
-        grpc_done = grpc_server.stop(config.shutdown_grace_s)
-        await runner.cleanup()  # stops accepting, waits for running handlers up to shutdown_timeout
-        await loop.run_in_executor(None, grpc_done.wait)
-        executor.shutdown(wait=True)
-        await loop.run_in_executor(None, manager.stop)
+    except OSError:
+        grpc_server.stop(None)
+        raise
+    manager.start_polling()
+    rest_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
+    if on_ready is not None:
+        on_ready(Endpoints(rest_port, grpc_port, manager.available_versions()))
+    await stop.requested.wait()
+
+    log.info("shutting down: finishing in-flight requests (up to %.1f s)", stop.remaining())
+    grpc_done = grpc_server.stop(stop.remaining())  # refuses new calls now; cancels the rest when the grace ends
+    await site.stop()  # the REST port stops accepting connections
+    manager.stop(timeout=0)  # no new loads; one under way is not waited for
+    drained = await stop.wait_until(lambda: service.admission.in_flight == 0)
+    try:  # answers already computed are written out, idle keep-alive connections closed
+        await asyncio.wait_for(runner.cleanup(), timeout=max(stop.remaining(), _POLL_S))
+    except asyncio.TimeoutError:
+        drained = False
+    if not await stop.wait_until(grpc_done.is_set):
+        drained = False
+    executor.shutdown(wait=False, cancel_futures=True)
+    if drained:
+        log.info("stopped: every in-flight request was answered")
+    else:
+        log.warning("stopped at the end of the grace period with %d predict requests unanswered",
+                    service.admission.in_flight)
+
+
+async def _load_existing(manager: ModelManager, stop: _Stop) -> bool:
+    """Loads the versions on disk on a daemon thread, so that a stop signal need not wait for it.
+
+    Returns False if the signal came first (the load is left to finish or die with the process).
+    """
+    loop = asyncio.get_running_loop()
+    loaded = loop.create_future()
+
+    def load() -> None:
+        try:
+            manager.load_existing()
+        except BaseException as error:  # reported to the caller, not lost in a thread
+            loop.call_soon_threadsafe(_settle, loaded, error)
+        else:
+            loop.call_soon_threadsafe(_settle, loaded, None)
+
+    threading.Thread(target=load, name="initial-load", daemon=True).start()
+    stopped = asyncio.ensure_future(stop.requested.wait())
+    await asyncio.wait({loaded, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.requested.is_set():
+        return False
+    stopped.cancel()
+    loaded.result()  # re-raises a failed load
+    return True
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,24 +1,23 @@
-"""What REST and gRPC share: resolving the model, running predict, recording metrics, status and metadata.
+"""What REST and gRPC share: admission, resolving the model, running predict, recording metrics, status.
 
 The front ends only translate their wire formats to numpy arrays and back.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from google.protobuf import json_format
-from tensorflow_serving.apis import get_model_metadata_pb2
 
 from data import contract
+from serving.batching import NO_CALLER, Caller
 from serving.errors import ServingError
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager, Servable, VersionStatus
 from serving.signature import Signature
-
 
 UNKNOWN_MODEL = "unknown"  # the model_name label of requests for models that are not served
 
@@ -34,31 +33,73 @@ class ModelRequest:
 
 @dataclass
 class Prediction:
-    servable: Servable
+    version: int
     signature: Signature
     outputs: dict[str, np.ndarray]
 
 
+class Admission:
+    """The predict calls in flight, REST and gRPC together, up to `limit`; more are refused at once.
+
+    Only predicts are counted: status and metadata requests are cheap, and health checks
+    must be answered while the server is saturated.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._count = 0
+        self._idle = threading.Condition()
+
+    @property
+    def in_flight(self) -> int:
+        return self._count
+
+    def enter(self) -> None:
+        with self._idle:
+            if self._count >= self.limit:
+                raise ServingError("RESOURCE_EXHAUSTED",
+                                   f"too many requests in flight (limit {self.limit}); retry later")
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._idle:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Waits until no predict is in flight (shutdown); False if some still are after `timeout`."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout=timeout)
+
+
 class PredictionService:
-    def __init__(self, manager: ModelManager, metrics: ServingMetrics):
+    def __init__(self, manager: ModelManager, metrics: ServingMetrics, max_concurrent_requests: int):
         self.manager = manager
         self.metrics = metrics
+        self.admission = Admission(max_concurrent_requests)
 
     def predict(self, request: ModelRequest, signature_name: str,
                 make_inputs: Callable[[Signature], dict[str, np.ndarray]],
-                missing_signature: Callable[[str], ServingError]) -> Prediction:
-        """Resolves the servable, builds the inputs for its signature and runs the model."""
-        servable = self.manager.resolve(request.name, request.version, request.label)
-        name = signature_name or contract.SERVING_SIGNATURE
-        signature = servable.signatures.get(name)
-        if signature is None:
-            raise missing_signature(name)
-        inputs = make_inputs(signature)
-        started = time.perf_counter()
-        outputs = servable.predict(signature, inputs)
-        self.metrics.record_runtime(request.name, "Predict", time.perf_counter() - started)
-        self._record_answers(request.name, servable.version, outputs)
-        return Prediction(servable, signature, outputs)
+                missing_signature: Callable[[str], ServingError], caller: Caller = NO_CALLER) -> Prediction:
+        """Resolves the servable, builds and checks the inputs for its signature and runs the model.
+
+        Call inside `admission` (the front ends do, so that they can refuse before parsing).
+        """
+        with self.manager.lease(request.name, request.version, request.label) as servable:
+            name = signature_name or contract.SERVING_SIGNATURE
+            signature = servable.signatures.get(name)
+            if signature is None:
+                raise missing_signature(name)
+            with servable.arrival(signature) as arrival:  # parsed and resolved: on its way to the batch queue
+                inputs = make_inputs(signature)
+                size = signature.check(inputs)
+                started = time.perf_counter()
+                outputs = servable.run(signature, inputs, size, caller, arrival)
+            # TF Serving's runtime_latency: the session's Run only (with batching, the queue too), on success.
+            self.metrics.record_runtime(request.name, "Predict", time.perf_counter() - started)
+            self._record_answers(request.name, servable.version, outputs)
+            return Prediction(servable.version, signature, outputs)
 
     def record_request(self, model_name: str, status: str, api: str, entrypoint: str, seconds: float) -> None:
         """Counts a request under its model's name; names of models this server does not serve are
@@ -75,12 +116,10 @@ class PredictionService:
     def statuses(self, request: ModelRequest) -> list[VersionStatus]:
         return self.manager.statuses(request.name, request.version, request.label)
 
-    def signature_def_map(self, request: ModelRequest) -> tuple[Servable, get_model_metadata_pb2.SignatureDefMap]:
-        servable = self.manager.resolve(request.name, request.version, request.label)
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for name, signature_def in servable.signature_defs.items():
-            signature_map.signature_def[name].CopyFrom(signature_def)
-        return servable, signature_map
+    def servable(self, request: ModelRequest) -> Servable:
+        """The servable a status-like request names (metadata), without holding it."""
+        return self.manager.resolve(request.name, request.version, request.label)
+
 
 
 def status_json(statuses: list[VersionStatus]) -> dict:
@@ -89,12 +128,3 @@ def status_json(statuses: list[VersionStatus]) -> dict:
         {"version": str(status.version), "state": status.state,
          "status": {"error_code": status.error_code, "error_message": status.error_message}}
         for status in statuses]}
-
-
-def metadata_json(model_name: str, version: int, signature_map: get_model_metadata_pb2.SignatureDefMap) -> dict:
-    """GetModelMetadataResponse as TF Serving's REST API prints it (yes, `signature_def` twice)."""
-    return {
-        "model_spec": {"name": model_name, "signature_name": "", "version": str(version)},
-        "metadata": {"signature_def": json_format.MessageToDict(
-            signature_map, including_default_value_fields=True, preserving_proto_field_name=True)},
-    }

@@ -8,6 +8,7 @@ function. Any failure is a `ServingError` with TF Serving's code.
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from PIL import Image
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
+from serving.batching import task_size_error
 from serving.errors import ServingError, code_name, invalid_argument
 
 
@@ -31,6 +33,7 @@ class Limits:
     max_image_pixels: int
     max_request_pixels: int
     image_input: str  # string inputs with this name must be encoded images within the limits above
+    batch_limit: int | None = None  # with batching on: the most examples a request of a batched signature may have
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,24 @@ class Signature:
 
     def check(self, inputs: dict[str, np.ndarray]) -> int:
         """Validates a request's inputs in place of the model; returns its batch size."""
+        size = self.check_shapes({alias: (_dtype_name(value), value.shape) for alias, value in inputs.items()})
+        image = inputs.get(self._limits.image_input)
+        if image is not None and self.inputs[self._limits.image_input].dtype == types_pb2.DT_STRING:
+            pixels = sum(self._check_image(index, data) for index, data in enumerate(image.reshape(-1)))
+            if pixels > self._limits.max_request_pixels:
+                # Each image may be within its limit and the batch still too big to decode at once.
+                raise invalid_argument(f"the request's images have {pixels} pixels in all; the limit is "
+                                       f"{self._limits.max_request_pixels} pixels per request (send fewer or "
+                                       f"smaller images per request)")
+        return size
+
+    def check_shapes(self, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+        """Validates input names, dtypes and shapes ({alias: (DT_... name, shape)}); returns the batch size.
+
+        Needs no values, so a gRPC request's claimed shapes are checked before anything is
+        allocated for them.
+        """
+        inputs = shapes
         missing = sorted(set(self.inputs) - set(inputs))
         unknown = sorted(set(inputs) - set(self.inputs))
         if unknown:
@@ -84,37 +105,58 @@ class Signature:
                                    f"len({{{sent}}}) != len({{{','.join(self.inputs)}}}). Sent extra: {{}}. "
                                    f"Missing but required: {{{','.join(missing)}}}.")
         sizes = set()
-        for alias, value in inputs.items():
+        for alias, (dtype_name, shape) in inputs.items():
             spec = self.inputs[alias]
-            if _dtype_name(value) != spec.dtype_name:  # else tf.constant fails inside the model call
-                raise invalid_argument(f"input {alias} expects {spec.dtype_name} but {_dtype_name(value)} "
-                                       f"is provided")
-            if spec.shape is not None and value.ndim != len(spec.shape):
+            shape = tuple(shape)
+            if dtype_name != spec.dtype_name:  # else tf.constant fails inside the model call
+                raise invalid_argument(f"input {alias} expects {spec.dtype_name} but {dtype_name} is provided")
+            if spec.shape is not None and len(shape) != len(spec.shape):
                 raise invalid_argument(f"input {alias} must have rank {len(spec.shape)} "
-                                       f"(shape {list(spec.shape)}), got shape {list(value.shape)}")
+                                       f"(shape {list(spec.shape)}), got shape {list(shape)}")
             if spec.shape is not None:
-                for position, (want, got) in enumerate(zip(spec.shape, value.shape)):
+                for position, (want, got) in enumerate(zip(spec.shape, shape)):
                     if want != -1 and want != got:
                         raise invalid_argument(f"input {alias} dimension {position} must be {want}, got {got}")
             if spec.batched:
-                sizes.add(value.shape[0])
+                sizes.add(shape[0])
         if len(sizes) > 1:
             raise invalid_argument(f"inputs have different batch sizes: {sorted(sizes)}")
         size = sizes.pop() if sizes else 1
         if size == 0:
             raise invalid_argument("the request has no examples: send at least one instance")
+        if self._limits.batch_limit is not None and self.batchable and size > self._limits.batch_limit:
+            raise task_size_error(size, self._limits.batch_limit)  # TF Serving's words, before any image is read
         if size > self._limits.max_instances:
             raise invalid_argument(f"the request has {size} examples; the limit is {self._limits.max_instances} "
                                    f"per request (send several requests)")
-        image = inputs.get(self._limits.image_input)
-        if image is not None and self.inputs[self._limits.image_input].dtype == types_pb2.DT_STRING:
-            pixels = sum(self._check_image(index, data) for index, data in enumerate(image.reshape(-1)))
-            if pixels > self._limits.max_request_pixels:
-                # Each image may be within its limit and the batch still too big to decode at once.
-                raise invalid_argument(f"the request's images have {pixels} pixels in all; the limit is "
-                                       f"{self._limits.max_request_pixels} pixels per request (send fewer or "
-                                       f"smaller images per request)")
         return size
+
+    def max_elements(self, alias: str) -> int | None:
+        """The most values `alias` can hold in a request that passes `check_shapes` (None: unbounded)."""
+        spec = self.inputs.get(alias)
+        if spec is None or spec.shape is None or any(dim < 0 for dim in spec.shape[1:]):
+            return None
+        limit = self._limits.max_instances
+        if self._limits.batch_limit is not None and self.batchable:
+            limit = min(limit, self._limits.batch_limit)
+        fixed = math.prod(spec.shape[1:]) if spec.batched else math.prod(spec.shape)
+        return limit * fixed if spec.batched else fixed
+
+    def undecodable(self, inputs: dict[str, np.ndarray]) -> ServingError | None:
+        """The error the model gives these images, found by decoding them only (None: they decode).
+
+        For isolating a bad request in a failed batch: the same TensorFlow op as the model's
+        preprocessing decides, at a fraction of a model call. None too when the signature has no
+        image input (the batcher then halves the batch instead).
+        """
+        image = inputs.get(self._limits.image_input)
+        if image is None or self.inputs[self._limits.image_input].dtype != types_pb2.DT_STRING:
+            return None
+        try:
+            _decode_all(tf.constant(image.reshape(-1), dtype=tf.string))
+        except tf.errors.InvalidArgumentError as error:
+            return invalid_argument(_op_message(error.message))
+        return None
 
     def _check_image(self, index: int, data) -> int:
         """Checks one encoded image from its header; returns its pixel count."""
@@ -156,6 +198,13 @@ class Signature:
         except tf.errors.OpError as error:
             raise ServingError(code_name(error.error_code), _op_message(error.message)) from None
         return {alias: value.numpy() for alias, value in outputs.items()}
+
+
+@tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+def _decode_all(images: tf.Tensor) -> tf.Tensor:
+    """Decodes each encoded image as the model's preprocessing does (decode_image), keeping only shapes."""
+    return tf.map_fn(lambda data: tf.shape(tf.io.decode_image(data, expand_animations=False)), images,
+                     fn_output_signature=tf.TensorSpec([3], tf.int32))
 
 
 def _dtype_name(value: np.ndarray) -> str:

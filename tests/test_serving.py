@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +14,12 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, run_digits, start_server
+from conftest import run_digits, start_server
+from serving_clients import b64 as _b64
+from serving_clients import grpc_predict as _grpc_predict
+from serving_clients import predict_rest as _predict_rest
+from serving_clients import scrape as _metrics
 from data import contract
 from serving.runtime import ONEDNN_ENV
 
@@ -40,43 +41,6 @@ def in_process(pushed_model):
     (version,) = pushed_model.iterdir()
     signature = tf.saved_model.load(str(version)).signatures[contract.SERVING_SIGNATURE]
     return lambda images: signature(image_bytes=tf.constant(images))[contract.PROBABILITIES_OUTPUT].numpy()
-
-
-def _b64(data: bytes) -> dict:
-    return {"b64": base64.b64encode(data).decode("ascii")}
-
-
-def _predict_rest(url: str, images: list[bytes], suffix: str = "", timeout: float = 60) -> requests.Response:
-    return requests.post(f"{url}/v1/models/digits{suffix}:predict",
-                         json={"instances": [_b64(image) for image in images]}, timeout=timeout)
-
-
-def _grpc_predict(target: str, images: list[bytes], version: int | None = None, label: str | None = None):
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = "digits"
-    if version is not None:
-        request.model_spec.version.value = version
-    if label is not None:
-        request.model_spec.version_label = label
-    request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tf.make_tensor_proto(images, dtype=tf.string))
-    with grpc.insecure_channel(target) as channel:
-        return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
-
-
-def _metrics(url: str) -> dict[str, dict[tuple, float]]:
-    """{sample name: {sorted label items: value}} from the Prometheus page."""
-    response = requests.get(f"{url}/monitoring/prometheus/metrics", timeout=30)
-    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
-    samples: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            # The parser names counter samples `<name>_total`; the page itself has TF Serving's `<name>`.
-            name = family.name if family.type == "counter" else sample.name
-            samples.setdefault(name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return samples
 
 
 def test_rest_and_grpc_answer_as_the_model_does_in_process(model_server, pngs, in_process):

@@ -255,12 +255,13 @@ def test_rest_image_limits(model_server, png):
 
 
 def test_rest_batch_over_the_default_limit(model_server, png):
+    # TF Serving with the container's batching file refuses more than max_batch_size examples, in these words.
     from serving.config import ServerConfig
 
-    limit = ServerConfig(model_base_path="unused").max_instances
+    limit = ServerConfig(model_base_path="unused").batching.max_batch_size
     since = len(model_server.output)
     response = post(model_server, {"instances": [b64(png)] * (limit + 1)})
-    assert_error(response, 400, f"the request has {limit + 1} examples; the limit is {limit}")
+    assert_error(response, 400, f"Task size {limit + 1} is larger than maximum input batch size {limit}")
     assert_still_serving(model_server, png, since)
 
 
@@ -440,8 +441,10 @@ def _grpc_predict_cases(png: bytes) -> dict:
         return tensor_pb2.TensorProto(tensor_shape=shape, **fields)
 
     claims_huge_shape = tensor([10**12], dtype=types_pb2.DT_STRING, string_val=[png])
+    # The 14-byte message: make_ndarray would fill 8,388,608 strings (128 MB) before any limit.
+    claims_8m_strings = tensor([8388608], dtype=types_pb2.DT_STRING, string_val=[b"x"])
     claims_negative_shape = tensor([-5], dtype=types_pb2.DT_STRING, string_val=[png])
-    short_content = tensor([4], dtype=types_pb2.DT_FLOAT, tensor_content=b"\x00" * 6)
+    unreadable_content = tensor([4], dtype=types_pb2.DT_STRING, tensor_content=b"\x00" * 6)
     no_dtype = tensor([1], string_val=[png])
 
     def example(**features) -> bytes:
@@ -449,7 +452,7 @@ def _grpc_predict_cases(png: bytes) -> dict:
 
     example_without_image = example(label=tf.train.Feature(int64_list=tf.train.Int64List(value=[3])))
     example_with_text = example(image=tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"hello"])))
-    max_instances = ServerConfig(model_base_path="unused").max_instances
+    max_batch_size = ServerConfig(model_base_path="unused").batching.max_batch_size
     ok = grpc.StatusCode
     return {
         # id: (request, code, message)
@@ -488,18 +491,23 @@ def _grpc_predict_cases(png: bytes) -> dict:
         "empty-batch": (_predict_request(images=np.array([], dtype=object)), ok.INVALID_ARGUMENT, "no examples"),
         "scalar-input": (with_input("image_bytes", tf.make_tensor_proto(png)), ok.INVALID_ARGUMENT, "must have rank 1"),
         "rank-2-input": (_predict_request(images=[[png]]), ok.INVALID_ARGUMENT, "must have rank 1"),
-        "too-many-examples": (_predict_request(images=[png] * (max_instances + 1)), ok.INVALID_ARGUMENT,
-                              f"the request has {max_instances + 1} examples; the limit is {max_instances}"),
-        # make_ndarray repeats the last value up to the claimed shape: 10^12 copies would take the server down.
+        # TF Serving with batching on (the container's max_batch_size 32), in its words.
+        "too-many-examples": (_predict_request(images=[png] * (max_batch_size + 1)), ok.INVALID_ARGUMENT,
+                              f"Task size {max_batch_size + 1} is larger than maximum input batch size "
+                              f"{max_batch_size}"),
+        # make_ndarray repeats the last value up to the claimed shape: refused from the claim alone.
         "shape-claims-10^12-examples": (with_input("image_bytes", claims_huge_shape), ok.INVALID_ARGUMENT,
-                                        "input image_bytes: the TensorProto's shape [1000000000000] has "
-                                        "1000000000000 elements"),
+                                        f"Task size 1000000000000 is larger than maximum input batch size "
+                                        f"{max_batch_size}"),
+        "shape-claims-8388608-strings": (with_input("image_bytes", claims_8m_strings), ok.INVALID_ARGUMENT,
+                                         f"Task size 8388608 is larger than maximum input batch size "
+                                         f"{max_batch_size}"),
         "negative-dimension": (with_input("image_bytes", claims_negative_shape), ok.INVALID_ARGUMENT,
                                "input image_bytes: the TensorProto has a negative dimension"),
-        "content-shorter-than-shape": (with_input("image_bytes", short_content), ok.INVALID_ARGUMENT,
-                                       "input image_bytes: the TensorProto cannot be read"),
+        "unreadable-content": (with_input("image_bytes", unreadable_content), ok.INVALID_ARGUMENT,
+                               "input image_bytes: the TensorProto cannot be read"),
         "no-dtype": (with_input("image_bytes", no_dtype), ok.INVALID_ARGUMENT,
-                     "input image_bytes: the TensorProto cannot be read"),
+                     "input image_bytes expects DT_STRING but DT_INVALID is provided"),
         "unknown-output-filter": (filtered("nope"), ok.INVALID_ARGUMENT,
                                   "output tensor alias not found in signature: nope"),
         "duplicate-output-filter": (filtered("probabilities", "probabilities"), ok.INVALID_ARGUMENT,
@@ -512,8 +520,8 @@ GRPC_PREDICT_CASE_IDS = [  # the keys of _grpc_predict_cases, which needs the PN
     "wrong-input-alias", "float-for-image-bytes", "int-for-image-bytes", "float-for-examples", "non-image-bytes",
     "truncated-png-header", "truncated-png-data", "not-an-example", "example-without-image",
     "example-with-text-image", "empty-batch", "scalar-input", "rank-2-input", "too-many-examples",
-    "shape-claims-10^12-examples", "negative-dimension", "content-shorter-than-shape", "no-dtype",
-    "unknown-output-filter", "duplicate-output-filter",
+    "shape-claims-10^12-examples", "shape-claims-8388608-strings", "negative-dimension", "unreadable-content",
+    "no-dtype", "unknown-output-filter", "duplicate-output-filter",
 ]
 
 
@@ -638,7 +646,11 @@ def test_concurrency_limit_refuses_with_429_or_resource_exhausted(limited_server
         assert status in (200, 429), (status, text[:500])
         if status == 429:
             assert "too many requests in flight (limit 1)" in json.loads(text)["error"]
-    assert any(status == 200 for status, _ in rest_results)
     for code, details in grpc_results:
         assert code in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED), (code, details)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            assert "too many requests in flight (limit 1)" in details
+    # One limit for REST and gRPC together: somebody got through, nobody hung or got a 5xx.
+    assert any(status == 200 for status, _ in rest_results) or any(
+        code == grpc.StatusCode.OK for code, _ in grpc_results)
     assert_grpc_still_serving(limited_server, png, since)
