@@ -32,7 +32,7 @@ def build_model(config: TrainerConfig, base_weights: str | None, steps_per_epoch
     model.compile(
         optimizer=_optimizer(config, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="sparse_categorical_accuracy")],
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name=contract.ACCURACY_METRIC)],
     )
     return model
 

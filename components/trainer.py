@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -13,12 +11,13 @@ import tf_keras as keras
 from components import base_weights
 from components.config import TrainerConfig
 from components.data import make_dataset
+from components.history import write_history
 from components.model import build_model
 from components.signatures import make_signatures
 from components.warmup import warmup_images_from_examples, write_warmup_requests
+from data import contract
 
 WARMUP_IMAGES = 8
-HISTORY_FILE = "history.json"  # in the model_run artifact: per-epoch metrics, read by the report
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def run_fn(fn_args) -> None:
         validation_data=evaluation,
         callbacks=[
             keras.callbacks.EarlyStopping(
-                monitor="val_sparse_categorical_accuracy", mode="max",
+                monitor=f"val_{contract.ACCURACY_METRIC}", mode="max",
                 patience=config.early_stopping_patience,
                 # Not the best-by-eval weights: with a decaying learning rate the last epochs are the
                 # best, and on 400 eval digits a mid-schedule epoch often ties with them (measured:
@@ -58,21 +57,15 @@ def run_fn(fn_args) -> None:
         verbose=2,
     )
 
-    os.makedirs(fn_args.model_run_dir, exist_ok=True)
-    with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, HISTORY_FILE), "w") as stream:
-        json.dump(
-            {
-                "history": {name: [float(v) for v in values] for name, values in history.history.items()},
-                "epochs_run": len(history.epoch),
-                "steps_per_epoch": steps_per_epoch,
-                "base_weights": weights.source,
-                "pretrained": weights.pretrained,
-                "base_weights_warning": weights.warning,
-                "config": config.to_custom_config(),
-            },
-            stream,
-            indent=2,
-        )
+    write_history(fn_args.model_run_dir, {
+        "history": {name: [float(v) for v in values] for name, values in history.history.items()},
+        "epochs_run": len(history.epoch),
+        "steps_per_epoch": steps_per_epoch,
+        "base_weights": weights.source,
+        "pretrained": weights.pretrained,
+        "base_weights_warning": weights.warning,
+        "config": config.to_custom_config(),
+    })
     model.save(fn_args.serving_model_dir, save_format="tf", signatures=make_signatures(model, tf_transform_output))
     # Real digits as TF Serving warmup requests, so a freshly loaded version answers its first request fast.
     write_warmup_requests(fn_args.serving_model_dir, warmup_images_from_examples(fn_args.eval_files, WARMUP_IMAGES))

@@ -40,6 +40,10 @@ EXAMPLES_INPUT = "examples"
 PROBABILITIES_OUTPUT = "probabilities"  # float [N, NUM_CLASSES]
 PREDICTED_CLASS_OUTPUT = "predicted_class"  # int64 [N]
 
+# The accuracy metric's name, the same in Keras' training history ("val_" + it for the eval split),
+# in TFMA's results (the blessing gate) and in the run report.
+ACCURACY_METRIC = "sparse_categorical_accuracy"
+
 
 def transformed_name(key: str) -> str:
     """Name of a feature after Transform, so raw and transformed keys never collide."""

@@ -17,7 +17,6 @@ from pipeline.anomalies_gate import AnomaliesGate
 from pipeline.config import PipelineConfig
 
 PREPROCESSING_FN = "components.transform.preprocessing_fn"
-ACCURACY_METRIC = "sparse_categorical_accuracy"
 
 
 def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
@@ -117,7 +116,7 @@ def eval_config(min_accuracy: float) -> tfma.EvalConfig:
     ]
     accuracy = tfma.MetricConfig(
         class_name="SparseCategoricalAccuracy",
-        config=json.dumps({"name": ACCURACY_METRIC}),
+        config=json.dumps({"name": contract.ACCURACY_METRIC}),
         # On the overall slice only: a plain `threshold` would have to hold for every digit's slice too.
         per_slice_thresholds=[
             tfma.PerSliceMetricThreshold(

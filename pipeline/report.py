@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from data import contract
-from pipeline.run_history import ComponentRun, latest_run, open_store
+from components.history import read_history
+from pipeline.run_history import ComponentRun, latest_run_outputs
 
 
 class ReportError(Exception):
@@ -33,28 +34,14 @@ class RunArtifacts:
 
 
 def _run_artifacts(metadata_path: Path, pipeline_name: str) -> RunArtifacts:
-    """The latest run's components and, per node, its newest output artifact of each kind."""
-    components = latest_run(metadata_path, pipeline_name)
+    """The latest run's components and the artifacts its own executions produced or reused.
+
+    Never another run's: after a failed run, the page shows that run's failure and no verdict.
+    """
+    components, outputs = latest_run_outputs(metadata_path, pipeline_name)
     if not components:
         raise ReportError(f"no pipeline run recorded in {metadata_path}; run `digits pipeline run` first")
-    store = open_store(metadata_path)
-    result = RunArtifacts(components=components)
-    prefix = f"{pipeline_name}."
-    for node in store.get_contexts_by_type("node"):
-        if not node.name.startswith(prefix):
-            continue
-        node_id = node.name[len(prefix):]
-        executions = store.get_executions_by_context(node.id)
-        if not executions:
-            continue
-        newest = max(executions, key=lambda execution: execution.id)
-        events = [event for event in store.get_events_by_execution_ids([newest.id])
-                  if event.type in (event.OUTPUT, event.DECLARED_OUTPUT)]
-        artifacts = {a.id: a for a in store.get_artifacts_by_id([event.artifact_id for event in events])}
-        for event in events:
-            key = event.path.steps[0].key if event.path.steps else "output"
-            result.outputs.setdefault(node_id, {})[key] = artifacts[event.artifact_id]
-    return result
+    return RunArtifacts(components=components, outputs=outputs)
 
 
 def _png(figure) -> str:
@@ -75,7 +62,7 @@ def _training_curves(history: dict) -> str:
     values = history["history"]
     epochs = np.arange(1, len(values.get("loss", [])) + 1)
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for axis, metric, title in ((left, "loss", "loss"), (right, "sparse_categorical_accuracy", "accuracy")):
+    for axis, metric, title in ((left, "loss", "loss"), (right, contract.ACCURACY_METRIC, "accuracy")):
         if metric in values:
             axis.plot(epochs, values[metric], marker="o", label="train")
         if f"val_{metric}" in values:
@@ -118,16 +105,6 @@ def confusion_matrix_from_plot(plot: dict) -> np.ndarray:
     return matrix
 
 
-def per_class_metrics(matrix: np.ndarray) -> dict[str, np.ndarray]:
-    """Precision, recall and F1 per class at the argmax, from the confusion matrix."""
-    true_positive = np.diag(matrix)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.nan_to_num(true_positive / matrix.sum(axis=0))
-        recall = np.nan_to_num(true_positive / matrix.sum(axis=1))
-        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
-    return {"precision": precision, "recall": recall, "f1": f1, "support": matrix.sum(axis=1)}
-
-
 @dataclass(frozen=True)
 class Evaluation:
     """What the Evaluator and Pusher of one run decided, read once for the page and the console."""
@@ -135,6 +112,9 @@ class Evaluation:
     accuracy: float
     examples: float
     matrix: np.ndarray  # [true, predicted] counts
+    # TFMA's per-class precision, recall and F1 at the argmax, [class]; NaN where undefined (a class
+    # never predicted has no precision).
+    per_class: dict[str, np.ndarray]
     blessed: bool
     has_baseline: bool
     failures: list[str]  # thresholds that failed, in words
@@ -142,9 +122,13 @@ class Evaluation:
     pushed_destination: str | None
 
     @property
+    def support(self) -> np.ndarray:
+        return self.matrix.sum(axis=1)
+
+    @property
     def macro(self) -> dict[str, float]:
-        metrics = per_class_metrics(self.matrix)
-        return {name: float(np.mean(metrics[name])) for name in ("precision", "recall", "f1")}
+        """Unweighted means over the classes, an undefined value counting as 0 (sklearn's zero_division=0)."""
+        return {name: float(np.mean(np.nan_to_num(values))) for name, values in self.per_class.items()}
 
     def summary(self) -> str:
         where = f"pushed to {self.pushed_destination}" if self.pushed_destination else "not pushed"
@@ -152,8 +136,14 @@ class Evaluation:
                 f"{'BLESSED' if self.blessed else 'NOT BLESSED'}, {where}")
 
 
+def _metric(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.3f}"
+
+
 def _evaluation(outputs: dict) -> Evaluation | None:
     import tensorflow_model_analysis as tfma
+
+    from pipeline.pipeline import PER_CLASS_METRICS, per_class_metric_name
 
     evaluation = outputs.get("Evaluator", {}).get("evaluation")
     if evaluation is None:
@@ -162,6 +152,13 @@ def _evaluation(outputs: dict) -> Evaluation | None:
     has_baseline = blessing is not None and blessing.custom_properties["baseline_model"].string_value != ""
     result = tfma.load_eval_result(evaluation.uri, model_name="candidate" if has_baseline else None)
     overall = result.get_metrics_for_slice() or {}
+    per_class = {name: np.full(contract.NUM_CLASSES, np.nan) for name in ("precision", "recall", "f1")}
+    for digit in range(contract.NUM_CLASSES):
+        values = result.get_metrics_for_slice(class_id=digit, top_k=1) or {}
+        for name, metric in zip(per_class, PER_CLASS_METRICS):
+            value = values.get(per_class_metric_name(metric, digit), {}).get("doubleValue")
+            if value is not None:
+                per_class[name][digit] = float(value)
     plot = next(plots for key, plots in result.plots if key == ())
     failures = []
     for per_slice in tfma.load_validation_result(evaluation.uri).metric_validations_per_slice:
@@ -172,9 +169,10 @@ def _evaluation(outputs: dict) -> Evaluation | None:
     pushed = outputs.get("Pusher", {}).get("pushed_model")
     pushed_ok = pushed is not None and pushed.custom_properties["pushed"].int_value
     return Evaluation(
-        accuracy=overall.get("sparse_categorical_accuracy", {}).get("doubleValue", 0.0),
+        accuracy=overall.get(contract.ACCURACY_METRIC, {}).get("doubleValue", 0.0),
         examples=overall.get("example_count", {}).get("doubleValue", 0.0),
         matrix=confusion_matrix_from_plot(plot[""][""]),
+        per_class=per_class,
         blessed=blessing is not None and (Path(blessing.uri) / "BLESSED").exists(),
         has_baseline=has_baseline,
         failures=failures,
@@ -243,9 +241,8 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
 
     # Training.
     model_run = outputs.get("Trainer", {}).get("model_run")
-    history_path = Path(model_run.uri) / "history.json" if model_run is not None else None
-    if history_path is not None and history_path.exists():
-        history = json.loads(history_path.read_text())
+    history = read_history(model_run.uri) if model_run is not None else None
+    if history is not None:
         warning = history.get("base_weights_warning")
         sections.append(
             "<h2>Training</h2>"
@@ -259,18 +256,19 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
     # Evaluation, blessing and push.
     facts = _evaluation(outputs)
     if facts is not None:
-        metrics = per_class_metrics(facts.matrix)
+        metrics = facts.per_class
         rows = "".join(
-            f"<tr><td>{digit}</td><td class=n>{metrics['precision'][digit]:.3f}</td>"
-            f"<td class=n>{metrics['recall'][digit]:.3f}</td><td class=n>{metrics['f1'][digit]:.3f}</td>"
-            f"<td class=n>{metrics['support'][digit]:.0f}</td></tr>" for digit in range(contract.NUM_CLASSES)
+            f"<tr><td>{digit}</td><td class=n>{_metric(metrics['precision'][digit])}</td>"
+            f"<td class=n>{_metric(metrics['recall'][digit])}</td><td class=n>{_metric(metrics['f1'][digit])}</td>"
+            f"<td class=n>{facts.support[digit]:.0f}</td></tr>" for digit in range(contract.NUM_CLASSES)
         )
         macro = facts.macro
         sections.append(
             "<h2>Evaluation (held-out test split)</h2>"
             f"<p>examples: <b>{facts.examples:,.0f}</b> &middot; accuracy: <b>{facts.accuracy:.4f}</b> &middot; "
             f"macro precision {macro['precision']:.4f}, recall {macro['recall']:.4f}, "
-            f"<b>F1 {macro['f1']:.4f}</b></p>"
+            f"<b>F1 {macro['f1']:.4f}</b> (TFMA's per-class values; n/a: undefined, counted as 0 in the "
+            f"macro average)</p>"
             "<div class=row><table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>examples</th>"
             f"</tr>{rows}</table>"
             f"<img alt='confusion matrix' src='data:image/png;base64,{_confusion_image(facts.matrix)}'></div>"

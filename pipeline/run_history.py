@@ -40,34 +40,71 @@ def open_store(metadata_path: Path):
 
 def latest_run(metadata_path: Path, pipeline_name: str, since_ms: int = 0) -> list[ComponentRun]:
     """Executions of the newest run of `pipeline_name` started at or after `since_ms`, in start order."""
-    from ml_metadata.proto import metadata_store_pb2
-
     if not Path(metadata_path).exists():
         return []
     store = open_store(metadata_path)
+    run = _latest_run_context(store, pipeline_name, since_ms)
+    return [] if run is None else _components(_executions_by_node(store, run, pipeline_name))
+
+
+def latest_run_outputs(metadata_path: Path, pipeline_name: str) -> tuple[list[ComponentRun], dict[str, dict]]:
+    """The newest run's components, and per component of that run its output artifacts by key.
+
+    Only that run's executions count (a cached one points at the artifacts it reused), so a
+    component that did not run in it has no outputs here, whatever earlier runs made.
+    """
+    if not Path(metadata_path).exists():
+        return [], {}
+    store = open_store(metadata_path)
+    run = _latest_run_context(store, pipeline_name, 0)
+    if run is None:
+        return [], {}
+    executions = _executions_by_node(store, run, pipeline_name)
+    outputs: dict[str, dict] = {}
+    for node_id, execution in executions.items():
+        events = [event for event in store.get_events_by_execution_ids([execution.id])
+                  if event.type in (event.OUTPUT, event.DECLARED_OUTPUT)]
+        artifacts = {a.id: a for a in store.get_artifacts_by_id([event.artifact_id for event in events])}
+        for event in events:
+            key = event.path.steps[0].key if event.path.steps else "output"
+            outputs.setdefault(node_id, {})[key] = artifacts[event.artifact_id]
+    return _components(executions), outputs
+
+
+def _latest_run_context(store, pipeline_name: str, since_ms: int):
     runs = [
         context for context in store.get_contexts_by_type("pipeline_run")
         if context.create_time_since_epoch >= since_ms and _belongs_to(store, context, pipeline_name)
     ]
-    if not runs:
-        return []
-    run = max(runs, key=lambda context: context.create_time_since_epoch)
-    in_run = {execution.id: execution for execution in store.get_executions_by_context(run.id)}
-    node_of = {}
+    return max(runs, key=lambda context: context.create_time_since_epoch) if runs else None
+
+
+def _executions_by_node(store, run_context, pipeline_name: str) -> dict:
+    """{node id: its execution in this run} (the newest, should a node have several)."""
+    in_run = {execution.id: execution for execution in store.get_executions_by_context(run_context.id)}
+    by_node = {}
     prefix = f"{pipeline_name}."
     for node in store.get_contexts_by_type("node"):
         if node.name.startswith(prefix):
             for execution in store.get_executions_by_context(node.id):
                 if execution.id in in_run:
-                    node_of[execution.id] = node.name[len(prefix):]
+                    node_id = node.name[len(prefix):]
+                    if node_id not in by_node or execution.id > by_node[node_id].id:
+                        by_node[node_id] = execution
+    return by_node
+
+
+def _components(executions: dict) -> list[ComponentRun]:
+    from ml_metadata.proto import metadata_store_pb2
+
     result = [
         ComponentRun(
-            node_id=node_of.get(execution.id, execution.type),
+            node_id=node_id,
             state=metadata_store_pb2.Execution.State.Name(execution.last_known_state),
             started_ms=execution.create_time_since_epoch,
             updated_ms=execution.last_update_time_since_epoch,
         )
-        for execution in in_run.values()
+        for node_id, execution in executions.items()
     ]
     return sorted(result, key=lambda component: (component.started_ms, component.node_id))
 

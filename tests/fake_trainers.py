@@ -70,3 +70,8 @@ def perfect_run_fn(fn_args) -> None:
 def always_zero_run_fn(fn_args) -> None:
     """A model that answers 0 for everything: held-out accuracy 0.1 on balanced data."""
     _export(fn_args, {})
+
+
+def failing_run_fn(fn_args) -> None:
+    """A Trainer that fails, to see what a failed run looks like downstream (the run report)."""
+    raise RuntimeError("training failed on purpose (tests/fake_trainers.py)")

@@ -180,3 +180,20 @@ def test_a_model_worse_than_the_blessed_one_is_neither_blessed_nor_pushed(tiny_r
     assert per_class(0, has_baseline=True) == (0.1, 1.0, round(2 * 0.1 / 1.1, 6))
     precision_3, recall_3, f1_3 = per_class(3, has_baseline=True)
     assert math.isnan(precision_3) and (recall_3, f1_3) == (0.0, 0.0)  # never predicted: precision is 0/0
+
+    # The report reads the same per-class values from TFMA (no second computation of them).
+    from pipeline.report import latest_results, write_report
+
+    _, evaluation = latest_results(root)
+    assert evaluation.per_class["precision"][0] == pytest.approx(0.1)
+    assert math.isnan(evaluation.per_class["precision"][3]) and evaluation.per_class["f1"][3] == 0.0
+    assert "<td>3</td><td class=n>n/a</td>" in write_report(root).path.read_text()
+
+    # A run whose Trainer fails: its report shows that run, not the previous run's verdict beside it.
+    with pytest.raises(Exception, match="training failed on purpose"):
+        run("fake_trainers.failing_run_fn", min_accuracy=0.0)
+    components, evaluation = latest_results(root)
+    assert {c.node_id: c.state for c in components}["Trainer"] == "FAILED" and evaluation is None
+    page = write_report(root).path.read_text()
+    assert "<td>Trainer</td><td>failed</td>" in page
+    assert "BLESSED" not in page and "Evaluation" not in page and "pushed version" not in page
