@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -26,6 +25,7 @@ from serving.errors import ServingError, invalid_argument
 from serving.json_tensor import parse_predict_body, predictions_json, to_tensors
 from serving.metrics import CONTENT_TYPE, METRICS_PATH
 from serving.service import ModelRequest, PredictionService, status_json
+from serving.workers import Workers
 
 _PREDICT = re.compile(r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)")
 _STATUS = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?")
@@ -34,8 +34,8 @@ _V1 = re.compile(r"(?i)/v1/.*")
 BODY_READ_TIMEOUT_S = 30.0  # a client that stops sending mid-body gets 408, not a connection held forever
 
 
-def make_app(config: ServerConfig, service: PredictionService, executor: ThreadPoolExecutor) -> web.Application:
-    handler = _Handler(config, service, executor)
+def make_app(config: ServerConfig, service: PredictionService, workers: Workers) -> web.Application:
+    handler = _Handler(config, service, workers)
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(existing, _MalformedHttpLogFilter) for existing in server_log.filters):
         server_log.addFilter(_MalformedHttpLogFilter())
@@ -46,10 +46,10 @@ def make_app(config: ServerConfig, service: PredictionService, executor: ThreadP
 
 
 class _Handler:
-    def __init__(self, config: ServerConfig, service: PredictionService, executor: ThreadPoolExecutor):
+    def __init__(self, config: ServerConfig, service: PredictionService, workers: Workers):
         self._config = config
         self._service = service
-        self._executor = executor
+        self._workers = workers
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.rel_url.raw_path  # still percent-encoded: names are decoded after matching, as in TF Serving
@@ -84,7 +84,9 @@ class _Handler:
             self._service.record_request(model_name, "INTERNAL", api, "REST", time.perf_counter() - started)
             return _json({"error": f"internal error: {type(error).__name__}"}, 500)
         self._service.record_request(model_name, "OK", api, "REST", time.perf_counter() - started)
-        return _json(body, 200, indent=None if api else 1)  # status/metadata: protobuf's JSON layout
+        if isinstance(body, bytes):  # a predict's answer, encoded on its worker thread
+            return web.Response(body=body, status=200, headers={"Content-Type": JSON_CONTENT_TYPE})
+        return _json(body, 200, indent=1)  # status/metadata: protobuf's JSON layout
 
     async def _predict_body(self, request: web.Request) -> bytes:
         method = request.rel_url.raw_path.rsplit(":", 1)[-1]
@@ -100,17 +102,8 @@ class _Handler:
         transport = request.transport
         caller = Caller.within(self._config.rest_api_timeout_ms / 1000,
                                gone=lambda: transport is None or transport.is_closing())
-        admission.enter()
-        try:
-            work = self._executor.submit(self._predict_sync, model, payload, caller)
-        except BaseException:
-            admission.leave()
-            raise
-        try:
-            return await asyncio.wrap_future(work)
-        finally:
-            if work.cancel():  # never started (this coroutine was cancelled first): nothing else will leave
-                admission.leave()
+        admission.enter()  # left by _predict_sync, which always runs once queued
+        return await self._workers.run(self._predict_sync, model, payload, caller)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._config.max_body_bytes
@@ -129,7 +122,8 @@ class _Handler:
         except HttpProcessingError as error:  # e.g. a bad chunk in a chunked body
             raise invalid_argument(f"the request body cannot be read: {_first_line(error.message)}") from None
 
-    def _predict_sync(self, model: ModelRequest, payload: bytes, caller: Caller) -> dict:
+    def _predict_sync(self, model: ModelRequest, payload: bytes, caller: Caller) -> bytes:
+        """Parses, runs and encodes one predict on a worker thread: the event loop only moves bytes."""
         try:
             signature_name, raw, row_format = parse_predict_body(payload)
             prediction = self._service.predict(
@@ -137,7 +131,7 @@ class _Handler:
                 missing_signature=lambda name: invalid_argument(
                     f'Serving signature name: "{name}" not found in signature def'),
                 caller=caller)
-            return predictions_json(prediction.outputs, row_format)
+            return json.dumps(predictions_json(prediction.outputs, row_format)).encode()
         finally:
             self._service.admission.leave()
 
@@ -190,7 +184,9 @@ class _MalformedHttpLogFilter(logging.Filter):
         return True
 
 
+JSON_CONTENT_TYPE = "application/json"  # exactly TF Serving's header (aiohttp's `content_type=` adds a charset)
+
+
 def _json(document: dict, status: int, indent: int | None = None) -> web.Response:
-    # Exactly TF Serving's header (aiohttp's `content_type=` would add "; charset=utf-8").
     return web.Response(body=json.dumps(document, indent=indent).encode(), status=status,
-                        headers={"Content-Type": "application/json"})
+                        headers={"Content-Type": JSON_CONTENT_TYPE})

@@ -15,7 +15,6 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -24,9 +23,10 @@ from serving import runtime
 from serving.config import ServerConfig
 from serving.grpc_service import make_server
 from serving.metrics import ServingMetrics
-from serving.models import ModelManager
+from serving.models import ModelManager, freeze_startup_heap
 from serving.rest import make_app
 from serving.service import PredictionService
+from serving.workers import Workers
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.02  # how often shutdown looks at what is still running
@@ -79,15 +79,16 @@ async def _serve(config: ServerConfig, on_ready) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop)
     log.info("%s", runtime.apply(config.onednn, config.intra_op_threads, config.inter_op_threads))
+    freeze_startup_heap()
     metrics = ServingMetrics()
     manager = ModelManager(config, metrics)
     if not await _load_existing(manager, stop):
         log.info("stopped during start-up, before the ports opened")
         return
     service = PredictionService(manager, metrics, config.max_concurrent_requests)
-    executor = ThreadPoolExecutor(max_workers=config.max_concurrent_requests, thread_name_prefix="rest")
+    workers = Workers(config.max_concurrent_requests, "rest")  # one per admitted predict: none ever waits for one
     grpc_server, grpc_port = make_server(config, service)
-    runner = web.AppRunner(make_app(config, service, executor), access_log=None,
+    runner = web.AppRunner(make_app(config, service, workers), access_log=None,
                            shutdown_timeout=config.shutdown_grace_s, handle_signals=False)
     grpc_server.start()
     await runner.setup()
@@ -114,7 +115,7 @@ async def _serve(config: ServerConfig, on_ready) -> None:
         drained = False
     if not await stop.wait_until(grpc_done.is_set):
         drained = False
-    executor.shutdown(wait=False, cancel_futures=True)
+    workers.stop()
     if drained:
         log.info("stopped: every in-flight request was answered")
     else:

@@ -158,8 +158,8 @@ def test_the_models_warmup_requests_run_before_it_serves(model_server):
 def test_the_server_runs_eigen_kernels_unless_asked_for_onednn(model_server, pushed_model, pngs):
     # The default follows TF Serving's CPU image (serving/runtime.py); the environment may choose, as for TF.
     default = "oneDNN" if os.environ.get(ONEDNN_ENV, "0").lower() in ("1", "true", "yes", "on") else "Eigen"
-    assert f": {default} kernels, intra-op threads TF's default, inter-op threads TF's default" in "".join(
-        model_server.output)
+    assert f": {default} kernels, intra-op threads TF's default, inter-op threads TF's default; " \
+           f"GIL switch interval 1 ms" in "".join(model_server.output)
     with start_server(pushed_model, "--onednn", "--intra-op-threads", "1", "--inter-op-threads", "2") as server:
         assert ": oneDNN kernels, intra-op threads 1, inter-op threads 2" in "".join(server.output)
         assert _predict_rest(server.rest_url, [pngs[0][1]]).status_code == 200
