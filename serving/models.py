@@ -48,6 +48,37 @@ class VersionStatus:
     error_message: str = ""
 
 
+class InFlight:
+    """Counts the requests holding something, and lets one wait until none do."""
+
+    def __init__(self):
+        self._count = 0
+        self._idle = threading.Condition()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def enter(self, limit: int | None = None) -> bool:
+        """Counts one more, unless `limit` are already counted (then False)."""
+        with self._idle:
+            if limit is not None and self._count >= limit:
+                return False
+            self._count += 1
+            return True
+
+    def leave(self) -> None:
+        with self._idle:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Waits until none is counted; False if some still are after `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout=timeout)
+
+
 class Servable:
     """One loaded version: its session, its signatures and, with batching on, one batcher per signature.
 
@@ -79,8 +110,7 @@ class Servable:
                            for name, signature_def in self.signature_defs.items()
                            if not name.startswith("__")}  # __saved_model_init_op is not for requests
         self._batchers: dict[str, Batcher] = {}
-        self._idle = threading.Condition()  # guards _in_flight; notified when the last running request finishes
-        self._in_flight = 0
+        self._holders = InFlight()  # requests that hold this version (ModelManager.lease)
         self._metadata: dict | None = None
         if batching.enabled:
             for name, signature in self.signatures.items():
@@ -125,14 +155,10 @@ class Servable:
 
     def enter(self) -> None:
         """A request holds this version (ModelManager.lease counts it as it resolves it)."""
-        with self._idle:
-            self._in_flight += 1
+        self._holders.enter()
 
     def leave(self) -> None:
-        with self._idle:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.notify_all()
+        self._holders.leave()
 
     def signature_def_map(self) -> get_model_metadata_pb2.SignatureDefMap:
         """The whole SignatureDef map of the MetaGraph, as TF Serving's GetModelMetadata returns it."""
@@ -173,8 +199,7 @@ class Servable:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Waits until no request holds this version (new ones resolve elsewhere); False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout)
+        return self._holders.wait_idle(timeout)
 
     def release(self) -> None:
         """Closes the session and drops the graph, signatures and batchers, so that their memory is freed."""

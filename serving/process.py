@@ -45,14 +45,23 @@ class ServerProcess:
         self.stop()
 
 
-def start_server(model_dir: Path, *extra: str, timeout: float = 180, cwd: Path | None = None) -> ServerProcess:
-    """Starts `digits serve --model-dir MODEL_DIR --rest-port 0 --grpc-port 0 EXTRA...` and waits for `ready`."""
+def spawn_server(model_dir: Path, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen, list[str]]:
+    """Starts `digits serve --model-dir MODEL_DIR --rest-port 0 --grpc-port 0 EXTRA...` without waiting.
+
+    Returns the process and the list its stdout and stderr lines are appended to (by a thread).
+    """
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
          "--rest-port", "0", "--grpc-port", "0", *map(str, extra)],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     output: list[str] = []
     threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    return process, output
+
+
+def start_server(model_dir: Path, *extra: str, timeout: float = 180, cwd: Path | None = None) -> ServerProcess:
+    """Starts `digits serve` as `spawn_server` does and waits until it is ready."""
+    process, output = spawn_server(model_dir, *extra, cwd=cwd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = "".join(output)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -128,31 +127,13 @@ async def _load_existing(manager: ModelManager, stop: _Stop) -> bool:
 
     Returns False if the signal came first (the load is left to finish or die with the process).
     """
-    loop = asyncio.get_running_loop()
-    loaded = loop.create_future()
-
-    def load() -> None:
-        try:
-            manager.load_existing()
-        except BaseException as error:  # reported to the caller, not lost in a thread
-            loop.call_soon_threadsafe(_settle, loaded, error)
-        else:
-            loop.call_soon_threadsafe(_settle, loaded, None)
-
-    threading.Thread(target=load, name="initial-load", daemon=True).start()
+    loader = Workers(1, "initial-load")
+    loaded = loader.run(manager.load_existing)
     stopped = asyncio.ensure_future(stop.requested.wait())
     await asyncio.wait({loaded, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    loader.stop()
     if stop.requested.is_set():
         return False
     stopped.cancel()
     loaded.result()  # re-raises a failed load
     return True
-
-
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)

@@ -5,7 +5,6 @@ The front ends only translate their wire formats to numpy arrays and back.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from data import contract
 from serving.batching import NO_CALLER, Caller
 from serving.errors import ServingError
 from serving.metrics import ServingMetrics
-from serving.models import ModelManager, Servable, VersionStatus
+from serving.models import InFlight, ModelManager, Servable, VersionStatus
 from serving.signature import Signature
 
 UNKNOWN_MODEL = "unknown"  # the model_name label of requests for models that are not served
@@ -47,30 +46,18 @@ class Admission:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._count = 0
-        self._idle = threading.Condition()
+        self._in_flight = InFlight()
 
     @property
     def in_flight(self) -> int:
-        return self._count
+        return self._in_flight.count
 
     def enter(self) -> None:
-        with self._idle:
-            if self._count >= self.limit:
-                raise ServingError("RESOURCE_EXHAUSTED",
-                                   f"too many requests in flight (limit {self.limit}); retry later")
-            self._count += 1
+        if not self._in_flight.enter(self.limit):
+            raise ServingError("RESOURCE_EXHAUSTED", f"too many requests in flight (limit {self.limit}); retry later")
 
     def leave(self) -> None:
-        with self._idle:
-            self._count -= 1
-            if self._count == 0:
-                self._idle.notify_all()
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        """Waits until no predict is in flight (shutdown); False if some still are after `timeout`."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._count == 0, timeout=timeout)
+        self._in_flight.leave()
 
 
 class PredictionService:

@@ -1,4 +1,5 @@
-"""The threads that run REST predicts for the event loop: a fixed set, fed through one C queue.
+"""Threads that run blocking work for the event loop (REST predicts, the first load): a fixed set,
+fed through one C queue.
 
 `concurrent.futures.ThreadPoolExecutor.submit` takes a Python-level semaphore to decide whether to
 start a thread; with dozens of workers releasing it, the event loop spent 27 % of its time there

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -130,13 +129,9 @@ def test_a_rest_client_that_hangs_up_while_queued_costs_no_model_call(held_serve
 # -- stopping at any moment ----------------------------------------------------------------------------------------
 
 def _spawn(model_dir, *extra) -> tuple[subprocess.Popen, list[str]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "--model-dir", str(model_dir), "--rest-port", "0",
-         "--grpc-port", "0", "--poll-interval", "0.2", *map(str, extra)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    output: list[str] = []
-    threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
-    return process, output
+    from serving.process import spawn_server
+
+    return spawn_server(model_dir, "--poll-interval", "0.2", *extra, cwd=REPO)
 
 
 def _wait_for_line(output: list[str], text: str, process: subprocess.Popen, timeout: float = 180) -> None:
