@@ -391,8 +391,8 @@ class ModelManager:
 
 
 def freeze_startup_heap() -> None:
-    """Keeps everything alive now (TensorFlow's modules: hundreds of thousands of Python objects) out
-    of the garbage collector's sight for good (gc.freeze), so that no full collection walks it again.
+    """Keeps everything alive now (the server's and TensorFlow's imports: 344 thousand Python objects)
+    out of the garbage collector's sight for good (gc.freeze), so that no full collection walks it again.
 
     Call once, after TensorFlow is imported and before any model is loaded (a model's objects
     must stay collectable, for its unload). Measured under load without it: full collections of
