@@ -233,10 +233,7 @@ class Batcher:
         errors = [part.error for part in request.parts if part.error is not None]
         if errors:
             raise errors[0]
-        if len(request.parts) == 1:
-            return request.parts[0].outputs
-        return {name: np.concatenate([part.outputs[name] for part in request.parts])
-                for name in request.parts[0].outputs}
+        return _concatenate([part.outputs for part in request.parts])
 
     def _split(self, inputs: Tensors, size: int) -> list[tuple[Tensors, int]]:
         step = self._config.execution_batch_size
@@ -311,9 +308,7 @@ class Batcher:
         size = sum(part.size for part in parts)
         padded = self._config.padded_size(size)
         self._report(BatchStats(batch_size=padded, padding=padded - size))
-        if len(parts) == 1:
-            return self._run(parts[0].inputs)
-        return self._run({name: np.concatenate([part.inputs[name] for part in parts]) for name in parts[0].inputs})
+        return self._run(_concatenate([part.inputs for part in parts]))
 
     def _settle(self, parts: list[_Part], located: bool = False) -> None:
         """Runs the parts as one batch and resolves every one; a bad request never fails its neighbours."""
@@ -366,3 +361,10 @@ class Batcher:
         middle = len(parts) // 2
         self._settle(parts[:middle], located=True)
         self._settle(parts[middle:], located=True)
+
+
+def _concatenate(tensors: list[Tensors]) -> Tensors:
+    """Several requests' tensors as one, alias by alias, in order (one request's as they are)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    return {name: np.concatenate([each[name] for each in tensors]) for name in tensors[0]}

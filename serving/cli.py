@@ -76,12 +76,9 @@ def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_version
     try:
         if batching_parameters_file:
             batching_config = dataclasses.replace(batching_from_file(batching_parameters_file), batch_wait=batch_wait)
-        elif max_batch_size != BatchingConfig.max_batch_size:  # allowed_batch_sizes end at the default's
-            sizes = tuple(size for size in BatchingConfig().allowed_batch_sizes if size < max_batch_size)
-            batching_config = BatchingConfig(max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros,
-                                             batch_wait=batch_wait, allowed_batch_sizes=(*sizes, max_batch_size))
         else:
-            batching_config = BatchingConfig(batch_timeout_micros=batch_timeout_micros, batch_wait=batch_wait)
+            batching_config = BatchingConfig(batch_timeout_micros=batch_timeout_micros,
+                                             batch_wait=batch_wait).with_max_batch_size(max_batch_size)
         if not batching:
             batching_config = dataclasses.replace(batching_config, enabled=False)
         config = ServerConfig(

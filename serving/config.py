@@ -7,6 +7,7 @@ operator can read one and know the other.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,12 @@ class BatchingConfig:
         if self.enable_large_batch_splitting and self.max_execution_batch_size is not None:
             return self.max_execution_batch_size
         return self.max_batch_size
+
+    def with_max_batch_size(self, max_batch_size: int) -> "BatchingConfig":
+        """This config with another max_batch_size; its allowed batch sizes cut or extended to end there."""
+        sizes = tuple(size for size in self.allowed_batch_sizes if size < max_batch_size)
+        return dataclasses.replace(self, max_batch_size=max_batch_size,
+                                   allowed_batch_sizes=(*sizes, max_batch_size) if self.allowed_batch_sizes else ())
 
     def padded_size(self, size: int) -> int:
         """The batch size TF Serving would run `size` examples as (the next allowed size up)."""

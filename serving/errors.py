@@ -62,6 +62,12 @@ class ServingError(Exception):
         return grpc.StatusCode[self.code]
 
 
+def first_line(value: object, default: str) -> str:
+    """The first line of an error or message, for one-line answers and logs; `default` if it is empty."""
+    text = str(value).strip()
+    return text.splitlines()[0] if text else default
+
+
 def invalid_argument(message: str) -> ServingError:
     return ServingError("INVALID_ARGUMENT", message)
 

@@ -31,7 +31,7 @@ from data import contract
 from serving import runtime
 from serving.batching import NO_CALLER, Arrival, Batcher, Caller
 from serving.config import ServerConfig
-from serving.errors import invalid_argument, not_found
+from serving.errors import first_line, invalid_argument, not_found
 from serving.metrics import ServingMetrics
 from serving.signature import Limits, Signature
 
@@ -147,7 +147,7 @@ class Servable:
         """
         batcher = self._batchers.get(signature.name)
         if batcher is not None:
-            return batcher.run(inputs, size, caller, arrival if isinstance(arrival, Arrival) else None)
+            return batcher.run(inputs, size, caller, arrival)
         lost = caller.lost(time.monotonic(), queued=False)
         if lost is not None:
             raise lost
@@ -298,7 +298,7 @@ class ModelManager:
             warmed = servable.warm_up() if self._config.warmup else 0
             warmup_seconds = time.monotonic() - warmup_started
         except Exception as error:  # any failure to load is reported in the version's status
-            message = f"Failed to load servable {self.name} version {version}: {_first_line(error)}"
+            message = f"Failed to load servable {self.name} version {version}: {first_line(error, type(error).__name__)}"
             log.error("%s", message)
             self._failed[version] = fingerprint
             self._metrics.record_load(str(path), ok=False, seconds=time.monotonic() - started)
@@ -430,6 +430,3 @@ def _fingerprint(path: Path) -> tuple:
     return count, size, newest
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from serving.batching import Caller
 from serving.config import ServerConfig
-from serving.errors import ServingError, invalid_argument
+from serving.errors import ServingError, first_line, invalid_argument
 from serving.json_tensor import parse_predict_body, predictions_json, to_tensors
 from serving.metrics import CONTENT_TYPE, METRICS_PATH
 from serving.service import ModelRequest, PredictionService, status_json
@@ -96,7 +96,7 @@ class _Handler:
             raise invalid_argument(f"Malformed request: {request.method} {request.rel_url.raw_path}")
         return await self._read_body(request)
 
-    async def _predict(self, request: web.Request, model: ModelRequest, payload: bytes) -> dict:
+    async def _predict(self, request: web.Request, model: ModelRequest, payload: bytes) -> bytes:
         """Admitted (or refused) only once the body is here, so a slow sender holds no predict slot."""
         admission = self._service.admission
         transport = request.transport
@@ -120,7 +120,7 @@ class _Handler:
             raise ServingError("CANCELLED", f"the connection closed before the request body ended "
                                             f"(Content-Length {request.content_length})") from None
         except HttpProcessingError as error:  # e.g. a bad chunk in a chunked body
-            raise invalid_argument(f"the request body cannot be read: {_first_line(error.message)}") from None
+            raise invalid_argument(f"the request body cannot be read: {first_line(error.message, 'malformed')}") from None
 
     def _predict_sync(self, model: ModelRequest, payload: bytes, caller: Caller) -> bytes:
         """Parses, runs and encodes one predict on a worker thread: the event loop only moves bytes."""
@@ -165,9 +165,6 @@ def _too_large(size: int | None, limit: int) -> str:
     size_text = f"{size} bytes" if size is not None else f"larger than {limit} bytes"
     return f"the request body is {size_text}; the limit is {limit} bytes (--max-body-bytes)"
 
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "malformed"
 
 
 class _MalformedHttpLogFilter(logging.Filter):

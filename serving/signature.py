@@ -20,7 +20,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from serving.batching import task_size_error
-from serving.errors import ServingError, code_name, invalid_argument
+from serving.errors import ServingError, code_name, first_line, invalid_argument
 
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
@@ -104,19 +104,18 @@ class Signature:
         Needs no values, so a gRPC request's claimed shapes are checked before anything is
         allocated for them.
         """
-        inputs = shapes
-        missing = sorted(set(self.inputs) - set(inputs))
-        unknown = sorted(set(inputs) - set(self.inputs))
+        missing = sorted(set(self.inputs) - set(shapes))
+        unknown = sorted(set(shapes) - set(self.inputs))
         if unknown:
             raise invalid_argument(f"input tensor alias not found in signature: {unknown[0]}. "
                                    f"Inputs expected to be in the set {{{','.join(self.inputs)}}}.")
         if missing:
-            sent = ",".join(sorted(inputs))
-            raise invalid_argument(f"input size does not match signature: {len(inputs)}!={len(self.inputs)} "
+            sent = ",".join(sorted(shapes))
+            raise invalid_argument(f"input size does not match signature: {len(shapes)}!={len(self.inputs)} "
                                    f"len({{{sent}}}) != len({{{','.join(self.inputs)}}}). Sent extra: {{}}. "
                                    f"Missing but required: {{{','.join(missing)}}}.")
         sizes = set()
-        for alias, (dtype_name, shape) in inputs.items():
+        for alias, (dtype_name, shape) in shapes.items():
             spec = self.inputs[alias]
             shape = tuple(shape)
             if dtype_name != spec.dtype_name:  # else tf.constant fails inside the model call
@@ -198,7 +197,7 @@ class Signature:
                     image.load()
             except Exception as error:  # Pillow raises many types for broken data
                 raise invalid_argument(f"{self._limits.image_input}[{index}] is a corrupt {kind} image that "
-                                       f"cannot be decoded ({_first_line(error)})") from None
+                                       f"cannot be decoded ({first_line(error, type(error).__name__)})") from None
         return width * height
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -224,11 +223,6 @@ def _decode_all(images: tf.Tensor) -> tf.Tensor:
     """Decodes each encoded image as the model's preprocessing does (decode_image), keeping only shapes."""
     return tf.map_fn(lambda data: tf.shape(tf.io.decode_image(data, expand_animations=False)), images,
                      fn_output_signature=tf.TensorSpec([3], tf.int32))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _dtype_name(value: np.ndarray) -> str:

@@ -150,3 +150,10 @@ def test_a_version_is_not_ended_while_a_request_holds_it(tmp_path):
     unloading.join(timeout=10)
     assert not unloading.is_alive() and held.released
     assert manager.statuses("digits")[0].state == END
+
+
+def test_another_max_batch_size_moves_the_end_of_the_allowed_sizes():
+    # TF Serving refuses allowed_batch_sizes that do not end at max_batch_size: --max-batch-size keeps them valid.
+    assert BatchingConfig().with_max_batch_size(16).allowed_batch_sizes == (1, 2, 4, 8, 16)
+    assert BatchingConfig().with_max_batch_size(48).allowed_batch_sizes == (1, 2, 4, 8, 16, 32, 48)
+    assert BatchingConfig().with_max_batch_size(32) == BatchingConfig()
