@@ -301,9 +301,12 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 1.5em 1em 0; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1100px; color: #222; }}
+p, li {{ overflow-wrap: anywhere; }}
+img {{ max-width: 100%; height: auto; }}
+table {{ border-collapse: collapse; margin: 0.5em 1.5em 1em 0; display: block; max-width: 100%; overflow-x: auto; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 9px; text-align: left; }}
 td.n, th.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 .good {{ color: #1a7f37; }} .bad {{ color: #b42318; }}
