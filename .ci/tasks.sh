@@ -2,11 +2,14 @@
 # The project's two commands, each doing all set-up first (idempotent, quick when done):
 #   bash .ci/tasks.sh run    # the main job, offline, on the embedded digits
 #   bash .ci/tasks.sh test   # the whole test suite
-# Set-up: a Python 3.10 virtual environment in .venv from the committed lock file (via uv).
+# Set-up: a Python 3.10 virtual environment in .venv from the committed lock file (via uv); Prometheus,
+# promtool, Alertmanager and amtool from Debian; a small Python 3.11 tool environment in .venv-tools
+# (monitoring/tools.lock) for the Grafana dashboard generator and the Compose-file check.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=.venv
+TOOLS_VENV=.venv-tools
 UV_VERSION=0.13.9
 STAMP="$VENV/.digits-installed"
 
@@ -29,7 +32,63 @@ find_python310() {
   die "Python 3.10 not found (TFX 1.16 needs it); install it (e.g. 'pyenv install 3.10') or set PYTHON310=/path/to/python3.10"
 }
 
+find_python311() {
+  local candidate root
+  for candidate in "${PYTHON311:-}" /usr/bin/python3.11 /usr/local/bin/python3.11; do
+    if [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
+      echo "$candidate"; return
+    fi
+  done
+  if root=$(pyenv root 2>/dev/null); then
+    candidate=$(ls -d "$root"/versions/3.11.*/bin/python3.11 2>/dev/null | sort -V | tail -n 1)
+    if [ -n "$candidate" ]; then echo "$candidate"; return; fi
+  fi
+  die "Python 3.11 not found (the Grafana dashboard SDK needs it); install it (e.g. 'apt-get install python3.11') or set PYTHON311=/path/to/python3.11"
+}
+
+setup_debian_tools() {
+  # Prometheus 2.42 + promtool and Alertmanager 0.25 + amtool: the monitoring tests run the real ones.
+  local missing=0 tool
+  for tool in prometheus promtool prometheus-alertmanager amtool; do
+    command -v "$tool" >/dev/null 2>&1 || missing=1
+  done
+  [ "$missing" = 0 ] && return 0
+  command -v apt-get >/dev/null 2>&1 || die "Prometheus and Alertmanager are missing and this is not a Debian-like system: install prometheus, promtool, alertmanager and amtool (2.42 / 0.25 or newer) and put them on PATH"
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || die "installing prometheus and prometheus-alertmanager needs root (or sudo)"
+    sudo="sudo"
+  fi
+  say "installing Prometheus and Alertmanager from Debian"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+}
+
+setup_tools_venv() {
+  local want stamp="$TOOLS_VENV/.digits-installed"
+  want=$(sha256sum monitoring/tools.lock | cut -d' ' -f1)
+  if [ -x "$TOOLS_VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  if ! "$TOOLS_VENV/bin/python" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
+    local python
+    python=$(find_python311)
+    say "creating $TOOLS_VENV with $python"
+    rm -rf "$TOOLS_VENV"
+    "$python" -m venv --without-pip "$TOOLS_VENV"
+  fi
+  say "installing the monitoring tools (grafana-foundation-sdk, check-jsonschema)"
+  "$VENV/bin/uv" pip install --quiet --python "$TOOLS_VENV/bin/python" --require-hashes -r monitoring/tools.lock
+  echo "$want" > "$stamp"
+}
+
 setup() {
+  setup_python_env
+  setup_debian_tools
+  setup_tools_venv
+}
+
+setup_python_env() {
   local want
   want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
   if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then

@@ -32,7 +32,7 @@ TARGET_SECONDS = 20 * 60
 
 
 def _digits(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-m", "digits", *args], cwd=REPO, check=True)
 
 
 def main() -> None:

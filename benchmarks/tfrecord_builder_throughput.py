@@ -138,7 +138,7 @@ def run_builder(source: Path, output: Path) -> tuple[float, int]:
 
 def run_cli(source: Path, output: Path) -> float:
     """Wall seconds of `digits data build`, as a user runs it (summary table included)."""
-    command = [sys.executable, "-m", "pipeline.cli", "data", "build", str(source), "--out", str(output)]
+    command = [sys.executable, "-m", "digits", "data", "build", str(source), "--out", str(output)]
     seconds, _, _ = run_measured(command, output)
     return seconds
 

@@ -1,8 +1,7 @@
 """Prometheus metrics under TF Serving's own names, plus prediction-drift metrics it lacks.
 
-TF Serving exports TensorFlow monitoring metrics as `:tensorflow:serving:...`
-(every non-alphanumeric character of `/tensorflow/serving/...` becomes ':'), with
-counters *without* a `_total` suffix and only `# TYPE` lines (its
+The names live in monitoring/names.py (shared with the web app, rules and dashboards).
+TF Serving exports counters *without* a `_total` suffix and only `# TYPE` lines (its
 util/prometheus_exporter.cc). prometheus_client always appends `_total` to
 counters, which would break every dashboard and alert written against the real
 server, so this module renders the text format itself; tests parse it back with
@@ -15,36 +14,30 @@ import bisect
 import threading
 from collections import defaultdict
 
+from monitoring.names import (  # noqa: F401  (re-exported: serving's code and tests read them from here)
+    BATCH_SIZE,
+    BATCH_SIZE_BUCKETS,
+    CONFIDENCE,
+    CONFIDENCE_BUCKETS,
+    INPUT_BATCH_SIZE,
+    LATENCY_BUCKETS_US,
+    LOAD_ATTEMPT_COUNT,
+    LOAD_LATENCY,
+    LOADED_VERSIONS,
+    METRICS_PATH,
+    PADDING_SIZE,
+    PREDICTIONS,
+    QUEUING_LATENCY,
+    QUEUING_LATENCY_BUCKETS_US,
+    REQUEST_COUNT,
+    REQUEST_LATENCY,
+    RUNTIME_LATENCY,
+    WARMUP_LATENCY,
+    WRAPPED_RUN_COUNT,
+    bucket_label,
+)
+
 CONTENT_TYPE = "text/plain"  # what TF Serving sends
-METRICS_PATH = "/monitoring/prometheus/metrics"  # TF Serving's PrometheusExporter::kPrometheusPath
-
-
-def exponential_buckets(scale: float, growth: float, count: int) -> tuple[float, ...]:
-    """TensorFlow monitoring's Buckets::Exponential: scale * growth**i for i in 0..count-1."""
-    return tuple(scale * growth ** index for index in range(count))
-
-
-LATENCY_BUCKETS_US = exponential_buckets(10, 1.8, 33)  # request, runtime and warmup latency (microseconds)
-BATCH_SIZE_BUCKETS = exponential_buckets(1, 2, 14)  # batching_util.h: [1, 2, ..., 2^13] and +Inf
-QUEUING_LATENCY_BUCKETS_US = exponential_buckets(100, 1.2, 52)  # batching_session.cc (~1 s)
-CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
-
-REQUEST_COUNT = ":tensorflow:serving:request_count"
-REQUEST_LATENCY = ":tensorflow:serving:request_latency"
-RUNTIME_LATENCY = ":tensorflow:serving:runtime_latency"
-LOAD_ATTEMPT_COUNT = ":tensorflow:cc:saved_model:load_attempt_count"
-LOAD_LATENCY = ":tensorflow:cc:saved_model:load_latency"
-WARMUP_LATENCY = ":tensorflow:serving:model_warmup_latency"
-# Batching (batching_session.cc, batching_util.h): per request queued, per input tensor, per model call.
-QUEUING_LATENCY = ":tensorflow:serving:batching_session:queuing_latency"
-INPUT_BATCH_SIZE = ":tensorflow:serving:batching_session:input_batch_size"
-BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
-PADDING_SIZE = ":tensorflow:serving:batching_session:padding_size"
-WRAPPED_RUN_COUNT = ":tensorflow:serving:batching_session:wrapped_run_count"
-# Ours, for watching prediction drift (TF Serving has no view of what the model answers).
-PREDICTIONS = "digits_serving_predictions_total"
-CONFIDENCE = "digits_serving_prediction_confidence"
-LOADED_VERSIONS = "digits_serving_loaded_versions"
 
 # The thread_pool_name label of queuing_latency: the model server creates its batching sessions
 # with an empty name (CreateBatchingSession in batching_session.cc).
@@ -165,7 +158,7 @@ class ServingMetrics:
                     cumulative = 0
                     for bound, count in zip([*histogram.bounds, None], histogram.counts):
                         cumulative += count
-                        le = "+Inf" if bound is None else f"{bound:.6g}"
+                        le = "+Inf" if bound is None else bucket_label(bound)
                         lines.append(f"{name}_bucket{_labels(self._labels[name], key, le)} {cumulative}")
                     # Full precision (TF Serving prints 6 digits): rate(sum)/rate(count) stays exact on a long-lived server.
                     lines.append(f"{name}_sum{_labels(self._labels[name], key)} {histogram.total!r}")

@@ -51,7 +51,7 @@ def spawn_server(model_dir: Path, *extra: str, cwd: Path | None = None) -> tuple
     Returns the process and the list its stdout and stderr lines are appended to (by a thread).
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+        [sys.executable, "-m", "digits", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
          "--rest-port", "0", "--grpc-port", "0", *map(str, extra)],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     output: list[str] = []

@@ -50,7 +50,7 @@ def small_tree(sample_tree, tmp_path):
 def run_digits(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     """Runs the real `digits` command line in a subprocess (bounded in time)."""
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        [sys.executable, "-m", "digits", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs,
     )
 

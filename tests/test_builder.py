@@ -133,7 +133,7 @@ def _big_tree(sample_tree: Path, root: Path, copies: int) -> Path:
 
 def _start_build(source: Path, output: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "data", "build", str(source), "--out", str(output), "--workers", "2",
+        [sys.executable, "-m", "digits", "data", "build", str(source), "--out", str(output), "--workers", "2",
          *extra],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         # A test run started in the background (`cmd &` in a script) inherits SIGINT ignored, and so

@@ -49,7 +49,7 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
 
     root, serving = tmp_path / "root", tmp_path / "serving"
     args = pipeline_run_args(tiny_records, root, serving)
-    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, start_new_session=True,
+    first = subprocess.Popen([sys.executable, "-m", "digits", *args], cwd=REPO, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: _states(root).get("Trainer") == "RUNNING", 900, "the Trainer to start")

@@ -34,6 +34,3 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="You are using a non-supported Python version", category=FutureWarning)
     cli()
 
-
-if __name__ == "__main__":
-    main()
