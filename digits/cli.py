@@ -8,6 +8,7 @@ import warnings
 import click
 
 from data.cli import data_group
+from monitoring.cli import monitor_command
 from pipeline.commands import pipeline_group
 from serving.cli import predict_command, serve_command
 from serving.docker_context import docker_group
@@ -24,6 +25,7 @@ cli.add_command(pipeline_group)
 cli.add_command(serve_command)
 cli.add_command(predict_command)
 cli.add_command(docker_group)
+cli.add_command(monitor_command)
 
 
 def main() -> None:

@@ -1,0 +1,112 @@
+"""A small Alertmanager webhook receiver: prints each alert as one line, keeps a JSON-lines log.
+
+Standard library only, so that the same file runs in `digits monitor`, in the tests and in the
+`alert-receiver` container of docker/compose.yaml (a stock python image, file mounted):
+
+    python monitoring/alert_receiver.py --host 127.0.0.1 --port 9095 [--log alerts.jsonl]
+
+Alertmanager POSTs its webhook payload (version 4) to any path; the path names the receiver
+(`/pager`, `/tickets`). GET /healthz answers 200. Replace it with your paging and ticketing
+integrations in monitoring/alertmanager/alertmanager.yml for production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+MAX_BODY_BYTES = 1 << 20  # Alertmanager batches alerts; a megabyte is thousands of them
+
+
+def format_alert(receiver: str, alert: dict) -> str:
+    """One line an on-call person can read: status, severity, name, where, what, and the runbook."""
+    labels = alert.get("labels", {})
+    annotations = alert.get("annotations", {})
+    where = " ".join(f"{key}={labels[key]}" for key in ("model_name", "model_version", "instance", "job")
+                     if key in labels)
+    return (f"[{receiver}] {str(alert.get('status', '?')).upper()} {labels.get('severity', '?')} "
+            f"{labels.get('alertname', '?')} {where}: {annotations.get('description') or annotations.get('summary', '')}"
+            f" (runbook: {annotations.get('runbook_url', 'none')})")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "digits-alert-receiver"
+    log_path: Path | None = None
+    lock = threading.Lock()
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path == "/healthz":
+            self._answer(200, "ok\n")
+        else:
+            self._answer(404, "not found: POST Alertmanager webhooks to any path, GET /healthz\n")
+
+    def do_POST(self) -> None:  # noqa: N802
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._answer(411, "a Content-Length header is required\n")
+            return
+        if length > MAX_BODY_BYTES:
+            self._answer(413, f"payload of {length} bytes is larger than {MAX_BODY_BYTES}\n")
+            return
+        try:
+            payload = json.loads(self.rfile.read(length))
+            alerts = payload["alerts"]
+            if not isinstance(alerts, list):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            self._answer(400, "not an Alertmanager webhook payload (JSON with an 'alerts' list)\n")
+            return
+        receiver = self.path.strip("/") or "webhook"
+        with self.lock:
+            for alert in alerts:
+                print(format_alert(receiver, alert if isinstance(alert, dict) else {}), flush=True)
+            if self.log_path is not None:
+                record = {"received_at": time.time(), "receiver": receiver, "payload": payload}
+                with self.log_path.open("a", encoding="utf-8") as log:
+                    log.write(json.dumps(record, sort_keys=True) + "\n")
+        self._answer(200, "ok\n")
+
+    def _answer(self, status: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        pass  # one line per alert is printed above; access logs would bury it
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print Alertmanager webhook alerts, one line each.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9095)
+    parser.add_argument("--log", type=Path, default=None, help="append every payload to this JSON-lines file")
+    args = parser.parse_args(argv)
+    _Handler.log_path = args.log
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), _Handler)
+    except OSError as error:
+        print(f"error: cannot listen on {args.host}:{args.port}: {error.strerror}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print(f"alert receiver listening on http://{args.host}:{server.server_port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
