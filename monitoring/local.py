@@ -28,6 +28,8 @@ RULES_DIR = PACKAGE / "prometheus" / "rules"
 ALERTMANAGER_CONFIG = PACKAGE / "alertmanager" / "alertmanager.yml"
 ALERT_RECEIVER = PACKAGE / "alert_receiver.py"
 INSTALL_HINT = "install them with `apt-get install prometheus prometheus-alertmanager` (Debian/Ubuntu) or put them on PATH"
+# The SLO window is 30 days; Prometheus keeps 15 by default, which would cut the budget series short.
+RETENTION = "35d"
 # Debian names the Alertmanager server prometheus-alertmanager; upstream tarballs call it alertmanager.
 BINARIES = {"prometheus": ("prometheus",), "alertmanager": ("prometheus-alertmanager", "alertmanager")}
 
@@ -143,6 +145,7 @@ class MonitoringStack:
             self._spawn("prometheus", [
                 prometheus, f"--config.file={data / 'prometheus.yml'}", f"--storage.tsdb.path={data / 'prometheus'}",
                 f"--web.listen-address={self.config.host}:{self.config.prometheus_port}",
+                f"--storage.tsdb.retention.time={RETENTION}",
             ], log=data / "prometheus.log")
             self._wait_ready("alert receiver", f"{self.config.receiver_url}/healthz", data / "alert_receiver.log")
             self._wait_ready("alertmanager", f"{self.config.alertmanager_url}/-/ready", data / "alertmanager.log")

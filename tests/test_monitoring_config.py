@@ -1,0 +1,241 @@
+"""The monitoring configs, checked by the real tools: promtool, amtool, and the generator itself."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from monitoring import local, names, rules
+from conftest import REPO, run_digits
+from prometheus_api import free_port
+
+MONITORING = REPO / "monitoring"
+PROMETHEUS_YML = MONITORING / "prometheus" / "prometheus.yml"
+ALERTMANAGER_YML = MONITORING / "alertmanager" / "alertmanager.yml"
+RULE_FILES = sorted((MONITORING / "prometheus" / "rules").glob("*.yml"))
+PROMTOOL_TESTS = sorted((MONITORING / "prometheus" / "tests").glob("*.yml"))
+RUNBOOK = MONITORING / "RUNBOOK.md"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} missing: run `bash .ci/tasks.sh setup` (installs prometheus and prometheus-alertmanager)"
+    return path
+
+
+def run_tool(*command: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def all_alerts() -> list[dict]:
+    return [rule for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
+            for rule in group["rules"] if "alert" in rule]
+
+
+def test_committed_rules_are_what_the_generator_writes():
+    result = run_tool(sys.executable, "-m", "monitoring.rules", "--check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_generator_check_notices_a_hand_edit(tmp_path):
+    for path in RULE_FILES:
+        shutil.copy(path, tmp_path / path.name)
+    edited = tmp_path / RULE_FILES[0].name
+    edited.write_text(edited.read_text().replace("severity: critical", "severity: info", 1))
+    result = run_tool(sys.executable, "-m", "monitoring.rules", "--check", "--out", str(tmp_path))
+    assert result.returncode == 1 and "out of date" in result.stderr
+
+
+def test_promtool_accepts_the_config_and_rules():
+    result = run_tool(tool("promtool"), "check", "config", str(PROMETHEUS_YML))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(RULE_FILES)} rule files found" in result.stdout
+
+
+def test_promtool_unit_tests_pass():
+    result = run_tool(tool("promtool"), "test", "rules", *map(str, PROMTOOL_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_is_unit_tested_firing():
+    """Each alert name appears in a promtool test with a non-empty exp_alerts (it was seen to fire)."""
+    fired = set()
+    for path in PROMTOOL_TESTS:
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                if check.get("exp_alerts"):
+                    fired.add(check["alertname"])
+    assert {alert["alert"] for alert in all_alerts()} <= fired
+
+
+def test_every_alert_carries_what_on_call_needs():
+    runbook = RUNBOOK.read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", line[3:].strip().lower()).replace(" ", "-")
+               for line in runbook.splitlines() if line.startswith("## ")}
+    for alert in all_alerts():
+        name, labels, annotations = alert["alert"], alert["labels"], alert["annotations"]
+        assert labels["severity"] in ("critical", "warning"), name
+        assert "for" in alert, name
+        assert "{{" not in annotations["summary"], f"{name}: the summary is static, the description templated"
+        assert "{{ $labels." in annotations["description"], name
+        assert "model" in annotations["description"] or "instance" in annotations["description"], name
+        url = annotations["runbook_url"]
+        assert url.startswith("monitoring/RUNBOOK.md#"), url
+        assert url.split("#", 1)[1] in anchors, f"{name}: no section {url} in monitoring/RUNBOOK.md"
+
+
+def test_drift_is_a_warning_held_for_an_hour_never_a_page():
+    for alert in all_alerts():
+        if alert["alert"] in ("DigitsPredictionDrift", "DigitsConfidenceDrop"):
+            assert alert["labels"]["severity"] == "warning"
+            assert alert["for"] in ("1h", "2h", "3h"), alert["for"]
+
+
+def test_burn_rate_alerts_follow_the_workbook():
+    """Pairs 1h/5m 14.4x and 6h/30m 6x page; 1d/2h 3x and 3d/6h 1x ticket; each with a traffic guard."""
+    for name in ("DigitsAvailabilityBudgetBurn", "DigitsLatencyBudgetBurn"):
+        found = {(a["labels"]["long_window"], a["labels"]["short_window"], a["labels"]["severity"])
+                 for a in all_alerts() if a["alert"] == name}
+        assert found == {("1h", "5m", "critical"), ("6h", "30m", "critical"),
+                         ("1d", "2h", "warning"), ("3d", "6h", "warning")}
+        for alert in (a for a in all_alerts() if a["alert"] == name):
+            assert f">= {rules.MIN_REQUESTS_IN_WINDOW}" in alert["expr"]
+
+
+def test_the_latency_threshold_is_a_bucket_bound_as_tf_serving_prints_it():
+    assert names.LATENCY_THRESHOLD_US in names.LATENCY_BUCKETS_US
+    text = "".join(path.read_text() for path in RULE_FILES)
+    assert f'le="{names.bucket_label(names.LATENCY_THRESHOLD_US)}"' in text
+    assert 'le="121440"' in text  # absl::StrCat of 10 * 1.8**16 = 121439.53: six significant digits
+
+
+def test_rules_match_rest_and_grpc_predicts():
+    text = "".join(path.read_text() for path in RULE_FILES)
+    assert 'API=~"predict|Predict"' in text
+    assert 'API="predict"' not in text and 'API="Predict"' not in text
+
+
+def test_amtool_accepts_the_alertmanager_config():
+    result = run_tool(tool("amtool"), "check-config", str(ALERTMANAGER_YML))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("labels, receiver", [
+    (["severity=critical", "alertname=DigitsModelServerDown"], "pager"),
+    (["severity=warning", "alertname=DigitsPredictionDrift"], "tickets"),
+    (["alertname=SomethingUnlabelled"], "tickets"),
+])
+def test_alertmanager_routes_pages_and_tickets(labels, receiver):
+    result = run_tool(tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", *labels)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == receiver
+
+
+def test_alertmanager_config_has_no_secrets():
+    text = ALERTMANAGER_YML.read_text().lower()
+    for secret in ("password", "api_key", "routing_key:", "service_key:", "token:", "auth_password"):
+        assert secret not in text
+
+
+def test_prometheus_config_scrapes_the_server_where_tf_serving_exports():
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs[names.SERVING_JOB]["metrics_path"] == names.METRICS_PATH
+    assert {names.PROMETHEUS_JOB, names.ALERTMANAGER_JOB} <= set(jobs)
+    assert config["rule_files"] == ["rules/*.yml"]
+
+
+def test_loopback_configs_are_the_committed_ones_with_local_addresses(tmp_path):
+    config = local.StackConfig(data_dir=tmp_path, serving_targets=("127.0.0.1:18501",), prometheus_port=19090,
+                               alertmanager_port=19093, receiver_port=19095, group_wait="1s")
+    prometheus = local.prometheus_config(config)
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in prometheus["scrape_configs"]}
+    assert targets == {names.SERVING_JOB: ["127.0.0.1:18501"], names.PROMETHEUS_JOB: ["127.0.0.1:19090"],
+                       names.ALERTMANAGER_JOB: ["127.0.0.1:19093"]}
+    assert prometheus["rule_files"] == [str(local.RULES_DIR / "*.yml")]
+    committed = yaml.safe_load(PROMETHEUS_YML.read_text())
+    assert [job["metrics_path"] for job in prometheus["scrape_configs"] if "metrics_path" in job] == \
+           [job["metrics_path"] for job in committed["scrape_configs"] if "metrics_path" in job]
+    alertmanager = local.alertmanager_config(config)
+    urls = [hook["url"] for receiver in alertmanager["receivers"] for hook in receiver["webhook_configs"]]
+    assert urls == ["http://127.0.0.1:19095/pager", "http://127.0.0.1:19095/tickets"]
+    assert alertmanager["route"]["group_wait"] == "1s"
+    assert alertmanager["inhibit_rules"] == yaml.safe_load(ALERTMANAGER_YML.read_text())["inhibit_rules"]
+
+
+def test_a_scrape_job_without_a_loopback_target_is_refused(tmp_path, monkeypatch):
+    committed = yaml.safe_load(PROMETHEUS_YML.read_text())
+    committed["scrape_configs"].append({"job_name": "mystery", "static_configs": [{"targets": ["x:1"]}]})
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(committed))
+    monkeypatch.setattr(local, "PROMETHEUS_CONFIG", path)
+    with pytest.raises(local.MonitoringError, match="mystery"):
+        local.prometheus_config(local.StackConfig(data_dir=tmp_path))
+
+
+def test_monitor_without_the_binaries_says_how_to_install_them(tmp_path):
+    result = run_digits("monitor", "--data-dir", tmp_path / "m", env={"PATH": str(Path(sys.executable).parent)},
+                        timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: prometheus not found: install them with `apt-get install prometheus prometheus-alertmanager` "
+        "(Debian/Ubuntu) or put them on PATH")
+    assert "Traceback" not in result.stderr
+
+
+def test_monitor_refuses_a_bad_serving_address(tmp_path):
+    result = run_digits("monitor", "--serving", "nowhere", "--data-dir", tmp_path / "m", timeout=60)
+    assert result.returncode == 2 and "expected HOST:PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def alert_receiver(tmp_path):
+    port = free_port()
+    log = tmp_path / "alerts.jsonl"
+    process = subprocess.Popen([sys.executable, str(local.ALERT_RECEIVER), "--port", str(port), "--log", str(log)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        local.MonitoringStack(local.StackConfig(data_dir=tmp_path, ready_timeout_s=30),
+                              processes={"alert receiver": process})._wait_ready(
+            "alert receiver", f"http://127.0.0.1:{port}/healthz", tmp_path / "none.log")
+        yield f"http://127.0.0.1:{port}", process, log
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _post(url: str, body: bytes) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_alert_receiver_prints_each_alert_and_logs_the_payload(alert_receiver):
+    url, process, log = alert_receiver
+    payload = {"version": "4", "status": "firing", "alerts": [{
+        "status": "firing",
+        "labels": {"alertname": "DigitsModelServerDown", "severity": "critical", "instance": "127.0.0.1:1",
+                   "job": names.SERVING_JOB},
+        "annotations": {"description": "down", "runbook_url": "monitoring/RUNBOOK.md#digitsmodelserverdown"}}]}
+    assert _post(f"{url}/pager", json.dumps(payload).encode()) == (200, "ok\n")
+    assert _post(f"{url}/pager", b"not json")[0] == 400
+    assert _post(f"{url}/pager", b'{"alerts": 3}')[0] == 400
+    [record] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["receiver"] == "pager" and record["payload"] == payload
+    process.terminate()
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert ("[pager] FIRING critical DigitsModelServerDown instance=127.0.0.1:1 job=digits-serving: down "
+            "(runbook: monitoring/RUNBOOK.md#digitsmodelserverdown)") in out.splitlines()
