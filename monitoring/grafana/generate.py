@@ -1,0 +1,541 @@
+"""The Grafana SRE dashboard of the digits model server, as code (grafana-foundation-sdk, Grafana 11.6).
+
+`.venv-tools/bin/python monitoring/grafana/generate.py` rewrites dashboards/digits-serving.json;
+`--check` exits 1 when the committed JSON differs from what this file generates, so edit this file,
+not the JSON (a hand edit in Grafana cannot drift silently: provisioning also forbids saving one).
+Metric names come from monitoring/names.py and recorded series from monitoring/rules.py: the panels
+read the same SLIs as the alerts, so a number means the same thing on the dashboard and in a page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import string
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script by the tool environment, which does not install this project
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from grafana_foundation_sdk.builders import barchart, common as common_builders, dashboard, gauge, heatmap
+from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common, units
+from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models.heatmap import HeatmapColorMode
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+from monitoring import names as n
+from monitoring import rules as r
+
+UID = "digits-serving"
+TITLE = "Digits model serving"
+OUT = Path(__file__).resolve().parent / "dashboards" / f"{UID}.json"
+# provisioning/datasources/prometheus.yml gives the provisioned Prometheus this uid; the datasource
+# variable defaults to it, and every panel reads `${datasource}` (never an exported `${DS_...}` input,
+# which file provisioning cannot resolve).
+DATASOURCE_UID = "prometheus"
+DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
+
+# Label matchers: every raw series is the model server's, on the chosen instances, of the chosen model.
+JOB = f'job="{n.SERVING_JOB}"'
+INSTANCE = 'instance=~"$instance"'
+MODEL = 'model_name=~"$model"'
+MODEL_PATH = 'model_path=~".*/$model/[0-9]+"'  # load metrics carry the version directory, not the name
+PREDICT = f'API=~"{n.PREDICT_API_REGEX}"'
+RATE_INTERVAL = "$__rate_interval"  # Grafana: at least four scrape intervals (timeInterval of the datasource)
+
+QUANTILES = (0.5, 0.95, 0.99)
+SLI_WINDOWS_SHOWN = ("5m", "1h", "6h", "3d")  # the short and long windows of the burn-rate alerts
+BUDGET_LOW = 0.25  # an error budget below a quarter turns orange
+
+RED, ORANGE, GREEN = "red", "orange", "green"
+GRID_WIDTH = 24
+
+
+# -- PromQL --------------------------------------------------------------------------------------
+
+def selector(metric: str, *matchers: str) -> str:
+    return f"{metric}{{{', '.join(matchers)}}}"
+
+
+def served(metric: str, *matchers: str) -> str:
+    """A series of the model server that carries model_name."""
+    return selector(metric, JOB, INSTANCE, MODEL, *matchers)
+
+
+def process(metric: str, *matchers: str) -> str:
+    """A per-process series of the model server (batching): no model label."""
+    return selector(metric, JOB, INSTANCE, *matchers)
+
+
+def loads(metric: str) -> str:
+    """A SavedModel load metric: labelled by version directory (model_path)."""
+    return selector(metric, JOB, INSTANCE, MODEL_PATH)
+
+
+def recorded(name: str, *matchers: str) -> str:
+    """A series recorded by monitoring/rules.py: already a rate, per job and model, no instance."""
+    return selector(name, MODEL, *matchers)
+
+
+def rate(series: str) -> str:
+    return f"rate({series}[{RATE_INTERVAL}])"
+
+
+def increase(series: str) -> str:
+    return f"increase({series}[{RATE_INTERVAL}])"
+
+
+def quantile(q: float, by: str, buckets: str) -> str:
+    """histogram_quantile over `buckets` (a selector of a _bucket series), kept apart by `by`."""
+    return f"histogram_quantile({q:g}, sum by (le{', ' + by if by else ''}) ({rate(buckets)}))"
+
+
+def mean(by: str, metric: str, select) -> str:
+    """Mean observation of a histogram over the rate interval: rate of _sum over rate of _count."""
+    return f"sum by ({by}) ({rate(select(metric + '_sum'))})\n/\nsum by ({by}) ({rate(select(metric + '_count'))})"
+
+
+def by_transport(expr: str) -> str:
+    """Adds `transport`: TF Serving labels a REST predict API="predict" and a gRPC one "Predict"."""
+    rest, grpc = n.PREDICT_APIS
+    return (f'label_replace(label_replace({expr}, "transport", "REST", "API", "{rest}"), '
+            f'"transport", "gRPC", "API", "{grpc}")')
+
+
+def percentile(q: float) -> str:
+    return f"p{q * 100:g}"
+
+
+# -- Panels --------------------------------------------------------------------------------------
+
+def query(expr: str, legend: str, *, instant: bool = False, fmt: PromQueryFormat | None = None):
+    target = prometheus.Dataquery().expr(expr).legend_format(legend).datasource(DATASOURCE)
+    target = target.instant() if instant else target.range()
+    return target.format(fmt) if fmt else target
+
+
+def thresholds(base: str, *steps: tuple[float, str]):
+    return (dashboard.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE)
+            .steps([model.Threshold(color=base),
+                    *(model.Threshold(value=value, color=color) for value, color in steps)]))
+
+
+def panel(builder, title: str, description: str, unit: str, targets, *, width: int = 12, height: int = 8):
+    """What every panel has (the lint in tests/grafana_lint.py checks it): a title, a description,
+    a unit, the dashboard's datasource variable, and queries with stable refIds."""
+    builder = builder.title(title).description(description).unit(unit).datasource(DATASOURCE)
+    for ref_id, target in zip(string.ascii_uppercase, targets, strict=False):
+        builder = builder.with_target(target.ref_id(ref_id))
+    return builder.span(width).height(height)
+
+
+def graph(title: str, description: str, unit: str, targets, **layout):
+    """A time series with a multi-series tooltip and a legend that shows the last and top values."""
+    builder = (timeseries.Panel()
+               .legend(common_builders.VizLegendOptions().display_mode(common.LegendDisplayMode.TABLE)
+                       .placement(common.LegendPlacement.BOTTOM).show_legend(True).calcs(["lastNotNull", "max"]))
+               .tooltip(common_builders.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI)
+                        .sort(common.SortOrder.DESCENDING))
+               .fill_opacity(10).line_width(1).show_points(common.VisibilityMode.NEVER).span_nulls(False))
+    return panel(builder, title, description, unit, targets, **layout)
+
+
+def with_threshold_line(builder, base: str, *steps: tuple[float, str]):
+    return (builder.thresholds(thresholds(base, *steps))
+            .thresholds_style(common_builders.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.LINE)))
+
+
+def dashed(builder, regexp: str):
+    return builder.override_by_regexp(regexp, [model.DynamicConfigValue(
+        id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]})])
+
+
+def single_stat(title: str, description: str, expr: str, objective: float):
+    """The 30-day SLI against its objective: red below it."""
+    builder = (stat.Panel().graph_mode(common.BigValueGraphMode.NONE).color_mode(common.BigValueColorMode.BACKGROUND)
+               .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+               .decimals(2).thresholds(thresholds(RED, (objective, GREEN))))
+    return panel(builder, title, description, units.PercentUnit, [query(expr, "{{model_name}}")], width=6, height=5)
+
+
+def budget_gauge(title: str, description: str, expr: str):
+    builder = (gauge.Panel().min(0).max(1).decimals(0).show_threshold_markers(True)
+               .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+               .thresholds(thresholds(RED, (0, ORANGE), (BUDGET_LOW, GREEN))))
+    return panel(builder, title, description, units.PercentUnit, [query(expr, "{{model_name}}")], width=6, height=5)
+
+
+def bucket_heatmap(title: str, description: str, buckets: str, bucket_unit: str, cell_unit: str):
+    """Observations per second in each bucket (Grafana takes the cumulative `le` buckets apart)."""
+    builder = (heatmap.Panel().calculate(False)
+               .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE))
+               .y_axis(heatmap.YAxisConfig().unit(bucket_unit))
+               .cell_values(heatmap.CellValues().unit(cell_unit))
+               .color(heatmap.HeatmapColorOptions().mode(HeatmapColorMode.SCHEME).scheme("Oranges")
+                      .fill("dark-orange").exponent(0.5).steps(64).reverse(False))
+               .show_legend())
+    expr = f"sum by (le) ({rate(buckets)})"
+    return panel(builder, title, description, cell_unit, [query(expr, "{{le}}", fmt=PromQueryFormat.HEATMAP)])
+
+
+# -- Rows ----------------------------------------------------------------------------------------
+
+def slo_panels() -> list:
+    availability = f"{n.AVAILABILITY_OBJECTIVE:.1%}"
+    latency = f"{n.LATENCY_OBJECTIVE:.0%}"
+    threshold_ms = f"{n.LATENCY_THRESHOLD_US / 1000:.0f} ms"
+    error_budget = round(1 - n.AVAILABILITY_OBJECTIVE, 6)
+    slow_budget = round(1 - n.LATENCY_OBJECTIVE, 6)
+    window = n.SLO_WINDOW
+    pages = " and ".join(f"{burn.factor:g}x ({burn.long} and {burn.short})"
+                         for burn in r.BURN_RATE_WINDOWS if burn.severity == "critical")
+    return [
+        single_stat(
+            f"Availability ({window})",
+            f"Share of predicts over the last {window} that did not fail on the server's side "
+            f"(1 - {r.error_ratio(window)}). Objective: {availability}; red below it. Client errors "
+            "(bad input, unknown model) do not count against it.",
+            f"1 - {recorded(r.error_ratio(window))}", n.AVAILABILITY_OBJECTIVE),
+        budget_gauge(
+            "Availability error budget left",
+            f"What is left of the {window} availability error budget ({error_budget:.1%} of predicts may fail): "
+            "100% untouched, 0% spent, negative: the SLO is missed.",
+            recorded(r.AVAILABILITY_BUDGET_REMAINING)),
+        single_stat(
+            f"Predicts under {threshold_ms} ({window})",
+            f"Share of successful predicts over the last {window} answered within {threshold_ms} "
+            f"(1 - {r.slow_ratio(window)}). Objective: {latency}; red below it.",
+            f"1 - {recorded(r.slow_ratio(window))}", n.LATENCY_OBJECTIVE),
+        budget_gauge(
+            "Latency error budget left",
+            f"What is left of the {window} latency error budget ({slow_budget:.0%} of successful predicts may "
+            f"take longer than {threshold_ms}): 100% untouched, 0% spent, negative: the SLO is missed.",
+            recorded(r.LATENCY_BUDGET_REMAINING)),
+        with_threshold_line(graph(
+            "Server error ratio by window",
+            "Share of predicts that failed on the server's side, over the windows the burn-rate alerts use. "
+            f"The red line is the ratio that spends exactly the {window} budget ({error_budget:.1%}); "
+            f"the alerts page at {pages} that rate.",
+            units.PercentUnit,
+            [query(recorded(r.error_ratio(w)), f"{w} {{{{model_name}}}}") for w in SLI_WINDOWS_SHOWN]),
+            GREEN, (error_budget, RED)).min(0),
+        with_threshold_line(graph(
+            f"Predicts slower than {threshold_ms} by window",
+            f"Share of successful predicts slower than {threshold_ms}, over the windows of the burn-rate alerts. "
+            f"The red line is the ratio that spends exactly the {window} latency budget ({slow_budget:.0%}).",
+            units.PercentUnit,
+            [query(recorded(r.slow_ratio(w)), f"{w} {{{{model_name}}}}") for w in SLI_WINDOWS_SHOWN]),
+            GREEN, (slow_budget, RED)).min(0),
+    ]
+
+
+def traffic_panels() -> list:
+    server_errors = f'status=~"{n.SERVER_ERROR_REGEX}"'
+    client_errors = f'status!~"OK|{n.SERVER_ERROR_REGEX}"'
+    all_requests = f"sum without (status) ({recorded(r.REQUESTS_BY_STATUS)})"
+    return [
+        graph(
+            "Requests by status",
+            "Requests per second by gRPC status code (5-minute rate). TF Serving counts every request here, "
+            "REST model-status and metadata GETs too, not only predicts.",
+            units.RequestsPerSecond,
+            [query(recorded(r.REQUESTS_BY_STATUS), "{{status}}")], width=8),
+        graph(
+            "Predicts by transport",
+            "Successful predicts per second over REST and gRPC (5-minute rate), and all predicts, failed "
+            "ones included.",
+            units.RequestsPerSecond,
+            [query(by_transport(recorded(r.PREDICTS_OK_BY_API)), "{{transport}} OK"),
+             query(recorded(r.predicts("5m")), "all predicts")], width=8),
+        graph(
+            "Failed requests, share of all",
+            "Failed requests as a share of all requests, by status (5-minute rate). Server errors "
+            f"({', '.join(n.SERVER_ERROR_STATUSES)}) spend the availability budget; client errors "
+            "(bad input, unknown model or version) do not.",
+            units.PercentUnit,
+            [query(f"{recorded(r.REQUESTS_BY_STATUS, server_errors)}\n/ ignoring (status) group_left\n{all_requests}",
+                   "server {{status}}"),
+             query(f"{recorded(r.REQUESTS_BY_STATUS, client_errors)}\n/ ignoring (status) group_left\n{all_requests}",
+                   "client {{status}}")], width=8).min(0),
+    ]
+
+
+def latency_panels() -> list:
+    request_buckets = served(f"{n.REQUEST_LATENCY}_bucket", PREDICT)
+    runtime_buckets = served(f"{n.RUNTIME_LATENCY}_bucket", PREDICT)
+    return [
+        with_threshold_line(graph(
+            "Predict latency by transport",
+            "p50, p95 and p99 of the time to answer a successful predict, REST and gRPC apart. The red "
+            f"line is the latency SLO threshold ({n.LATENCY_THRESHOLD_US / 1000:.0f} ms).",
+            units.Microseconds,
+            [query(by_transport(quantile(q, "API", request_buckets)), f"{percentile(q)} {{{{transport}}}}")
+             for q in QUANTILES]),
+            GREEN, (n.LATENCY_THRESHOLD_US, RED)),
+        dashed(graph(
+            "Request vs model run latency",
+            "p50 and p99 of the whole predict request against the model call alone (runtime latency; a "
+            "batched call counts the whole batch's run). The gap is time in the batching queue, decoding "
+            "and transport.",
+            units.Microseconds,
+            [*(query(quantile(q, "", request_buckets), f"request {percentile(q)}") for q in (0.5, 0.99)),
+             *(query(quantile(q, "", runtime_buckets), f"model run {percentile(q)}") for q in (0.5, 0.99))]),
+            "^model run.*"),
+    ]
+
+
+def batching_panels() -> list:
+    return [
+        bucket_heatmap(
+            "Processed batch size",
+            "Model calls per second by the size of the batch they ran (after padding to an allowed size).",
+            process(f"{n.BATCH_SIZE}_bucket"), units.Short, units.OpsPerSecond),
+        with_threshold_line(graph(
+            "Batch queueing latency",
+            "p50 and p99 of the time a request waits in the batching queue before its batch runs. The red "
+            f"line is the p99 above which DigitsBatchQueueingSlow fires ({r.QUEUING_P99_THRESHOLD_US / 1000:g} ms).",
+            units.Microseconds,
+            [query(quantile(q, "instance", process(f"{n.QUEUING_LATENCY}_bucket")),
+                   f"{percentile(q)} {{{{instance}}}}") for q in (0.5, 0.99)]),
+            GREEN, (r.QUEUING_P99_THRESHOLD_US, RED)),
+        graph(
+            "Batched model calls",
+            "Model calls per second made by the batcher, each running one batch.",
+            units.OpsPerSecond,
+            [query(f"sum by (instance) ({rate(process(n.WRAPPED_RUN_COUNT))})", "{{instance}}")]),
+        graph(
+            "Mean batch and padding size",
+            "Mean number of examples per model call, and how many of them were padding added to reach an "
+            "allowed batch size.",
+            units.Short,
+            [query(mean("instance", n.BATCH_SIZE, process), "batch {{instance}}"),
+             query(mean("instance", n.PADDING_SIZE, process), "padding {{instance}}")]).min(0),
+    ]
+
+
+def version_panels() -> list:
+    load_count = f"sum by (model_path) ({increase(loads(n.LOAD_ATTEMPT_COUNT))})"
+    return [
+        graph(
+            "Loaded versions",
+            "Number of server instances that have each version of the model loaded. Exported by `digits "
+            "serve` (TF Serving itself has no such metric).",
+            units.Short,
+            [query(f"count by (model_version) ({served(n.LOADED_VERSIONS)})", "version {{model_version}}")],
+            width=8).min(0).decimals(0),
+        graph(
+            "Model loads",
+            "SavedModel load attempts per rate interval, by version directory and outcome.",
+            units.Short,
+            [query(f"sum by (model_path, status) ({increase(loads(n.LOAD_ATTEMPT_COUNT))})",
+                   "{{status}} {{model_path}}")],
+            width=8).draw_style(common.GraphDrawStyle.BARS).fill_opacity(80).min(0).decimals(0),
+        graph(
+            "Load and warmup time",
+            "Mean time to load a version (load latency per load attempt) and to run its warmup requests; "
+            "a point where a load happened.",
+            units.Microseconds,
+            # `> 0` keeps the intervals with a load: elsewhere 0 / 0 is NaN.
+            [query(f"sum by (model_path) ({increase(loads(n.LOAD_LATENCY))})\n/\n{load_count}\n> 0",
+                   "load {{model_path}}"),
+             query(f"sum by (model_path) ({increase(loads(n.WARMUP_LATENCY + '_sum'))})\n/\n"
+                   f"sum by (model_path) ({increase(loads(n.WARMUP_LATENCY + '_count'))})\n> 0",
+                   "warmup {{model_path}}")],
+            width=8).show_points(common.VisibilityMode.ALWAYS).point_size(6),
+    ]
+
+
+def drift_panels() -> list:
+    version = "job, model_name, model_version"
+    traffic = recorded(r.PREDICTIONS_RATE)
+
+    def traffic_weighted(shares: str) -> str:
+        # Several versions may serve at once: weigh each version's shares by its predictions.
+        return (f"sum by ({n.CLASS_LABEL}) (\n  {shares}\n  * on ({version}) group_left\n  {traffic}\n)\n"
+                f"/ on () group_left\nsum ({traffic})")
+
+    guard = r.MIN_PREDICTIONS_FOR_DRIFT / r.WINDOW_SECONDS[r.DRIFT_WINDOW]
+    return [
+        panel(
+            barchart.Panel().x_field(n.CLASS_LABEL).show_value(common.VisibilityMode.NEVER)
+            .tooltip(common_builders.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI))
+            .legend(common_builders.VizLegendOptions().display_mode(common.LegendDisplayMode.LIST)
+                    .placement(common.LegendPlacement.BOTTOM).show_legend(True))
+            .with_transformation(model.DataTransformerConfig(id_val="merge", options={}))
+            .with_transformation(model.DataTransformerConfig(id_val="organize", options={
+                "excludeByName": {"Time": True},
+                "renameByName": {"Value #A": "live", "Value #B": "reference"},
+            }))
+            .with_transformation(model.DataTransformerConfig(id_val="sortBy", options={
+                "sort": [{"field": n.CLASS_LABEL, "desc": False}]})),
+            "Predicted digits vs reference",
+            f"Share of predictions per digit over the last {r.DRIFT_WINDOW}, against the share the served "
+            "version predicted on its eval split (the reference profile). With several versions serving, "
+            "each is weighed by its traffic.",
+            units.PercentUnit,
+            [query(traffic_weighted(recorded(r.CLASS_SHARE)), "live", instant=True, fmt=PromQueryFormat.TABLE),
+             query(traffic_weighted(recorded(r.REFERENCE_SHARE)), "reference", instant=True,
+                   fmt=PromQueryFormat.TABLE)]),
+        with_threshold_line(graph(
+            "Prediction drift (PSI)",
+            f"Population stability index of the predicted digits over {r.DRIFT_WINDOW} against the reference, "
+            f"per version. Below 0.1 is stable; the red line ({r.PSI_THRESHOLD:g}) is where "
+            f"DigitsPredictionDrift fires (with at least {r.MIN_PREDICTIONS_FOR_DRIFT} predictions in the hour).",
+            "none",
+            [query(recorded(r.PSI), "version {{model_version}}")]),
+            GREEN, (r.PSI_THRESHOLD, RED)).min(0),
+        with_threshold_line(graph(
+            "Predictions per second",
+            f"Predictions per second per version over {r.DRIFT_WINDOW} (one request may hold many). Below the "
+            f"red line ({r.MIN_PREDICTIONS_FOR_DRIFT} per {r.DRIFT_WINDOW}) the drift alerts stay silent.",
+            units.CountsPerSecond,
+            [query(recorded(r.PREDICTIONS_RATE), "version {{model_version}}")], width=8),
+            RED, (guard, GREEN)).min(0),
+        bucket_heatmap(
+            "Top-class confidence",
+            "Predictions per second by the probability the model gave its answer (the top class).",
+            served(f"{n.CONFIDENCE}_bucket"), units.PercentUnit, units.CountsPerSecond).span(8),
+        dashed(graph(
+            "Mean confidence vs reference",
+            f"Mean top-class probability over {r.DRIFT_WINDOW}, per version, against its mean on the eval "
+            f"split. DigitsConfidenceDrop fires below the dashed alert line (reference - {r.CONFIDENCE_DROP:g}).",
+            units.PercentUnit,
+            [query(recorded(r.CONFIDENCE_MEAN), "live v{{model_version}}"),
+             query(recorded(r.REFERENCE_CONFIDENCE), "reference v{{model_version}}"),
+             query(f"{recorded(r.REFERENCE_CONFIDENCE)} - {r.CONFIDENCE_DROP:g}", "alert below v{{model_version}}")],
+            width=8), "^(reference|alert).*"),
+    ]
+
+
+def scrape_panels() -> list:
+    up_mappings = [model.ValueMap(options={
+        "0": model.ValueMappingResult(text="down", color=RED, index=0),
+        "1": model.ValueMappingResult(text="up", color=GREEN, index=1),
+    })]
+    return [
+        panel(
+            statetimeline.Panel().mappings(up_mappings).show_value(common.VisibilityMode.NEVER)
+            .merge_values(True).fill_opacity(80),
+            "Model servers up",
+            "Whether Prometheus could scrape each model server instance (DigitsModelServerDown pages when "
+            "one stays down).",
+            "none",
+            [query(process("up"), "{{instance}}")]),
+        graph(
+            "Scrape duration",
+            "How long Prometheus takes to scrape each model server's metrics page; near the scrape "
+            "timeout, samples go missing.",
+            units.Seconds,
+            [query(process("scrape_duration_seconds"), "{{instance}}")]).min(0),
+    ]
+
+
+ROWS = (
+    # (title, collapsed, panels), as monitoring/RUNBOOK.md lists them. Open rows answer "is it healthy,
+    # and is the model still right?"; collapsed ones, one click away, "why not?".
+    ("SLOs", False, slo_panels),
+    ("Traffic", False, traffic_panels),
+    ("Latency", False, latency_panels),
+    ("Batching", True, batching_panels),
+    ("Model versions", True, version_panels),
+    ("Predictions & drift", False, drift_panels),
+    ("Scrape health", True, scrape_panels),
+)
+
+
+def variables() -> list:
+    return [
+        dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        .current(model.VariableOption(text="Prometheus", value=DATASOURCE_UID)),
+        dashboard.QueryVariable("model").label("Model").datasource(DATASOURCE)
+        .query(f'label_values({selector(n.REQUEST_COUNT, JOB)}, model_name)')
+        .current(model.VariableOption(text=n.DEFAULT_MODEL_NAME, value=n.DEFAULT_MODEL_NAME))
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(model.VariableSort.ALPHABETICAL_ASC),
+        dashboard.QueryVariable("instance").label("Instance").datasource(DATASOURCE)
+        .query(f'label_values({selector("up", JOB)}, instance)')
+        .multi(True).include_all(True).all_value(".*")
+        .current(model.VariableOption(text=["All"], value=["$__all"]))
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(model.VariableSort.ALPHABETICAL_ASC),
+    ]
+
+
+def build() -> model.Dashboard:
+    """The dashboard: the rows of ROWS, each open one followed by its panels, each collapsed one holding them."""
+    builder = (dashboard.Dashboard(TITLE).uid(UID)
+               .description("SRE view of the digits model server: SLOs and error budgets, traffic, latency, "
+                            "prediction drift, batching, model versions and scrape health.")
+               .tags(["digits", "tensorflow-serving", "slo", "mlops"])
+               .refresh("30s").time("now-6h", "now").timezone("browser")
+               .tooltip(model.DashboardCursorSync.CROSSHAIR).readonly())
+    for variable in variables():
+        builder = builder.with_variable(variable)
+    items: list = []
+    for title, collapsed, make_panels in ROWS:
+        row = dashboard.Row(title).collapsed(collapsed).build()
+        panels = [item.build() for item in make_panels()]
+        if collapsed:  # a collapsed row holds its panels; an open one is followed by them
+            row.panels = panels
+            items.append(row)
+        else:
+            items += [row, *panels]
+    built = builder.build()
+    built.panels = layout(items)
+    return built
+
+
+def layout(items: list) -> list:
+    """Ids and grid positions, top to bottom: panels fill lines of 24 columns from the left. A collapsed
+    row's panels are placed right below it, where Grafana shows them when the row opens.
+    (The SDK's own placement lets a collapsed row's panels push the next row down.)"""
+    ids = itertools.count(1)
+    x = y = line = 0
+
+    def place(item, x: int, y: int, line: int) -> tuple[int, int, int]:
+        width, height = item.grid_pos.w, item.grid_pos.h
+        if x + width > GRID_WIDTH:
+            x, y, line = 0, y + line, 0
+        item.id_val = next(ids)
+        item.grid_pos = model.GridPos(h=height, w=width, x=x, y=y)
+        return x + width, y, max(line, height)
+
+    for item in items:
+        if isinstance(item, model.RowPanel):
+            y, x, line = y + line, 0, 0
+            item.id_val = next(ids)
+            item.grid_pos = model.GridPos(h=1, w=GRID_WIDTH, x=0, y=y)
+            y += 1
+            nested = (0, y, 0)
+            for inner in item.panels:
+                nested = place(inner, *nested)
+        else:
+            x, y, line = place(item, x, y, line)
+    return items
+
+
+def render(built: model.Dashboard) -> str:
+    return json.dumps(built, cls=JSONEncoder, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed JSON differs")
+    parser.add_argument("--out", type=Path, default=OUT, help="the dashboard JSON file")
+    args = parser.parse_args(argv)
+    text = render(build())
+    if args.check:
+        if not args.out.exists() or args.out.read_text(encoding="utf-8") != text:
+            print(f"error: {args.out} is out of date, run `.venv-tools/bin/python monitoring/grafana/generate.py`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
