@@ -13,6 +13,7 @@ from components.config import TrainerConfig
 from components.data import make_dataset
 from components.history import write_history
 from components.model import build_model
+from components.reference import write_reference_profile
 from components.signatures import make_signatures
 from components.warmup import warmup_images_from_examples, write_warmup_requests
 from data import contract
@@ -69,3 +70,6 @@ def run_fn(fn_args) -> None:
     model.save(fn_args.serving_model_dir, save_format="tf", signatures=make_signatures(model, tf_transform_output))
     # Real digits as TF Serving warmup requests, so a freshly loaded version answers its first request fast.
     write_warmup_requests(fn_args.serving_model_dir, warmup_images_from_examples(fn_args.eval_files, WARMUP_IMAGES))
+    # What this model's predictions look like on examples it was not trained on, for serving's drift
+    # gauges: the model as exported, on every eval example, unaugmented (`evaluation` is one pass).
+    write_reference_profile(fn_args.serving_model_dir, model.predict(evaluation, verbose=0))

@@ -15,7 +15,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 from data import contract
 from data.contract import IMAGE_BYTES_INPUT, SERVING_SIGNATURE
 
-WARMUP_DIR = "assets.extra"
+WARMUP_DIR = contract.ASSETS_EXTRA_DIR
 WARMUP_FILE = "tf_serving_warmup_requests"
 # A single image twice (the first call pays one-time initialisation) and a batch of 8, so
 # both the unbatched path and a batched shape are warm; TF Serving reads at most 1,000.

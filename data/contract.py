@@ -39,6 +39,8 @@ IMAGE_BYTES_INPUT = "image_bytes"
 EXAMPLES_INPUT = "examples"
 PROBABILITIES_OUTPUT = "probabilities"  # float [N, NUM_CLASSES]
 PREDICTED_CLASS_OUTPUT = "predicted_class"  # int64 [N]
+# Beside each exported version; TF Serving reads only its warmup file there and ignores the rest.
+ASSETS_EXTRA_DIR = "assets.extra"
 
 # The accuracy metric's name, the same in Keras' training history ("val_" + it for the eval split),
 # in TFMA's results (the blessing gate) and in the run report.

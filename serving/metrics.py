@@ -13,7 +13,9 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 
+from components.reference import CLASS_SHARE_KEY, CONFIDENCE_MEAN_KEY, CONFIDENCE_SHARE_KEY, EXAMPLES_KEY
 from monitoring.names import (  # noqa: F401  (re-exported: serving's code and tests read them from here)
     BATCH_SIZE,
     BATCH_SIZE_BUCKETS,
@@ -29,6 +31,11 @@ from monitoring.names import (  # noqa: F401  (re-exported: serving's code and t
     PREDICTIONS,
     QUEUING_LATENCY,
     QUEUING_LATENCY_BUCKETS_US,
+    REFERENCE_CLASS_LABEL,
+    REFERENCE_CLASS_SHARE,
+    REFERENCE_CONFIDENCE_BUCKET_SHARE,
+    REFERENCE_CONFIDENCE_MEAN,
+    REFERENCE_EXAMPLES,
     REQUEST_COUNT,
     REQUEST_LATENCY,
     RUNTIME_LATENCY,
@@ -138,6 +145,35 @@ class ServingMetrics:
         with self._lock:
             self._labels[LOADED_VERSIONS] = ("model_name", "model_version")
             self._gauges[LOADED_VERSIONS] = {(model_name, str(version)): 1 for version in versions}
+
+    def set_reference_profiles(self, model_name: str, profiles: Mapping[int, Mapping]) -> None:
+        """The reference profile of each loaded version that has one (components/reference.py), as gauges.
+
+        Replaces all reference gauges: a version left out (unloaded, or without a valid profile)
+        has none, so a drift query never compares live traffic with a version that is gone.
+        """
+        class_share, confidence_mean, confidence_share, examples = {}, {}, {}, {}
+        for version, profile in profiles.items():
+            model = (model_name, str(version))
+            for name, share in profile[CLASS_SHARE_KEY].items():
+                class_share[(*model, name)] = share
+            for le, share in profile[CONFIDENCE_SHARE_KEY].items():
+                confidence_share[(*model, le)] = share
+            confidence_mean[model] = profile[CONFIDENCE_MEAN_KEY]
+            examples[model] = profile[EXAMPLES_KEY]
+        with self._lock:
+            self._set_gauge(REFERENCE_CLASS_SHARE, ("model_name", "model_version", REFERENCE_CLASS_LABEL), class_share)
+            self._set_gauge(REFERENCE_CONFIDENCE_BUCKET_SHARE, ("model_name", "model_version", "le"), confidence_share)
+            self._set_gauge(REFERENCE_CONFIDENCE_MEAN, ("model_name", "model_version"), confidence_mean)
+            self._set_gauge(REFERENCE_EXAMPLES, ("model_name", "model_version"), examples)
+
+    def _set_gauge(self, name: str, labels: tuple[str, ...], samples: dict[tuple, float]) -> None:
+        """All samples of a gauge at once; with none, the gauge leaves the page (no empty family)."""
+        self._labels[name] = labels
+        if samples:
+            self._gauges[name] = samples
+        else:
+            self._gauges.pop(name, None)
 
     # -- exposition --------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.python.util import deprecation
 from tensorflow_serving.apis import get_model_metadata_pb2
 
+from components.reference import profile_path, read_reference_profile
 from data import contract
 from serving import runtime
 from serving.batching import NO_CALLER, Arrival, Batcher, Caller
@@ -220,6 +221,7 @@ class ModelManager:
         self._status: dict[int, VersionStatus] = {}
         self._failed: dict[int, tuple] = {}  # version -> directory fingerprint it failed with
         self._seen: dict[int, tuple] = {}  # version -> fingerprint at the previous poll
+        self._profiles: dict[int, dict] = {}  # loaded version -> its reference profile, if it has a valid one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -307,24 +309,36 @@ class ModelManager:
         seconds = time.monotonic() - started
         runtime.lower_compute_priority()  # TensorFlow's pools exist once the model has run (its warmup)
         self._metrics.record_load(str(path), ok=True, seconds=seconds, warmup_seconds=warmup_seconds if warmed else None)
+        profile = load_reference_profile(self.name, version, path)
         with self._lock:
             self._servables[version] = servable
+            if profile is not None:
+                self._profiles[version] = profile
         self._failed.pop(version, None)
         self._set_status(VersionStatus(version, AVAILABLE))
-        self._metrics.set_loaded_versions(self.name, self.available_versions())
+        self._publish_versions()
         log.info("%s version %d AVAILABLE after %.1f s (%d warmup requests)", self.name, version, seconds, warmed)
 
     def _unload(self, version: int) -> None:
         self._set_status(VersionStatus(version, UNLOADING))
         with self._lock:
             servable = self._servables.pop(version)
-        self._metrics.set_loaded_versions(self.name, self.available_versions())
+            self._profiles.pop(version, None)
+        self._publish_versions()
         servable.wait_idle()  # requests holding it finish; new ones resolve to other versions
         servable.release()
         del servable
         _free_memory()
         self._set_status(VersionStatus(version, END))
         log.info("%s version %d unloaded", self.name, version)
+
+    def _publish_versions(self) -> None:
+        """The loaded versions and their reference profiles, on the metrics page."""
+        with self._lock:
+            versions = sorted(self._servables)
+            profiles = {version: self._profiles[version] for version in versions if version in self._profiles}
+        self._metrics.set_loaded_versions(self.name, versions)
+        self._metrics.set_reference_profiles(self.name, profiles)
 
     def _set_status(self, status: VersionStatus) -> None:
         with self._lock:
@@ -388,6 +402,24 @@ class ModelManager:
     def available_versions(self) -> list[int]:
         with self._lock:
             return sorted(self._servables)
+
+
+def load_reference_profile(model_name: str, version: int, path: Path) -> dict | None:
+    """A version's reference profile (components/reference.py), or None with one warning line.
+
+    A version without one (exported before profiles existed) or with a broken one still
+    serves: the profile only feeds drift gauges, which are better absent than wrong.
+    """
+    try:
+        profile = read_reference_profile(str(path))
+    except (ValueError, OSError) as error:
+        log.warning("%s version %d: reference profile ignored, no reference gauges: %s",
+                    model_name, version, first_line(error, type(error).__name__))
+        return None
+    if profile is None:
+        log.warning("%s version %d has no reference profile (%s missing): no reference gauges",
+                    model_name, version, profile_path(str(path)))
+    return profile
 
 
 def freeze_startup_heap() -> None:
