@@ -40,13 +40,13 @@ class _Handler(BaseHTTPRequestHandler):
     log_path: Path | None = None
     lock = threading.Lock()
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         if self.path == "/healthz":
             self._answer(200, "ok\n")
         else:
             self._answer(404, "not found: POST Alertmanager webhooks to any path, GET /healthz\n")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -81,7 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+    def log_message(self, format: str, *args) -> None:
         pass  # one line per alert is printed above; access logs would bury it
 
 

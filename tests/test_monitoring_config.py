@@ -239,3 +239,43 @@ def test_alert_receiver_prints_each_alert_and_logs_the_payload(alert_receiver):
     assert process.returncode == 0
     assert ("[pager] FIRING critical DigitsModelServerDown instance=127.0.0.1:1 job=digits-serving: down "
             "(runbook: monitoring/RUNBOOK.md#digitsmodelserverdown)") in out.splitlines()
+
+
+def test_monitor_starts_both_and_ctrl_c_stops_everything(tmp_path):
+    """`digits monitor` prints its URLs, serves Prometheus and Alertmanager, and SIGINT stops all of it."""
+    import signal
+    import time
+
+    ports = {name: free_port() for name in ("prometheus", "alertmanager", "receiver")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "digits", "monitor", "--data-dir", str(tmp_path / "m"), "--serving", "127.0.0.1:1",
+         "--prometheus-port", str(ports["prometheus"]), "--alertmanager-port", str(ports["alertmanager"]),
+         "--receiver-port", str(ports["receiver"])],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        lines = []
+        while not any(line.startswith("alerts are printed below") for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(lines) + process.stderr.read()
+            lines.append(process.stdout.readline())
+        assert f"Prometheus    http://127.0.0.1:{ports['prometheus']}" in "".join(lines)
+        for port, path in ((ports["prometheus"], "/-/ready"), (ports["alertmanager"], "/-/ready"),
+                           (ports["receiver"], "/healthz")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                assert response.status == 200
+        children = subprocess.run(["pgrep", "-f", str(tmp_path / "m")], capture_output=True, text=True,
+                                  check=False).stdout.split()
+        assert len(children) >= 3  # prometheus, alertmanager, the receiver (and `digits monitor` itself)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert process.returncode == 0, err
+    assert out.strip().endswith("stopped") and "Traceback" not in err
+    still = subprocess.run(["pgrep", "-f", str(tmp_path / "m")], capture_output=True, text=True, check=False)
+    assert still.stdout.split() == []
+    for port in ports.values():
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)

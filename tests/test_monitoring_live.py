@@ -1,0 +1,187 @@
+"""The monitoring stack against the real thing: Prometheus and Alertmanager (Debian binaries) scraping a
+real `digits serve` that gets real REST and gRPC traffic, good and bad, all on loopback.
+
+One stack and one dedicated server are shared by the module (the shared `model_server` must keep
+running, and the last test here stops this one). Scrape and evaluation run every second and
+Alertmanager groups for a second: for the test only; the rules are the committed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+import yaml
+
+import grafana_lint
+from conftest import REPO, start_server
+from grafana_lint import selectors
+from monitoring import local, names, rules
+from prometheus_api import free_port, result, wait_for
+from serving_clients import grpc_predict, predict_rest
+
+pytestmark = pytest.mark.slow
+
+RULE_FILES = sorted((REPO / "monitoring" / "prometheus" / "rules").glob("*.yml"))
+def rule_exprs() -> list[str]:
+    return [rule["expr"] for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
+            for rule in group["rules"]]
+
+
+def recorded_names() -> set[str]:
+    return {rule["record"] for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
+            for rule in group["rules"] if "record" in rule}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an expression reads (its series selectors)."""
+    return {selector.metric for selector in selectors(expr) if selector.metric}
+
+
+def dashboard_exprs() -> list[str]:
+    return grafana_lint.dashboard_exprs(grafana_lint.DASHBOARD)
+
+
+@pytest.fixture(scope="module")
+def monitored(pushed_model, tmp_path_factory, sample_tree):
+    """(server, stack config, stack) with traffic sent and scraped at least twice."""
+    server = start_server(pushed_model)
+    data = tmp_path_factory.mktemp("monitoring")
+    host, port = server.rest_url.removeprefix("http://").split(":")
+    config = local.StackConfig(
+        data_dir=data, serving_targets=(f"{host}:{port}",), prometheus_port=free_port(),
+        alertmanager_port=free_port(), receiver_port=free_port(), scrape_interval="1s", evaluation_interval="1s",
+        group_wait="1s", group_interval="1s")
+    receiver_log = (data / "receiver-stdout.log").open("wb")
+    stack = local.MonitoringStack(config, receiver_output=receiver_log.fileno())
+    try:
+        stack.start()
+        digits = [path.read_bytes() for path in sorted((sample_tree / "testing").glob("*/*.png"))[::50]]
+        for _ in range(3):  # three rounds a few scrapes apart, so that rates have samples to work with
+            assert predict_rest(server.rest_url, digits[:8]).status_code == 200
+            grpc_predict(server.grpc_target, digits[8:16])
+            # Client errors: a body that is not base64, and a model that does not exist.
+            bad = requests.post(f"{server.rest_url}/v1/models/digits:predict",
+                                json={"instances": [{"b64": "***"}]}, timeout=30)
+            assert bad.status_code == 400
+            assert predict_rest(server.rest_url, digits[:1], suffix="/versions/1").status_code == 404
+            with pytest.raises(grpc.RpcError) as refused:
+                grpc_predict(server.grpc_target, [b"not an image"])
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            _sleep_scrapes(config, 3)
+        wait_for(lambda: result(config.prometheus_url, f'{rules.REQUESTS_BY_STATUS}{{status="INVALID_ARGUMENT"}}'),
+                 timeout=60, what="the recorded request rate by status")
+        yield server, config, stack
+    finally:
+        stack.stop()
+        server.stop()
+        receiver_log.close()
+
+
+def _sleep_scrapes(config: local.StackConfig, count: int) -> None:
+    time.sleep(count * float(config.scrape_interval.removesuffix("s")))
+
+
+def test_every_rule_expression_evaluates(monitored):
+    _, config, _ = monitored
+    for expr in rule_exprs():
+        answer = result(config.prometheus_url, expr)
+        assert isinstance(answer, list)
+
+
+def test_prometheus_loaded_every_rule_without_error(monitored):
+    _, config, _ = monitored
+    groups = requests.get(f"{config.prometheus_url}/api/v1/rules", timeout=30).json()["data"]["groups"]
+    loaded = [rule for group in groups for rule in group["rules"]]
+    assert len(loaded) == len(rule_exprs())
+    assert [rule["name"] for rule in loaded if rule.get("health") == "err"] == []
+
+
+def test_every_dashboard_expression_evaluates(monitored):
+    _, config, _ = monitored
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 20
+    for expr in exprs:
+        result(config.prometheus_url, expr)
+
+
+def test_the_slis_see_rest_and_grpc_and_ignore_client_errors(monitored):
+    _, config, _ = monitored
+    url = config.prometheus_url
+    statuses = {sample["metric"]["status"] for sample in result(url, rules.REQUESTS_BY_STATUS)}
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= statuses
+    apis = {sample["metric"]["API"] for sample in result(url, rules.PREDICTS_OK_BY_API)}
+    assert apis == set(names.PREDICT_APIS)
+    # Only client errors happened: the availability SLI is exactly 0, and there is traffic behind it.
+    [errors] = result(url, rules.error_ratio("5m"))
+    assert errors["metric"] == {"__name__": rules.error_ratio("5m"), "job": names.SERVING_JOB,
+                                "model_name": names.DEFAULT_MODEL_NAME}
+    assert float(errors["value"][1]) == 0
+    [predicts] = result(url, rules.predicts("5m"))
+    assert float(predicts["value"][1]) > 0
+    [slow] = result(url, rules.slow_ratio("5m"))
+    assert 0 <= float(slow["value"][1]) <= 1
+
+
+def test_latency_quantiles_and_prediction_statistics_have_data(monitored):
+    _, config, _ = monitored
+    url = config.prometheus_url
+    for api in names.PREDICT_APIS:
+        [p99] = result(url, f'histogram_quantile(0.99, sum by (le) (rate({names.REQUEST_LATENCY}_bucket'
+                            f'{{API="{api}"}}[1m])))')
+        assert 0 < float(p99["value"][1]) < 60e6
+    shares = result(url, rules.CLASS_SHARE)
+    assert shares and abs(sum(float(sample["value"][1]) for sample in shares) - 1) < 1e-6
+    [confidence] = result(url, rules.CONFIDENCE_MEAN)
+    assert 0 < float(confidence["value"][1]) <= 1
+
+
+def test_drift_is_computed_against_the_served_versions_reference(monitored, pushed_model):
+    _, config, _ = monitored
+    url = config.prometheus_url
+    [version] = [path.name for path in pushed_model.iterdir()]
+    reference = result(url, rules.REFERENCE_SHARE)
+    assert {sample["metric"]["model_version"] for sample in reference} == {version}
+    assert sorted(sample["metric"]["predicted_class"] for sample in reference) == [str(k) for k in range(10)]
+    [psi] = result(url, rules.PSI)
+    assert psi["metric"]["model_version"] == version and float(psi["value"][1]) >= 0
+    assert result(url, rules.REFERENCE_CONFIDENCE)
+
+
+def test_every_metric_in_rules_and_dashboards_is_in_a_live_scrape(monitored):
+    """Catches a `_total` too many, a TF Serving name misspelt, a metric that only exists in a test."""
+    _, config, _ = monitored
+    scraped = set(requests.get(f"{config.prometheus_url}/api/v1/label/__name__/values", timeout=30).json()["data"])
+    used = set().union(*map(metric_names, rule_exprs() + dashboard_exprs())) - recorded_names()
+    assert used, "no metric names found: the parser is broken"
+    assert {names.REQUEST_COUNT, f"{names.REQUEST_LATENCY}_bucket", names.PREDICTIONS, "up"} <= used
+    assert sorted(used - scraped) == []
+
+
+def test_a_stopped_server_pages_through_alertmanager(monitored):
+    """Last in this module: it stops the server. DigitsModelServerDown holds for 2 minutes (`for: 2m`)."""
+    server, config, _ = monitored
+    server.stop()
+    log = Path(config.data_dir) / "alerts.jsonl"
+
+    def delivered():
+        if not log.exists():
+            return None
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            for alert in record["payload"]["alerts"]:
+                if alert["labels"]["alertname"] == "DigitsModelServerDown" and alert["status"] == "firing":
+                    return record["receiver"], alert
+        return None
+
+    receiver, alert = wait_for(delivered, timeout=300, interval=2, what="DigitsModelServerDown at the webhook")
+    host, port = config.serving_targets[0].split(":")
+    assert receiver == "pager"
+    assert alert["labels"] == {"alertname": "DigitsModelServerDown", "severity": "critical",
+                               "job": names.SERVING_JOB, "instance": f"{host}:{port}", "monitor": "digits"}
+    assert alert["annotations"]["runbook_url"] == "monitoring/RUNBOOK.md#digitsmodelserverdown"
+    assert f"{host}:{port}" in alert["annotations"]["description"]
