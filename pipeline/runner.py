@@ -19,14 +19,16 @@ from pipeline.config import PipelineConfig
 from pipeline.run_history import ComponentRun, ProgressWatcher, latest_run
 
 REPO_PACKAGES = Path(__file__).resolve().parent.parent
-# The code whose behaviour Transform and Trainer outputs depend on.
-FINGERPRINTED = ("components", "data")
+# The code whose behaviour Transform and Trainer outputs depend on: packages, and single modules
+# they import from elsewhere (the reference profile's confidence buckets come from monitoring).
+FINGERPRINTED = ("components", "data", "monitoring/names.py")
 
 
 def code_fingerprint() -> str:
     digest = hashlib.sha256()
-    for package in FINGERPRINTED:
-        for path in sorted((REPO_PACKAGES / package).rglob("*.py")):
+    for entry in FINGERPRINTED:
+        root = REPO_PACKAGES / entry
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
             digest.update(path.relative_to(REPO_PACKAGES).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
