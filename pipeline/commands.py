@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from components.config import TrainerConfig
-from pipeline.config import PipelineConfig
+from pipeline.config import BlessingGates, PipelineConfig
 
 
 @click.group("pipeline")
@@ -68,11 +68,18 @@ def _setup_logging(log_dir: Path) -> Path:
 @click.option("--steps-per-epoch", type=int, default=None, help="[default: one pass over the train split]")
 @click.option("--early-stopping-patience", type=int, default=TrainerConfig.early_stopping_patience,
               show_default=True)
-@click.option("--min-accuracy", type=float, default=PipelineConfig.min_accuracy, show_default=True,
+@click.option("--min-accuracy", type=float, default=BlessingGates.min_accuracy, show_default=True,
               help="Held-out accuracy needed to bless (and push) the model.")
+@click.option("--max-accuracy-drop", type=float, default=BlessingGates.max_accuracy_drop, show_default=True,
+              help="How far held-out accuracy may fall below the latest blessed model's.")
+@click.option("--min-class-recall", type=float, default=BlessingGates.min_class_recall, show_default=True,
+              help="Recall every digit needs on the held-out split.")
+@click.option("--max-class-recall-drop", type=float, default=BlessingGates.max_class_recall_drop,
+              show_default=True, help="How far any digit's recall may fall below the latest blessed model's.")
 @click.option("--no-cache", is_flag=True, help="Re-run every component instead of reusing cached outputs.")
 def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch_size, learning_rate, optimizer,
-                lr_schedule, warmup_epochs, base_weights, steps_per_epoch, early_stopping_patience, min_accuracy, no_cache):
+                lr_schedule, warmup_epochs, base_weights, steps_per_epoch, early_stopping_patience, min_accuracy,
+                max_accuracy_drop, min_class_recall, max_class_recall_drop, no_cache):
     """Run the whole pipeline on a TFRecord build, ending with a pushed model if it is blessed."""
     from tfrecord_builder.manifest import ManifestError, verify
 
@@ -90,7 +97,9 @@ def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch
         config = PipelineConfig(
             data_root=data_root, train_examples=manifest["splits"]["train"]["examples"],
             pipeline_root=pipeline_root, serving_dir=serving_dir, model_name=model_name,
-            min_accuracy=min_accuracy, trainer=trainer, enable_cache=not no_cache,
+            gates=BlessingGates(min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop,
+                                min_class_recall=min_class_recall, max_class_recall_drop=max_class_recall_drop),
+            trainer=trainer, enable_cache=not no_cache,
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None

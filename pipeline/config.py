@@ -12,6 +12,28 @@ SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "schema.pbtxt"
 
 
 @dataclass(frozen=True)
+class BlessingGates:
+    """What the Evaluator requires of a model on the held-out test split before Pusher ships it.
+
+    Sized from measurement (README, "The gates"): runs of the recipe scored 0.984-0.988 on the
+    1,000 test digits, so a retrain within 0.005 of the blessed model is as good as it (5 digits
+    of 1,000, just above that spread); per digit (100 each), two runs had their weakest digit at
+    0.96 and 0.95 and differed by at most 0.02 on any digit.
+    """
+
+    min_accuracy: float = 0.985  # absolute bar on held-out accuracy
+    max_accuracy_drop: float = 0.005  # allowed drop below the latest blessed model's accuracy
+    min_class_recall: float = 0.95  # every digit's recall (at the argmax) at least this
+    max_class_recall_drop: float = 0.05  # allowed drop of any digit's recall below the blessed model's
+
+    def __post_init__(self) -> None:
+        for name in ("min_accuracy", "max_accuracy_drop", "min_class_recall", "max_class_recall_drop"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name.replace('_', ' ')} must be between 0 and 1, got {value}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data_root: Path  # a `digits data build` output: train/, eval/, test/ shards and manifest.json
     train_examples: int  # size of the train split (from the manifest): sets steps per epoch
@@ -19,7 +41,7 @@ class PipelineConfig:
     serving_dir: Path = Path("serving_model")
     pipeline_name: str = "digits"
     model_name: str = "digits"
-    min_accuracy: float = 0.985  # absolute bar on held-out accuracy for blessing
+    gates: BlessingGates = field(default_factory=BlessingGates)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     schema_file: Path = SCHEMA_FILE
     enable_cache: bool = True
@@ -36,8 +58,6 @@ class PipelineConfig:
             object.__setattr__(self, name, Path(getattr(self, name)).resolve())
         if self.train_examples < 1:
             raise ValueError(f"the train split is empty ({self.train_examples} examples)")
-        if not 0.0 <= self.min_accuracy <= 1.0:
-            raise ValueError(f"min accuracy must be between 0 and 1, got {self.min_accuracy}")
         if not self.schema_file.is_file():
             raise ValueError(f"schema file {self.schema_file} does not exist")
         if not self.model_name.replace("_", "").replace("-", "").isalnum():

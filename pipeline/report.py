@@ -120,6 +120,7 @@ class Evaluation:
     failures: list[str]  # thresholds that failed, in words
     pushed_version: str | None
     pushed_destination: str | None
+    already_served_as: str | None = None  # blessed, but identical to this version already in the serving dir
 
     @property
     def support(self) -> np.ndarray:
@@ -130,10 +131,18 @@ class Evaluation:
         """Unweighted means over the classes, an undefined value counting as 0 (sklearn's zero_division=0)."""
         return {name: float(np.mean(np.nan_to_num(values))) for name, values in self.per_class.items()}
 
+    @property
+    def push_outcome(self) -> str:
+        if self.pushed_destination:
+            return f"pushed to {self.pushed_destination}"
+        if self.already_served_as:
+            return f"not pushed: identical to version {self.already_served_as}, already in the serving directory"
+        return "not pushed"
+
     def summary(self) -> str:
-        where = f"pushed to {self.pushed_destination}" if self.pushed_destination else "not pushed"
+        verdict = "BLESSED" if self.blessed else "NOT BLESSED (" + "; ".join(self.failures) + ")"
         return (f"held-out accuracy {self.accuracy:.4f}, macro F1 {self.macro['f1']:.4f}: "
-                f"{'BLESSED' if self.blessed else 'NOT BLESSED'}, {where}")
+                f"{verdict}, {self.push_outcome}")
 
 
 def _metric(value: float) -> str:
@@ -144,6 +153,7 @@ def _evaluation(outputs: dict) -> Evaluation | None:
     import tensorflow_model_analysis as tfma
 
     from pipeline.pipeline import PER_CLASS_METRICS, per_class_metric_name
+    from pipeline.pusher import ALREADY_SERVED_AS
 
     evaluation = outputs.get("Evaluator", {}).get("evaluation")
     if evaluation is None:
@@ -160,14 +170,15 @@ def _evaluation(outputs: dict) -> Evaluation | None:
             if value is not None:
                 per_class[name][digit] = float(value)
     plot = next(plots for key, plots in result.plots if key == ())
-    failures = []
-    for per_slice in tfma.load_validation_result(evaluation.uri).metric_validations_per_slice:
-        for failure in per_slice.failures:
-            what = "change vs the blessed baseline" if failure.metric_key.is_diff else "value"
-            failures.append(f"{failure.metric_key.name} {what} {failure.metric_value.double_value.value:+.4f} "
-                            f"fails {str(failure.metric_threshold).strip()}".replace("\n", " "))
+    failures = [
+        describe_failure(failure.metric_key.name, failure.metric_key.is_diff, failure.metric_value.double_value.value,
+                         failure.metric_threshold, _digit(per_slice.slice_key))
+        for per_slice in tfma.load_validation_result(evaluation.uri).metric_validations_per_slice
+        for failure in per_slice.failures
+    ]
     pushed = outputs.get("Pusher", {}).get("pushed_model")
     pushed_ok = pushed is not None and pushed.custom_properties["pushed"].int_value
+    duplicate = pushed.custom_properties[ALREADY_SERVED_AS].string_value if pushed is not None else ""
     return Evaluation(
         accuracy=overall.get(contract.ACCURACY_METRIC, {}).get("doubleValue", 0.0),
         examples=overall.get("example_count", {}).get("doubleValue", 0.0),
@@ -178,8 +189,27 @@ def _evaluation(outputs: dict) -> Evaluation | None:
         failures=failures,
         pushed_version=pushed.custom_properties["pushed_version"].string_value if pushed_ok else None,
         pushed_destination=pushed.custom_properties["pushed_destination"].string_value if pushed_ok else None,
+        already_served_as=duplicate or None,
     )
 
+
+def _digit(slice_key) -> int | None:
+    """The digit of a per-label slice key (`label = k`), None for the overall slice."""
+    for key in slice_key.single_slice_keys:
+        if key.column == contract.LABEL_KEY:
+            return int(key.int64_value)
+    return None
+
+
+def describe_failure(metric: str, is_diff: bool, value: float, threshold, digit: int | None = None) -> str:
+    """A failed blessing gate in words: which digit or metric, its value, and the bar it missed.
+    Accuracy on a digit's slice is that digit's recall."""
+    what = metric if metric != contract.ACCURACY_METRIC else "accuracy" if digit is None else f"digit {digit}: recall"
+    if is_diff:
+        allowed = -threshold.change_threshold.absolute.value
+        return (f"{what} {value:+.4f} against the latest blessed model, a drop larger than the "
+                f"{allowed:.4g} allowed")
+    return f"{what} {value:.4f}, below the bar of {threshold.value_threshold.lower_bound.value:.4g}"
 
 def latest_results(pipeline_root: Path, pipeline_name: str = "digits") -> tuple[list[ComponentRun], Evaluation | None]:
     """The latest run's components (state, wall time) and what its Evaluator and Pusher decided."""
@@ -275,9 +305,9 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
         )
         sections.append(
             "<h2>Blessing</h2>"
-            + ("<p class=good><b>BLESSED</b>: accuracy passed the absolute bar"
-               + (" and did not regress against the latest blessed model" if facts.has_baseline else
-                  " (no blessed model yet to compare with)") + "</p>"
+            + ("<p class=good><b>BLESSED</b>: accuracy and every digit's recall passed their bars"
+               + (" and did not drop against the latest blessed model by more than allowed" if facts.has_baseline
+                  else " (no blessed model yet to compare with)") + "</p>"
                if facts.blessed else
                "<p class=bad><b>NOT BLESSED</b></p><ul>"
                + "".join(f"<li>{html.escape(reason)}</li>" for reason in facts.failures) + "</ul>")
@@ -286,6 +316,9 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
             sections.append(
                 f"<h2>Push</h2><p class=good>pushed version <b>{facts.pushed_version}</b> to "
                 f"<code>{html.escape(facts.pushed_destination)}</code></p>")
+        elif facts.already_served_as:
+            sections.append(f"<h2>Push</h2><p>{html.escape(facts.push_outcome)} (nothing changed since it "
+                            "was pushed)</p>")
         else:
             sections.append("<h2>Push</h2><p class=bad>not pushed (the model was not blessed)</p>")
 

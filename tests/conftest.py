@@ -70,7 +70,8 @@ def pipeline_run_args(records: Path, root: Path, serving: Path, *extra: str) -> 
     """`digits pipeline run` on tiny data: one short epoch, random init, always blessed."""
     return ["pipeline", "run", "--data", str(records), "--pipeline-root", str(root), "--serving-dir", str(serving),
             "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--base-weights", "none",
-            "--min-accuracy", "0", *extra]
+            "--min-accuracy", "0", "--min-class-recall", "0", "--max-accuracy-drop", "1", "--max-class-recall-drop", "1",
+            *extra]
 
 
 @pytest.fixture(scope="session")

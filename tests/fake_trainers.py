@@ -67,6 +67,18 @@ def perfect_run_fn(fn_args) -> None:
     _export(fn_args, _test_split_answers(fn_args))
 
 
+def bad_at_eights_run_fn(fn_args) -> None:
+    """Knows every test digit but the 8s, which it reads as 3s: good overall, recall 0 for digit 8."""
+    _export(fn_args, {key: 3 if label == 8 else label for key, label in _test_split_answers(fn_args).items()})
+
+
+def one_wrong_run_fn(fn_args) -> None:
+    """Knows every test digit but one 5, which it reads as a 3: accuracy 1 - 1/N, digit 5's recall 1 - 1/n5."""
+    answers = _test_split_answers(fn_args)
+    first_five = min(key for key, label in answers.items() if label == 5)
+    _export(fn_args, {**answers, first_five: 3})
+
+
 def always_zero_run_fn(fn_args) -> None:
     """A model that answers 0 for everything: held-out accuracy 0.1 on balanced data."""
     _export(fn_args, {})

@@ -141,18 +141,21 @@ def test_bad_labels_and_missing_images_stop_the_run_before_transform(tiny_record
     assert _versions(serving) == []
 
 
-@pytest.mark.timeout(1200)
-def test_a_model_worse_than_the_blessed_one_is_neither_blessed_nor_pushed(tiny_records, tmp_path):
+@pytest.mark.timeout(1800)
+def test_the_gates_bless_and_push_only_what_they_should(tiny_records, tmp_path):
+    """One pipeline root, models of known quality (tests/fake_trainers.py) through the real Evaluator
+    and Pusher: a model bad at one digit, a perfect one, the same again (nothing changed), a slightly
+    worse one within the allowed drop, one that regresses, and a failed Trainer."""
     from components.config import TrainerConfig
-    from pipeline.config import PipelineConfig
+    from pipeline.config import BlessingGates, PipelineConfig
     from pipeline.runner import run_pipeline
 
     root, serving = tmp_path / "root", tmp_path / "serving"
 
-    def run(run_fn: str, min_accuracy: float) -> None:
+    def run(run_fn: str, **gates: float) -> None:
         run_pipeline(PipelineConfig(
             data_root=tiny_records, train_examples=180, pipeline_root=root, serving_dir=serving,
-            min_accuracy=min_accuracy, run_fn=run_fn, trainer=TrainerConfig(epochs=1, steps_per_epoch=1),
+            gates=BlessingGates(**gates), run_fn=run_fn, trainer=TrainerConfig(epochs=1, steps_per_epoch=1),
         ))
 
     def blessings() -> list[str]:
@@ -168,22 +171,60 @@ def test_a_model_worse_than_the_blessed_one_is_neither_blessed_nor_pushed(tiny_r
         return tuple(round(float(metrics[f"{m}_class_{digit}"]["doubleValue"]), 6)
                      for m in ("precision", "recall", "f1score"))
 
+    from pipeline.report import latest_results, write_report
+
+    # Good overall (45 of 50 test digits) but every 8 read as a 3: the per-digit floor refuses it,
+    # and the console line and the report say which digit.
+    run("fake_trainers.bad_at_eights_run_fn", min_accuracy=0.85)
+    assert blessings() == ["NOT_BLESSED"] and _versions(serving) == []
+    _, evaluation = latest_results(root)
+    assert evaluation.accuracy == pytest.approx(0.9)
+    assert evaluation.failures == ["digit 8: recall 0.0000, below the bar of 0.95"]
+    assert "digit 8: recall 0.0000, below the bar of 0.95" in write_report(root).path.read_text()
+
     run("fake_trainers.perfect_run_fn", min_accuracy=0.9)  # accuracy 1.0: blessed, pushed
-    assert blessings() == ["BLESSED"] and len(_versions(serving)) == 1
+    assert blessings()[-1] == "BLESSED" and len(_versions(serving)) == 1
     assert [per_class(digit, has_baseline=False) for digit in (0, 3, 9)] == [(1.0, 1.0, 1.0)] * 3
+    [first] = _versions(serving)
+    first_files = sorted(str(path.relative_to(first)) for path in first.rglob("*"))
+
+    # Nothing changed: the cached model is evaluated against itself and blessed, but the serving
+    # directory already holds it, so nothing is pushed and the directory stays as it was.
+    run("fake_trainers.perfect_run_fn", min_accuracy=0.9)
+    assert blessings()[-1] == "BLESSED" and _versions(serving) == [first]
+    assert sorted(str(path.relative_to(first)) for path in first.rglob("*")) == first_files
+    _, evaluation = latest_results(root)
+    assert evaluation.already_served_as == first.name and evaluation.pushed_destination is None
+    assert evaluation.summary().endswith(
+        f"BLESSED, not pushed: identical to version {first.name}, already in the serving directory")
+
+    # One of 50 digits worse (accuracy 0.98, digit 5's recall 0.8 instead of 1): with 0.01 allowed
+    # the accuracy drop refuses it; with 0.03 allowed, digit 5's drop of 0.2 against 0.1 allowed
+    # does, naming the digit; with both allowed, it is as good as the blessed model and ships.
+    one_wrong = dict(min_accuracy=0.9, min_class_recall=0.5)
+    run("fake_trainers.one_wrong_run_fn", **one_wrong, max_accuracy_drop=0.01, max_class_recall_drop=0.5)
+    _, evaluation = latest_results(root)
+    assert blessings()[-1] == "NOT_BLESSED" and _versions(serving) == [first]
+    assert evaluation.failures == ["accuracy -0.0200 against the latest blessed model, a drop larger than the "
+                                   "0.01 allowed"]
+    run("fake_trainers.one_wrong_run_fn", **one_wrong, max_accuracy_drop=0.03, max_class_recall_drop=0.1)
+    _, evaluation = latest_results(root)
+    assert blessings()[-1] == "NOT_BLESSED" and _versions(serving) == [first]
+    assert evaluation.failures == ["digit 5: recall -0.2000 against the latest blessed model, a drop larger than "
+                                   "the 0.1 allowed"]
+    run("fake_trainers.one_wrong_run_fn", **one_wrong, max_accuracy_drop=0.03, max_class_recall_drop=0.5)
+    assert blessings()[-1] == "BLESSED" and len(_versions(serving)) == 2
 
     # Accuracy 0.1 clears an absolute bar of 0 but regresses against the blessed baseline (1.0).
-    run("fake_trainers.always_zero_run_fn", min_accuracy=0.0)
-    assert blessings() == ["BLESSED", "NOT_BLESSED"]
-    assert len(_versions(serving)) == 1
+    run("fake_trainers.always_zero_run_fn", min_accuracy=0.0, min_class_recall=0.0)
+    assert blessings()[-1] == "NOT_BLESSED"
+    assert len(_versions(serving)) == 2
     # TFMA's per-class metrics are at the argmax: everything predicted 0.
     assert per_class(0, has_baseline=True) == (0.1, 1.0, round(2 * 0.1 / 1.1, 6))
     precision_3, recall_3, f1_3 = per_class(3, has_baseline=True)
     assert math.isnan(precision_3) and (recall_3, f1_3) == (0.0, 0.0)  # never predicted: precision is 0/0
 
     # The report reads the same per-class values from TFMA (no second computation of them).
-    from pipeline.report import latest_results, write_report
-
     _, evaluation = latest_results(root)
     assert evaluation.per_class["precision"][0] == pytest.approx(0.1)
     assert math.isnan(evaluation.per_class["precision"][3]) and evaluation.per_class["f1"][3] == 0.0
@@ -191,7 +232,7 @@ def test_a_model_worse_than_the_blessed_one_is_neither_blessed_nor_pushed(tiny_r
 
     # A run whose Trainer fails: its report shows that run, not the previous run's verdict beside it.
     with pytest.raises(Exception, match="training failed on purpose"):
-        run("fake_trainers.failing_run_fn", min_accuracy=0.0)
+        run("fake_trainers.failing_run_fn", min_accuracy=0.0, min_class_recall=0.0)
     components, evaluation = latest_results(root)
     assert {c.node_id: c.state for c in components}["Trainer"] == "FAILED" and evaluation is None
     page = write_report(root).path.read_text()
