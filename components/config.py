@@ -34,6 +34,9 @@ class TrainerConfig:
     dense_units: tuple[int, int] = (64, 64)
     dropout: tuple[float, float] = (0.2, 0.2)
     base_weights: str = "auto"  # auto | imagenet | none | path to a .h5 weights file
+    # Set by components.base_weights.pin before the pipeline is built (so part of the cache key):
+    base_weights_sha256: str = ""  # of the file base_weights names
+    base_weights_warning: str = ""  # why training starts from random weights, for the run report
     # Epochs without eval improvement before stopping: a guard against runs that stall. The eval
     # split is 400 digits (one error is 0.25 %) and wanders by +-1 % while the learning rate is
     # high, so stopping only watches the second half of the schedule, with room for that noise.
@@ -71,6 +74,8 @@ class TrainerConfig:
                 f"base weights must be auto, imagenet, none or an existing weights file; "
                 f"no file at {self.base_weights!r}"
             )
+        if self.base_weights_sha256 and self.base_weights in BASE_WEIGHTS_CHOICES:
+            problems.append(f"a base weights hash needs a weights file, not {self.base_weights!r}")
         if self.early_stopping_patience < 0:
             problems.append(f"early stopping patience must be >= 0, got {self.early_stopping_patience}")
         if self.early_stopping_start_epoch < 0:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def run_fn(fn_args) -> None:
     """TFX Trainer entry point (generic Trainer, `run_fn="components.trainer.run_fn"`)."""
     config = TrainerConfig.from_custom_config(fn_args.custom_config)
-    weights = base_weights.resolve(config.base_weights)
+    weights = base_weights.resolve_pinned(config)
     tf.keras.utils.set_random_seed(config.seed)
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
 

@@ -31,7 +31,8 @@ def format_alert(receiver: str, alert: dict) -> str:
     where = " ".join(f"{key}={labels[key]}" for key in ("model_name", "model_version", "instance", "job")
                      if key in labels)
     return (f"[{receiver}] {str(alert.get('status', '?')).upper()} {labels.get('severity', '?')} "
-            f"{labels.get('alertname', '?')} {where}: {annotations.get('description') or annotations.get('summary', '')}"
+            f"{labels.get('alertname', '?')} {where}: "
+            f"{annotations.get('description') or annotations.get('summary', '')}"
             f" (runbook: {annotations.get('runbook_url', 'none')})")
 
 

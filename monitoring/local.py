@@ -27,7 +27,8 @@ PROMETHEUS_CONFIG = PACKAGE / "prometheus" / "prometheus.yml"
 RULES_DIR = PACKAGE / "prometheus" / "rules"
 ALERTMANAGER_CONFIG = PACKAGE / "alertmanager" / "alertmanager.yml"
 ALERT_RECEIVER = PACKAGE / "alert_receiver.py"
-INSTALL_HINT = "install them with `apt-get install prometheus prometheus-alertmanager` (Debian/Ubuntu) or put them on PATH"
+INSTALL_HINT = ("install them with `apt-get install prometheus prometheus-alertmanager` (Debian/Ubuntu) "
+                "or put them on PATH")
 # The SLO window is 30 days; Prometheus keeps 15 by default, which would cut the budget series short.
 RETENTION = "35d"
 # Debian names the Alertmanager server prometheus-alertmanager; upstream tarballs call it alertmanager.

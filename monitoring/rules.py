@@ -237,7 +237,8 @@ def alerting_rules(runbook_base: str = RUNBOOK_BASE) -> list[dict]:
         _alert("DigitsModelLoadFailed",
                f'increase({n.LOAD_ATTEMPT_COUNT}{{{SERVING},status!="success"}}[15m]) > 0', "0m", "warning",
                "A model version failed to load.",
-               "{{ $labels.instance }} could not load {{ $labels.model_path }}; the versions already loaded keep serving.",
+               "{{ $labels.instance }} could not load {{ $labels.model_path }}; "
+               "the versions already loaded keep serving.",
                runbook_base),
         # TF Serving itself exports no loaded-version metric: this one needs `digits serve` (see RUNBOOK).
         _alert("DigitsNoModelVersionLoaded",
@@ -258,7 +259,8 @@ def alerting_rules(runbook_base: str = RUNBOOK_BASE) -> list[dict]:
         _alert("DigitsPredictTrafficStopped",
                f"{_sum('job, model_name', f'increase({n.REQUEST_LATENCY}_count{{{SERVING},{PREDICT}}}[30m])')} == 0\n"
                f"and on (job, model_name)\n"
-               f"{_sum('job, model_name', f'increase({n.REQUEST_LATENCY}_count{{{SERVING},{PREDICT}}}[1d] offset 30m)')} > 0\n"
+               f"{_sum('job, model_name', f'increase({n.REQUEST_LATENCY}_count{{{SERVING},{PREDICT}}}[1d] offset 30m)')}"
+               " > 0\n"
                f"and on (job)\nmax by (job) ({up}) == 1", "15m", "warning",
                "Predict traffic stopped while the model server is up.",
                "Model {{ $labels.model_name }} (job {{ $labels.job }}) answered no predict in 30 minutes, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -159,3 +160,34 @@ def test_auto_base_weights_fall_back_to_random_init_loudly_without_network(tmp_p
     assert resolved.keras_weights == str(cached) and resolved.pretrained and resolved.warning is None
     with pytest.raises(ValueError, match="does not exist"):
         base_weights.resolve(str(tmp_path / "missing.h5"))
+
+
+def test_base_weights_are_pinned_before_the_pipeline_is_built(tmp_path, monkeypatch):
+    """`auto` must not reach the Trainer's cache key: once ImageNet weights land in the Keras cache,
+    the Trainer's configuration (and so TFX's cache key) changes, and with it any change of the file."""
+    from components import base_weights
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    random_init = base_weights.pin(TrainerConfig())
+    assert (random_init.base_weights, random_init.base_weights_sha256) == ("none", "")
+    assert "RANDOM initialisation" in random_init.base_weights_warning
+
+    cached = tmp_path / "models" / base_weights.IMAGENET_NOTOP_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights, version 1")
+    imagenet = base_weights.pin(TrainerConfig())
+    assert imagenet.base_weights == str(cached) and imagenet.base_weights_warning == ""
+    assert imagenet.base_weights_sha256 == hashlib.sha256(b"weights, version 1").hexdigest()
+    assert imagenet.to_custom_config() != random_init.to_custom_config()
+    assert base_weights.pin(imagenet) == imagenet  # pinning is idempotent
+    assert base_weights.resolve_pinned(imagenet).keras_weights == str(cached)
+
+    cached.write_bytes(b"weights, version 2")
+    assert base_weights.pin(TrainerConfig()).to_custom_config() != imagenet.to_custom_config()
+    with pytest.raises(ValueError, match="changed since the pipeline was built"):
+        base_weights.resolve_pinned(imagenet)
+
+
+def test_a_weights_hash_needs_a_weights_file():
+    with pytest.raises(ValueError, match="a base weights hash needs a weights file"):
+        TrainerConfig(base_weights="auto", base_weights_sha256="ab" * 32)
