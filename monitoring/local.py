@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from monitoring import names
+from monitoring import names, rules
 
 PACKAGE = Path(__file__).resolve().parent
 PROMETHEUS_CONFIG = PACKAGE / "prometheus" / "prometheus.yml"
-RULES_DIR = PACKAGE / "prometheus" / "rules"
+RULES_DIR = rules.RULES_DIR
 ALERTMANAGER_CONFIG = PACKAGE / "alertmanager" / "alertmanager.yml"
 ALERT_RECEIVER = PACKAGE / "alert_receiver.py"
 INSTALL_HINT = ("install them with `apt-get install prometheus prometheus-alertmanager` (Debian/Ubuntu) "
@@ -164,19 +164,7 @@ class MonitoringStack:
             )
 
     def _wait_ready(self, name: str, url: str, log: Path) -> None:
-        deadline = time.monotonic() + self.config.ready_timeout_s
-        process = self.processes[name]
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise MonitoringError(f"{name} exited with code {process.returncode}: {_last_line(log)}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        raise MonitoringError(f"{name} not ready at {url} after {self.config.ready_timeout_s:.0f} s: {_last_line(log)}")
+        wait_ready(name, self.processes[name], url, log, self.config.ready_timeout_s)
 
     def stop(self, grace_s: float = 10.0) -> None:
         for name in ("prometheus", "alertmanager", "alert receiver"):
@@ -195,6 +183,22 @@ class MonitoringStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_ready(name: str, process: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+    """Polls `url` until it answers 200; a one-line MonitoringError if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise MonitoringError(f"{name} exited with code {process.returncode}: {_last_line(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise MonitoringError(f"{name} not ready at {url} after {timeout_s:.0f} s: {_last_line(log)}")
 
 
 def _last_line(log: Path) -> str:

@@ -204,9 +204,7 @@ def alert_receiver(tmp_path):
     process = subprocess.Popen([sys.executable, str(local.ALERT_RECEIVER), "--port", str(port), "--log", str(log)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        local.MonitoringStack(local.StackConfig(data_dir=tmp_path, ready_timeout_s=30),
-                              processes={"alert receiver": process})._wait_ready(
-            "alert receiver", f"http://127.0.0.1:{port}/healthz", tmp_path / "none.log")
+        local.wait_ready("alert receiver", process, f"http://127.0.0.1:{port}/healthz", tmp_path / "none.log", 30)
         yield f"http://127.0.0.1:{port}", process, log
     finally:
         process.terminate()
