@@ -1,7 +1,9 @@
-"""Training-only augmentation for digits: small random shifts and rotations, never flips.
+"""Training-only augmentation for digits: stroke width, blur, small shifts and rotations, never flips.
 
-A mirrored 2 or 7 is not a digit any more. Only the training input pipeline calls
-this; eval, TFMA and serving never do.
+A mirrored 2 or 7 is not a digit any more. Transform's normalisation already undoes polarity,
+contrast, size and position, so what is left for augmentation is what it cannot undo: marker or
+fine-pen strokes, the blur of an upscaled small drawing, and the slant of a hand. Only the
+training input pipeline calls this; eval, TFMA and serving never do.
 """
 
 from __future__ import annotations
@@ -13,8 +15,17 @@ import tensorflow as tf
 from data import contract
 
 
-def augment_batch(images: tf.Tensor, max_translation: int, max_rotation_degrees: float) -> tf.Tensor:
-    """images [N, 75, 75, 3] in [-1, 1] -> same shape, each image rotated and shifted at random."""
+def augment_batch(images: tf.Tensor, max_translation: int, max_rotation_degrees: float,
+                  stroke_probability: float = 0.0, blur_probability: float = 0.0) -> tf.Tensor:
+    """images [N, 75, 75, 3] in [-1, 1] -> same shape, each image changed at random.
+
+    With `stroke_probability` an image's strokes are made thicker or thinner (half each), with
+    `blur_probability` it is blurred; then it is rotated and shifted.
+    """
+    if stroke_probability > 0:
+        images = _stroke_width(images, stroke_probability)
+    if blur_probability > 0:
+        images = _blur(images, blur_probability)
     if max_rotation_degrees > 0:
         images = _rotate(images, max_rotation_degrees)
     if max_translation > 0:
@@ -47,3 +58,31 @@ def _rotate(images: tf.Tensor, max_degrees: float) -> tf.Tensor:
         images=images, transforms=transforms, output_shape=[contract.IMAGE_SIZE, contract.IMAGE_SIZE],
         fill_value=contract.VALUE_RANGE[0], interpolation="BILINEAR", fill_mode="CONSTANT",
     )
+
+
+def _pick(images: tf.Tensor, choices: list[tf.Tensor], weights: list[float]) -> tf.Tensor:
+    """Per image, one of `choices` (same shape as images), drawn with the given probabilities."""
+    count = tf.shape(images)[0]
+    index = tf.random.categorical(tf.math.log([weights]), count)[0]
+    stacked = tf.stack(choices, axis=0)  # [choices, N, ...]
+    return tf.gather(tf.transpose(stacked, [1, 0, 2, 3, 4]), index[:, None], batch_dims=1)[:, 0]
+
+
+def _stroke_width(images: tf.Tensor, probability: float) -> tf.Tensor:
+    """Dilates (thicker ink) or erodes (thinner ink) by about one pixel of the 28x28 digit."""
+    # Ink is light: dilation is a max filter, erosion a min filter. 5x5 at 75x75 is ~0.7 px at 28x28 each side.
+    thicker = tf.nn.max_pool2d(images, ksize=5, strides=1, padding="SAME")
+    thinner = -tf.nn.max_pool2d(-images, ksize=3, strides=1, padding="SAME")
+    return _pick(images, [images, thicker, thinner], [1 - probability, probability / 2, probability / 2])
+
+
+def _blur(images: tf.Tensor, probability: float) -> tf.Tensor:
+    """A Gaussian blur (sigma 1.5 px at 75x75), like a small drawing scaled up or a soft photo."""
+    taps = tf.range(-3, 4, dtype=tf.float32)
+    kernel_1d = tf.exp(-(taps ** 2) / (2 * 1.5 ** 2))
+    kernel_1d /= tf.reduce_sum(kernel_1d)
+    kernel = tf.tile((kernel_1d[:, None] * kernel_1d[None, :])[:, :, None, None], [1, 1, contract.IMAGE_CHANNELS, 1])
+    background = contract.VALUE_RANGE[0]
+    # Zero padding with the background moved to zero, so the border does not darken or lighten.
+    blurred = tf.nn.depthwise_conv2d(images - background, kernel, strides=[1, 1, 1, 1], padding="SAME") + background
+    return _pick(images, [images, blurred], [1 - probability, probability])

@@ -34,6 +34,11 @@ class TrainerConfig:
     dense_units: tuple[int, int] = (64, 64)
     dropout: tuple[float, float] = (0.2, 0.2)
     base_weights: str = "auto"  # auto | imagenet | none | path to a .h5 weights file
+    # Transfer learning, with pretrained base weights only: first the new head learns on a frozen base
+    # (at learning_rate), then the whole model is fine-tuned at fine_tune_learning_rate, BatchNorm kept
+    # in inference mode so the pretrained statistics survive. From random weights: one phase, all trainable.
+    frozen_epochs: int = 3  # at most `epochs`; equal to it: the base stays frozen throughout
+    fine_tune_learning_rate: float = 1e-4
     # Set by components.base_weights.pin before the pipeline is built (so part of the cache key):
     base_weights_sha256: str = ""  # of the file base_weights names
     base_weights_warning: str = ""  # why training starts from random weights, for the run report
@@ -45,6 +50,8 @@ class TrainerConfig:
     batchnorm_momentum: float = 0.9  # InceptionV3 BatchNormalization moving averages (Keras: 0.99)
     max_translation: int = 5  # augmentation: pixels of random shift (pad, then random crop)
     max_rotation_degrees: float = 10.0  # augmentation: random rotation; no flips, ever, for digits
+    stroke_probability: float = 0.3  # augmentation: share of images with thicker or thinner strokes
+    blur_probability: float = 0.2  # augmentation: share of images blurred
     steps_per_epoch: int | None = None  # None: one pass over the train split
     shuffle_buffer: int = 4096
     seed: int = 42
@@ -76,6 +83,10 @@ class TrainerConfig:
             )
         if self.base_weights_sha256 and self.base_weights in BASE_WEIGHTS_CHOICES:
             problems.append(f"a base weights hash needs a weights file, not {self.base_weights!r}")
+        if self.frozen_epochs < 0:
+            problems.append(f"frozen epochs must be >= 0, got {self.frozen_epochs}")
+        if not self.fine_tune_learning_rate > 0:
+            problems.append(f"fine-tune learning rate must be positive, got {self.fine_tune_learning_rate}")
         if self.early_stopping_patience < 0:
             problems.append(f"early stopping patience must be >= 0, got {self.early_stopping_patience}")
         if self.early_stopping_start_epoch < 0:
@@ -84,6 +95,8 @@ class TrainerConfig:
             problems.append(f"batchnorm momentum must be between 0 and 1, got {self.batchnorm_momentum}")
         if self.max_translation < 0 or self.max_rotation_degrees < 0:
             problems.append("augmentation amounts must be >= 0")
+        if not (0.0 <= self.stroke_probability <= 1.0 and 0.0 <= self.blur_probability <= 1.0):
+            problems.append("augmentation probabilities must be between 0 and 1")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             problems.append(f"steps per epoch must be at least 1, got {self.steps_per_epoch}")
         if self.shuffle_buffer < 1:

@@ -43,7 +43,8 @@ def make_dataset(
                                        contract.LABEL_KEY: raw[contract.LABEL_KEY]})
         images = transformed[IMAGE_XF]
         if training:
-            images = augment_batch(images, config.max_translation, config.max_rotation_degrees)
+            images = augment_batch(images, config.max_translation, config.max_rotation_degrees,
+                                   config.stroke_probability, config.blur_probability)
         return {IMAGE_XF: images}, transformed[LABEL_XF]
 
     return dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -15,6 +15,10 @@ CLASS_NAMES = tuple(str(digit) for digit in range(NUM_CLASSES))
 
 # The source images: MNIST digits are 28x28 8-bit grayscale.
 SOURCE_IMAGE_SIZE = 28
+# How MNIST was made, and what Transform makes of any image: light ink on black, the ink's box
+# scaled so that its longer side is INK_BOX_SIZE, its centre of mass at the centre of 28x28.
+NORMALIZED_IMAGE_SIZE = SOURCE_IMAGE_SIZE
+INK_BOX_SIZE = 20
 
 # What the model sees after Transform: InceptionV3's minimum input size and range.
 IMAGE_SIZE = 75
@@ -35,10 +39,15 @@ SOURCE_DIRS = (TRAINING_DIR, TESTING_DIR)
 # The exported model's signatures: the contract between the Trainer, TF Serving, `digits serve` and clients.
 SERVING_SIGNATURE = "serving_default"  # encoded images in
 EXAMPLES_SIGNATURE = "serving_examples"  # serialized tf.train.Example in (TFMA, batch scoring)
+NORMALIZED_SIGNATURE = "normalized_image"  # encoded images in; also returns what the model saw
 IMAGE_BYTES_INPUT = "image_bytes"
 EXAMPLES_INPUT = "examples"
 PROBABILITIES_OUTPUT = "probabilities"  # float [N, NUM_CLASSES]
 PREDICTED_CLASS_OUTPUT = "predicted_class"  # int64 [N]
+# float [N]: share of the normalised 28x28 image that is ink; 0.0 means no ink was found (a blank
+# canvas, a uniform photo) and the prediction is then the model's guess on an empty image.
+INK_FRACTION_OUTPUT = "ink_fraction"
+NORMALIZED_IMAGE_OUTPUT = "normalized_image"  # float [N, 28, 28] in [0, 1], ink light (NORMALIZED_SIGNATURE only)
 # Beside each exported version; TF Serving reads only its warmup file there and ignores the rest.
 ASSETS_EXTRA_DIR = "assets.extra"
 

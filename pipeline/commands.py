@@ -68,6 +68,14 @@ def _setup_logging(log_dir: Path) -> Path:
 @click.option("--steps-per-epoch", type=int, default=None, help="[default: one pass over the train split]")
 @click.option("--early-stopping-patience", type=int, default=TrainerConfig.early_stopping_patience,
               show_default=True)
+@click.option("--frozen-epochs", type=int, default=TrainerConfig.frozen_epochs, show_default=True,
+              help="With pretrained base weights: epochs that train the new head on a frozen base first.")
+@click.option("--fine-tune-learning-rate", type=float, default=TrainerConfig.fine_tune_learning_rate,
+              show_default=True, help="With pretrained base weights: the rate after the frozen epochs.")
+@click.option("--stroke-augmentation", type=float, default=TrainerConfig.stroke_probability, show_default=True,
+              help="Share of training images whose strokes are made thicker or thinner.")
+@click.option("--blur-augmentation", type=float, default=TrainerConfig.blur_probability, show_default=True,
+              help="Share of training images blurred.")
 @click.option("--min-accuracy", type=float, default=BlessingGates.min_accuracy, show_default=True,
               help="Held-out accuracy needed to bless (and push) the model.")
 @click.option("--max-accuracy-drop", type=float, default=BlessingGates.max_accuracy_drop, show_default=True,
@@ -78,8 +86,8 @@ def _setup_logging(log_dir: Path) -> Path:
               show_default=True, help="How far any digit's recall may fall below the latest blessed model's.")
 @click.option("--no-cache", is_flag=True, help="Re-run every component instead of reusing cached outputs.")
 def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch_size, learning_rate, optimizer,
-                lr_schedule, warmup_epochs, base_weights, steps_per_epoch, early_stopping_patience, min_accuracy,
-                max_accuracy_drop, min_class_recall, max_class_recall_drop, no_cache):
+                lr_schedule, warmup_epochs, base_weights, steps_per_epoch, early_stopping_patience,
+                frozen_epochs, fine_tune_learning_rate, stroke_augmentation, blur_augmentation, min_accuracy, max_accuracy_drop, min_class_recall, max_class_recall_drop, no_cache):
     """Run the whole pipeline on a TFRecord build, ending with a pushed model if it is blessed."""
     from tfrecord_builder.manifest import ManifestError, verify
 
@@ -92,7 +100,9 @@ def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch
         trainer = TrainerConfig(
             epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
             lr_schedule=lr_schedule, warmup_epochs=warmup_epochs, base_weights=base_weights, steps_per_epoch=steps_per_epoch,
-            early_stopping_patience=early_stopping_patience,
+            early_stopping_patience=early_stopping_patience, frozen_epochs=frozen_epochs,
+            fine_tune_learning_rate=fine_tune_learning_rate, stroke_probability=stroke_augmentation,
+            blur_probability=blur_augmentation,
         )
         config = PipelineConfig(
             data_root=data_root, train_examples=manifest["splits"]["train"]["examples"],

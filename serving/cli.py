@@ -151,7 +151,9 @@ def _stop_before_serving(signum, frame) -> None:
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the server.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=BatchingConfig.max_batch_size, show_default=True,
               help="Images per request: at most the server's max_batch_size (TF Serving refuses larger requests).")
-def predict_command(images, rest_url, grpc_target, model_name, version, label, timeout, batch_size):
+@click.option("--show-input", is_flag=True,
+              help="Also draw the 28x28 image the model classified (its normalised input), in text.")
+def predict_command(images, rest_url, grpc_target, model_name, version, label, timeout, batch_size, show_input):
     """Print the predicted digit and its confidence for each image file."""
     from serving.client import GrpcClient, RestClient, ServerError
 
@@ -168,9 +170,23 @@ def predict_command(images, rest_url, grpc_target, model_name, version, label, t
     client = (GrpcClient(grpc_target, model_name, timeout, batch_size) if grpc_target
               else RestClient(rest_url or "http://127.0.0.1:8501", model_name, timeout, batch_size))
     try:
-        answers = client.predict(payloads, version=version, label=label)
+        answers = client.predict(payloads, version=version, label=label, with_image=show_input)
     except ServerError as error:
         raise click.ClickException(f"the server refused: {error}") from None
     width = max(len(str(path)) for path in images)
     for path, answer in zip(images, answers):
-        click.echo(f"{str(path):<{width}}  {answer.digit}  ({answer.confidence:.3f})")
+        note = "  no ink found: a guess on an empty image" if answer.blank else ""
+        click.echo(f"{str(path):<{width}}  {answer.digit}  ({answer.confidence:.3f}){note}")
+        if answer.normalized_image is not None:
+            click.echo(_text_picture(answer.normalized_image))
+
+
+def _text_picture(image) -> str:
+    """A 28x28 image in [0, 1] as 14 lines of half-block characters (two pixel rows per line)."""
+    shades = " ░▒▓█"
+
+    def shade(value: float) -> str:
+        return shades[min(len(shades) - 1, int(value * len(shades)))]
+
+    return "\n".join("".join(shade(max(top, bottom)) for top, bottom in zip(image[row], image[row + 1]))
+                     for row in range(0, len(image) - 1, 2))

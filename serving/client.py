@@ -7,6 +7,9 @@
 
 Both send the `serving_default` signature's `image_bytes`; the server (the Transform
 graph inside the model) does all preprocessing, so clients send the file as it is.
+`predict(images, with_image=True)` uses the `normalized_image` signature instead and also
+returns the 28x28 image the model classified. `answer.blank` is true when the model found
+no ink at all (a blank canvas): its digit is then a guess on an empty image.
 Many images go in several requests of at most `batch_size` each: TF Serving with
 batching on refuses a request larger than its `max_batch_size` (32 in docker/).
 """
@@ -36,6 +39,13 @@ class Answer:
     digit: int
     confidence: float  # the probability of `digit`
     probabilities: tuple[float, ...]
+    ink_fraction: float | None = None  # None from models older than the ink_fraction output
+    normalized_image: tuple[tuple[float, ...], ...] | None = None  # 28x28 in [0, 1], with with_image=True
+
+    @property
+    def blank(self) -> bool:
+        """The model found no ink in the image (a blank canvas, a uniform photo)."""
+        return self.ink_fraction == 0.0
 
 
 def _chunks(images: list[bytes], batch_size: int) -> list[list[bytes]]:
@@ -44,13 +54,19 @@ def _chunks(images: list[bytes], batch_size: int) -> list[list[bytes]]:
     return [images[start:start + batch_size] for start in range(0, len(images), batch_size)]
 
 
-def _answers(probabilities) -> list[Answer]:
+def _answers(probabilities, ink_fractions=None, images=None) -> list[Answer]:
     answers = []
-    for row in probabilities:
+    for index, row in enumerate(probabilities):
         row = tuple(float(value) for value in row)
         digit = max(range(len(row)), key=row.__getitem__)
-        answers.append(Answer(digit, row[digit], row))
+        ink = None if ink_fractions is None else float(ink_fractions[index])
+        image = None if images is None else tuple(tuple(float(v) for v in line) for line in images[index])
+        answers.append(Answer(digit, row[digit], row, ink, image))
     return answers
+
+
+def _signature(with_image: bool) -> str:
+    return contract.NORMALIZED_SIGNATURE if with_image else contract.SERVING_SIGNATURE
 
 
 class RestClient:
@@ -85,15 +101,19 @@ class RestClient:
             raise ServerError(f"HTTP {response.status_code}", document.get("error", str(document)))
         return document
 
-    def predict(self, images: list[bytes], version: int | None = None, label: str | None = None) -> list[Answer]:
+    def predict(self, images: list[bytes], version: int | None = None, label: str | None = None,
+                with_image: bool = False) -> list[Answer]:
         """One answer per image, in order; sent in requests of at most `batch_size` images."""
         url = self._model_url(version, label) + ":predict"
         answers = []
         for chunk in _chunks(list(images), self._batch_size):
-            body = {"signature_name": contract.SERVING_SIGNATURE,
+            body = {"signature_name": _signature(with_image),
                     "instances": [{"b64": base64.b64encode(image).decode("ascii")} for image in chunk]}
-            document = self._call("POST", url, json=body)
-            answers.extend(_answers(row[contract.PROBABILITIES_OUTPUT] for row in document["predictions"]))
+            rows = self._call("POST", url, json=body)["predictions"]
+            inks = [row[contract.INK_FRACTION_OUTPUT] for row in rows] if rows and (
+                contract.INK_FRACTION_OUTPUT in rows[0]) else None
+            pictures = [row[contract.NORMALIZED_IMAGE_OUTPUT] for row in rows] if with_image else None
+            answers.extend(_answers([row[contract.PROBABILITIES_OUTPUT] for row in rows], inks, pictures))
         return answers
 
     def status(self, version: int | None = None) -> dict:
@@ -139,27 +159,25 @@ class GrpcClient:
                 detail = f"cannot reach {self._target}: {detail}"
             raise ServerError(error.code().name, detail) from None
 
-    def predict(self, images: list[bytes], version: int | None = None, label: str | None = None) -> list[Answer]:
+    def predict(self, images: list[bytes], version: int | None = None, label: str | None = None,
+                with_image: bool = False) -> list[Answer]:
         """One answer per image, in order; sent in requests of at most `batch_size` images."""
-        import numpy as np
         from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
         from tensorflow_serving.apis import predict_pb2
 
         answers = []
         for chunk in _chunks(list(images), self._batch_size):
             request = predict_pb2.PredictRequest()
-            self._spec(request.model_spec, version, label, contract.SERVING_SIGNATURE)
+            self._spec(request.model_spec, version, label, _signature(with_image))
             request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tensor_pb2.TensorProto(
                 dtype=types_pb2.DT_STRING, string_val=chunk,
                 tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(
                     size=len(chunk))])))
-            request.output_filter.append(contract.PROBABILITIES_OUTPUT)
-            response = self._call(self._predict.Predict, request)
-            tensor = response.outputs[contract.PROBABILITIES_OUTPUT]
-            shape = [dim.size for dim in tensor.tensor_shape.dim]
-            values = (np.frombuffer(tensor.tensor_content, dtype=np.float32) if tensor.tensor_content
-                      else np.array(tensor.float_val, dtype=np.float32))
-            answers.extend(_answers(values.reshape(shape)))
+            outputs = self._call(self._predict.Predict, request).outputs
+            inks = outputs.get(contract.INK_FRACTION_OUTPUT)
+            answers.extend(_answers(
+                _floats(outputs[contract.PROBABILITIES_OUTPUT]), None if inks is None else _floats(inks),
+                _floats(outputs[contract.NORMALIZED_IMAGE_OUTPUT]) if with_image else None))
         return answers
 
     def status(self, version: int | None = None):
@@ -178,3 +196,13 @@ class GrpcClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _floats(tensor):
+    """A float32 TensorProto as a numpy array of its shape (TF Serving fills tensor_content; others float_val)."""
+    import numpy as np
+
+    shape = [dim.size for dim in tensor.tensor_shape.dim]
+    values = (np.frombuffer(tensor.tensor_content, dtype=np.float32) if tensor.tensor_content
+              else np.array(tensor.float_val, dtype=np.float32))
+    return values.reshape(shape)

@@ -27,9 +27,9 @@ def _encode(array: np.ndarray, fmt: str) -> bytes:
 def test_preprocessing_gives_75x75x3_float_in_minus_one_to_one(digit_pngs):
     import tensorflow as tf
 
-    from components.transform import decode_and_scale
+    from components.transform import preprocess
 
-    images = decode_and_scale(tf.constant(digit_pngs)).numpy()
+    images = preprocess(tf.constant(digit_pngs)).numpy()
     assert images.shape == (6, 75, 75, 3) and images.dtype == np.float32
     assert images.min() == pytest.approx(-1.0) and 0.9 < images.max() <= 1.0
     # gray in, three identical channels out
@@ -39,13 +39,13 @@ def test_preprocessing_gives_75x75x3_float_in_minus_one_to_one(digit_pngs):
 def test_preprocessing_accepts_jpeg_colour_and_any_size_like_serving_must(digit_pngs):
     import tensorflow as tf
 
-    from components.transform import decode_and_scale
+    from components.transform import preprocess
 
     with Image.open(io.BytesIO(digit_pngs[0])) as image:
         gray = np.asarray(image)
     rgb_big = np.asarray(Image.fromarray(gray).convert("RGB").resize((140, 100)))
     batch = [digit_pngs[0], _encode(gray, "JPEG"), _encode(rgb_big, "PNG")]
-    images = decode_and_scale(tf.constant(batch)).numpy()
+    images = preprocess(tf.constant(batch)).numpy()
     assert images.shape == (3, 75, 75, 3)
     assert np.abs(images[0] - images[1]).mean() < 0.05  # JPEG of the same digit: nearly the same input
 
@@ -53,19 +53,19 @@ def test_preprocessing_accepts_jpeg_colour_and_any_size_like_serving_must(digit_
 def test_bytes_that_are_not_an_image_are_invalid_argument():
     import tensorflow as tf
 
-    from components.transform import decode_and_scale
+    from components.transform import preprocess
 
     with pytest.raises(tf.errors.InvalidArgumentError):
-        decode_and_scale(tf.constant([b"definitely not a PNG"]))
+        preprocess(tf.constant([b"definitely not a PNG"]))
 
 
 def test_augmentation_moves_pixels_keeps_shape_range_and_never_mirrors(digit_pngs):
     import tensorflow as tf
 
     from components.augment import augment_batch
-    from components.transform import decode_and_scale
+    from components.transform import preprocess
 
-    images = decode_and_scale(tf.constant(digit_pngs))
+    images = preprocess(tf.constant(digit_pngs))
     tf.random.set_seed(1)
     augmented = augment_batch(images, max_translation=5, max_rotation_degrees=10).numpy()
     original = images.numpy()
@@ -81,6 +81,30 @@ def test_augmentation_moves_pixels_keeps_shape_range_and_never_mirrors(digit_png
         assert best_shift < np.abs(mirror - aug).mean()
     # Off switches really switch off.
     np.testing.assert_array_equal(augment_batch(images, 0, 0).numpy(), original)
+
+
+def test_stroke_and_blur_augmentation_thicken_thin_and_soften_the_ink(digit_pngs):
+    import tensorflow as tf
+
+    from components.augment import augment_batch
+    from components.transform import preprocess
+
+    images = preprocess(tf.constant(digit_pngs * 20))  # 120 images: every choice is drawn
+    original = images.numpy()
+    ink = (original > 0).mean(axis=(1, 2, 3))
+    tf.random.set_seed(3)
+    stroked = augment_batch(images, 0, 0, stroke_probability=1.0).numpy()
+    change = (stroked > 0).mean(axis=(1, 2, 3)) / ink
+    assert (change > 1.2).sum() > 30 and (change < 0.9).sum() > 30  # about half thicker, half thinner
+    assert ((change > 0.9) & (change < 1.2)).sum() == 0  # with probability 1, every image changes
+    blurred = augment_batch(images, 0, 0, blur_probability=1.0).numpy()
+    # Softer edges: less of the image is at the extremes, the ink's mass stays where it was.
+    assert (np.abs(blurred) > 0.95).mean() < (np.abs(original) > 0.95).mean()
+    np.testing.assert_allclose((blurred + 1).sum(axis=(1, 2, 3)), (original + 1).sum(axis=(1, 2, 3)), rtol=0.02)
+    assert blurred.min() >= -1.0 - 1e-5 and blurred.max() <= 1.0 + 1e-5
+    mixed = augment_batch(images, 0, 0, stroke_probability=0.5).numpy()
+    unchanged = np.all(mixed == original, axis=(1, 2, 3)).mean()
+    assert 0.3 < unchanged < 0.7
 
 
 def test_model_head_has_the_designed_layers_and_outputs_probabilities():
@@ -191,3 +215,83 @@ def test_base_weights_are_pinned_before_the_pipeline_is_built(tmp_path, monkeypa
 def test_a_weights_hash_needs_a_weights_file():
     with pytest.raises(ValueError, match="a base weights hash needs a weights file"):
         TrainerConfig(base_weights="auto", base_weights_sha256="ab" * 32)
+
+
+@pytest.fixture(scope="module")
+def own_weights_file(tmp_path_factory):
+    """An InceptionV3 notop weights file made here (random, but not Keras' default init): no download."""
+    import tf_keras as keras
+
+    shape = (contract.IMAGE_SIZE, contract.IMAGE_SIZE, contract.IMAGE_CHANNELS)
+    keras.utils.set_random_seed(7)
+    base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=shape, pooling="avg")
+    path = tmp_path_factory.mktemp("weights") / "inception_v3_notop.h5"
+    base.save_weights(str(path))
+    return path, [weight.copy() for weight in base.get_weights()]
+
+
+def _tiny_data(batches: int = 2, size: int = 8):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (batches * size, contract.IMAGE_SIZE, contract.IMAGE_SIZE, 3)).astype(np.float32)
+    labels = rng.integers(0, contract.NUM_CLASSES, batches * size)
+    from components.transform import IMAGE_XF
+
+    return tf.data.Dataset.from_tensor_slices(({IMAGE_XF: images}, labels)).batch(size)
+
+
+def test_transfer_learning_freezes_the_pretrained_base_then_fine_tunes_it(own_weights_file):
+    """The frozen phase leaves every base weight (BatchNorm statistics included) as the file has it."""
+    import tf_keras as keras
+
+    from components.model import BASE_NAME, build_model, fit
+
+    path, file_weights = own_weights_file
+    data = _tiny_data()
+    config = TrainerConfig(epochs=2, frozen_epochs=1, base_weights=str(path), fine_tune_learning_rate=1e-3)
+    model = build_model(config, str(path), steps_per_epoch=2, pretrained=True)
+    base = model.get_layer(BASE_NAME)
+    for loaded, wanted in zip(base.get_weights(), file_weights):
+        np.testing.assert_array_equal(loaded, wanted)  # the file really was loaded
+    head_before = model.get_layer("probabilities").get_weights()[0].copy()
+    phases = []  # per phase: (base trainable during it, base weights and head kernel at its end)
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.trainable = base.trainable
+
+        def on_train_end(self, logs=None):
+            phases.append((self.trainable, [w.numpy().copy() for w in base.weights],
+                           model.get_layer("probabilities").get_weights()[0].copy()))
+
+    history = fit(model, data, data, config, steps_per_epoch=2, pretrained=True, callbacks=lambda: [Snapshot()])
+    assert len(history["loss"]) == len(history["val_loss"]) == 2
+    assert [trainable for trainable, _, _ in phases] == [False, True] and base.trainable
+
+    _, frozen_base, frozen_head = phases[0]
+    for after, wanted in zip(frozen_base, file_weights):
+        np.testing.assert_array_equal(after, wanted)
+    assert not np.array_equal(frozen_head, head_before)  # the head learned meanwhile
+
+    # Fine-tuning: the base's kernels move, its BatchNorm statistics (inference mode) do not.
+    _, tuned_base, _ = phases[1]
+    names = [w.name for w in base.weights]
+    kernels_moved = [not np.array_equal(after, wanted)
+                     for name, after, wanted in zip(names, tuned_base, file_weights) if "kernel" in name]
+    assert kernels_moved and all(kernels_moved)
+    statistics = [np.array_equal(after, wanted)
+                  for name, after, wanted in zip(names, tuned_base, file_weights) if "moving_" in name]
+    assert statistics and all(statistics)
+
+
+def test_from_random_weights_there_is_one_phase_and_everything_trains():
+    from components.model import BASE_NAME, build_model, fit
+
+    config = TrainerConfig(epochs=1, frozen_epochs=3, base_weights="none")
+    model = build_model(config, None, steps_per_epoch=2)
+    before = [w.numpy().copy() for w in model.get_layer(BASE_NAME).weights]
+    history = fit(model, _tiny_data(), _tiny_data(), config, steps_per_epoch=2, pretrained=False)
+    assert len(history["loss"]) == 1
+    moved = [not np.array_equal(w.numpy(), b) for w, b in zip(model.get_layer(BASE_NAME).weights, before)]
+    assert all(moved)  # kernels, BatchNorm scales and moving statistics alike

@@ -94,7 +94,7 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
     (version,) = _versions(serving)
     assert version.name.isdigit() and (version / "saved_model.pb").exists()
     model = tf.saved_model.load(str(version))
-    assert set(model.signatures) == {"serving_default", "serving_examples"}
+    assert set(model.signatures) == {"serving_default", "serving_examples", "normalized_image"}
     png = next((sample_tree / "testing" / "4").iterdir()).read_bytes()
     by_bytes = model.signatures["serving_default"](image_bytes=tf.constant([png, png]))
     probabilities = by_bytes["probabilities"].numpy()
@@ -107,6 +107,10 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
     np.testing.assert_allclose(by_example["probabilities"].numpy()[0], probabilities[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(tf.errors.InvalidArgumentError):
         model.signatures["serving_default"](image_bytes=tf.constant([b"not an image"]))
+    # What the model saw, from its own graph: the same answer, plus the normalised 28x28 image.
+    seen = model.signatures["normalized_image"](image_bytes=tf.constant([png]))
+    np.testing.assert_allclose(seen["probabilities"].numpy()[0], probabilities[0], rtol=1e-5, atol=1e-6)
+    assert seen["normalized_image"].shape == (1, 28, 28) and 0.05 < seen["ink_fraction"].numpy()[0] < 0.5
 
 
 @pytest.mark.timeout(900)

@@ -91,7 +91,8 @@ def test_status_and_metadata_have_tf_servings_shape(model_server, pushed_model):
     assert metadata["model_spec"] == {"name": "digits", "signature_name": "", "version": version}
     signatures = metadata["metadata"]["signature_def"]["signature_def"]
     # As in TF Serving, the whole SignatureDef map of the MetaGraph, init op entry included.
-    assert set(signatures) == {contract.SERVING_SIGNATURE, contract.EXAMPLES_SIGNATURE, "__saved_model_init_op"}
+    assert set(signatures) == {contract.SERVING_SIGNATURE, contract.EXAMPLES_SIGNATURE, contract.NORMALIZED_SIGNATURE,
+                               "__saved_model_init_op"}
     image_input = signatures[contract.SERVING_SIGNATURE]["inputs"][contract.IMAGE_BYTES_INPUT]
     assert image_input["dtype"] == "DT_STRING" and image_input["tensor_shape"]["dim"][0]["size"] == "-1"
     assert signatures[contract.SERVING_SIGNATURE]["outputs"][contract.PROBABILITIES_OUTPUT]["dtype"] == "DT_FLOAT"
@@ -294,6 +295,44 @@ def test_python_client_is_importable_for_users_code(model_server, pngs):
     grpc_answer = GrpcClient(model_server.grpc_target).predict([image])[0]
     assert rest.digit == grpc_answer.digit and abs(rest.confidence - grpc_answer.confidence) < 1e-5
     assert len(rest.probabilities) == contract.NUM_CLASSES
+
+
+def test_clients_get_what_the_model_saw_and_are_told_about_blank_images(model_server, pngs, in_process,
+                                                                         sample_tree, tmp_path):
+    """The normalized_image signature through REST and gRPC: the same answer, the 28x28 input, the ink."""
+    import io
+
+    from PIL import Image
+
+    from serving.client import GrpcClient, RestClient
+
+    blank = io.BytesIO()
+    Image.new("RGBA", (200, 200), (0, 0, 0, 0)).save(blank, format="PNG")  # an untouched HTML canvas
+    images = [pngs[3][1], blank.getvalue()]
+    expected = in_process(images)
+    for client in (RestClient(model_server.rest_url), GrpcClient(model_server.grpc_target)):
+        plain = client.predict(images)
+        seen = client.predict(images, with_image=True)
+        for answer, wanted in zip([*plain, *seen], [*expected, *expected]):
+            np.testing.assert_allclose(answer.probabilities, wanted, atol=1e-5)
+        assert [a.blank for a in plain] == [a.blank for a in seen] == [False, True]
+        assert plain[0].normalized_image is None and 0.05 < seen[0].ink_fraction < 0.5
+        picture = np.array(seen[0].normalized_image)
+        assert picture.shape == (28, 28) and picture.max() > 0.9 and picture[0].max() == 0.0
+        assert np.array(seen[1].normalized_image).max() == 0.0
+
+    digit_file = sorted((sample_tree / "testing" / "1").iterdir())[0]
+    blank_file = tmp_path / "blank.png"
+    blank_file.write_bytes(blank.getvalue())
+    shown = run_digits("predict", "--show-input", digit_file, blank_file, "--rest", model_server.rest_url,
+                       timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 2 * (1 + 14)  # an answer line, then 14 lines of 28 characters, per image
+    assert lines[0].startswith(str(digit_file)) and "no ink" not in lines[0]
+    assert all(len(line) == 28 for line in lines[1:15]) and "█" in "".join(lines[1:15])
+    assert lines[15].startswith(str(blank_file)) and lines[15].endswith("no ink found: a guess on an empty image")
+    assert set("".join(lines[16:])) == {" "}
 
 
 def test_serve_refuses_bad_arguments_with_one_line(tmp_path):
