@@ -1,6 +1,9 @@
-"""The classifier: an InceptionV3 base at 75x75x3 with a small dense head."""
+"""The classifier: an InceptionV3 base at 75x75x3 with a small dense head, and how it is trained."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import tf_keras as keras
 
@@ -9,11 +12,17 @@ from components.transform import IMAGE_XF
 from data import contract
 
 
-def build_model(config: TrainerConfig, base_weights: str | None, steps_per_epoch: int = 1) -> keras.Model:
+BASE_NAME = "inception_v3"
+
+
+def build_model(config: TrainerConfig, base_weights: str | None, steps_per_epoch: int = 1,
+                pretrained: bool = False) -> keras.Model:
     """InceptionV3 (global average pooled) -> [Dense(relu) -> Dropout] x 2 -> Dense(10, softmax).
 
     The output is probabilities, which TFMA's metrics and serving clients expect.
-    `steps_per_epoch` sizes the learning-rate schedule.
+    `steps_per_epoch` sizes the learning-rate schedule. With `pretrained` weights the base's
+    BatchNorm layers always run in inference mode, keeping the statistics they were trained with
+    (Keras' fine-tuning recipe); from random weights they learn them.
     """
     shape = (contract.IMAGE_SIZE, contract.IMAGE_SIZE, contract.IMAGE_CHANNELS)
     inputs = keras.Input(shape=shape, name=IMAGE_XF)
@@ -23,18 +32,53 @@ def build_model(config: TrainerConfig, base_weights: str | None, steps_per_epoch
             # The moving averages that inference uses; a lower momentum lets them catch up with
             # weights that change fast (training from scratch) within a few hundred steps.
             layer.momentum = config.batchnorm_momentum
-    x = base(inputs)
+    x = base(inputs, training=False) if pretrained else base(inputs)
     for index, (units, rate) in enumerate(zip(config.dense_units, config.dropout), start=1):
         x = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(x)
         x = keras.layers.Dropout(rate, name=f"dropout_{index}")(x)
     outputs = keras.layers.Dense(contract.NUM_CLASSES, activation="softmax", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name="digits_inception_v3")
+    _compile(model, config, steps_per_epoch)
+    return model
+
+
+def _compile(model: keras.Model, config: TrainerConfig, steps_per_epoch: int) -> None:
     model.compile(
         optimizer=_optimizer(config, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name=contract.ACCURACY_METRIC)],
     )
-    return model
+
+
+def fit(model: keras.Model, train, evaluation, config: TrainerConfig, steps_per_epoch: int, pretrained: bool,
+        callbacks: Callable[[], list] = list) -> dict[str, list[float]]:
+    """Trains `model` (from `build_model`) for `config.epochs`; returns Keras' history, all phases joined.
+
+    From pretrained weights, real transfer learning: `frozen_epochs` with the base frozen while the
+    new head learns at `learning_rate`, then the rest with everything trainable at
+    `fine_tune_learning_rate` (cosine-decayed, no warm-up). From random weights: one phase.
+    `callbacks` makes a fresh list for each phase.
+    """
+    frozen = min(config.frozen_epochs, config.epochs) if pretrained else 0
+    history: dict[str, list[float]] = {}
+
+    def phase(phase_config: TrainerConfig, first: int, last: int) -> None:
+        _compile(model, phase_config, steps_per_epoch)
+        result = model.fit(train, initial_epoch=first, epochs=last, steps_per_epoch=steps_per_epoch,
+                           validation_data=evaluation, callbacks=callbacks(), verbose=2)
+        for name, values in result.history.items():
+            history.setdefault(name, []).extend(float(value) for value in values)
+
+    base = model.get_layer(BASE_NAME)
+    if frozen:
+        base.trainable = False
+        phase(dataclasses.replace(config, epochs=frozen), 0, frozen)
+        base.trainable = True
+    if frozen < config.epochs:
+        rest = config.epochs - frozen
+        phase(dataclasses.replace(config, epochs=rest, learning_rate=config.fine_tune_learning_rate,
+                                  warmup_epochs=0.0) if frozen else config, frozen, config.epochs)
+    return history
 
 
 def learning_rate(config: TrainerConfig, steps_per_epoch: int):

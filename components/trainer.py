@@ -12,7 +12,7 @@ from components import base_weights
 from components.config import TrainerConfig
 from components.data import make_dataset
 from components.history import write_history
-from components.model import build_model
+from components.model import build_model, fit
 from components.reference import write_reference_profile
 from components.signatures import make_signatures
 from components.warmup import warmup_images_from_examples, write_warmup_requests
@@ -35,15 +35,11 @@ def run_fn(fn_args) -> None:
                               training=False)
     # The pipeline sets train_args.num_steps = epochs x steps per epoch (one pass over train).
     steps_per_epoch = config.steps_per_epoch or max(1, fn_args.train_steps // config.epochs)
-    epochs = config.epochs
-    model = build_model(config, weights.keras_weights, steps_per_epoch)
-    log.info("training %d epochs x %d steps; base weights: %s", epochs, steps_per_epoch, weights.source)
-    history = model.fit(
-        train,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=evaluation,
-        callbacks=[
+    model = build_model(config, weights.keras_weights, steps_per_epoch, pretrained=weights.pretrained)
+    log.info("training %d epochs x %d steps; base weights: %s", config.epochs, steps_per_epoch, weights.source)
+
+    def callbacks() -> list:
+        return [
             keras.callbacks.EarlyStopping(
                 monitor=f"val_{contract.ACCURACY_METRIC}", mode="max",
                 patience=config.early_stopping_patience,
@@ -54,13 +50,13 @@ def run_fn(fn_args) -> None:
                 start_from_epoch=config.early_stopping_start_epoch,
             ),
             keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
-        ],
-        verbose=2,
-    )
+        ]
+
+    history = fit(model, train, evaluation, config, steps_per_epoch, weights.pretrained, callbacks)
 
     write_history(fn_args.model_run_dir, {
-        "history": {name: [float(v) for v in values] for name, values in history.history.items()},
-        "epochs_run": len(history.epoch),
+        "history": history,
+        "epochs_run": len(next(iter(history.values()), [])),
         "steps_per_epoch": steps_per_epoch,
         "base_weights": weights.source,
         "pretrained": weights.pretrained,
