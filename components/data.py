@@ -11,9 +11,9 @@ import tensorflow as tf
 import tensorflow_transform as tft
 from tfx_bsl.public import tfxio
 
-from components.augment import augment_batch
+from components.augment import augment_batch, augment_ink
 from components.config import TrainerConfig
-from components.transform import IMAGE_XF, LABEL_XF
+from components.transform import IMAGE_XF, LABEL_XF, NORMALIZED_XF, to_model_input
 from data import contract
 
 
@@ -41,10 +41,13 @@ def make_dataset(
     def transform(raw: dict) -> tuple[dict, tf.Tensor]:
         transformed = transform_layer({contract.IMAGE_KEY: raw[contract.IMAGE_KEY],
                                        contract.LABEL_KEY: raw[contract.LABEL_KEY]})
-        images = transformed[IMAGE_XF]
         if training:
-            images = augment_batch(images, config.max_translation, config.max_rotation_degrees,
-                                   config.stroke_probability, config.blur_probability)
+            # Other pens and sharpness on the normalised 28x28 digit, then the model's input from it
+            # (the same function Transform uses), then shifts and rotations.
+            normalized = augment_ink(transformed[NORMALIZED_XF], config.stroke_probability, config.blur_probability)
+            images = augment_batch(to_model_input(normalized), config.max_translation, config.max_rotation_degrees)
+        else:
+            images = transformed[IMAGE_XF]
         return {IMAGE_XF: images}, transformed[LABEL_XF]
 
     return dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
