@@ -23,8 +23,9 @@ LR_SCHEDULES = ("cosine", "constant")
 class TrainerConfig:
     # The measured recipe for InceptionV3 from random weights on the 3,600 training digits
     # (README, "Training recipe"): Adam at 1e-3 with warm-up and cosine decay; the original
-    # project's RMSprop at 1e-4 (constant) reaches 0.918 held-out accuracy.
-    epochs: int = 26
+    # project's RMSprop at 1e-4 (constant) reaches 0.918 held-out accuracy. 20 epochs since the
+    # inputs are normalised: 0.987-0.990 held-out in three fresh runs (26 before; README, "Faster training").
+    epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 1e-3
     optimizer: str = "adam"
