@@ -144,6 +144,7 @@ class _Workers:
         # spawn, not fork: the caller may have imported TensorFlow, whose threads do not survive fork.
         context = multiprocessing.get_context("spawn")
         self.done = context.Value("q", 0)  # files processed, summed over workers
+        self._finished = False
         self._tasks = context.Queue()
         self._results = context.Queue()
         self._processes = [
@@ -172,9 +173,16 @@ class _Workers:
             if error:
                 raise BuildError(f"writing {tasks[index].relative_path} failed: {error}")
             results[index] = result
+        self._finished = True
         return [results[index] for index in range(len(tasks))]
 
     def stop(self) -> None:
+        if self._finished:
+            # Every worker has its end-of-work marker: let each exit on its own, even one still
+            # starting up. Killing a spawned child mid-start can leave a semaphore behind that the
+            # resource tracker then reports on stderr at exit.
+            for process in self._processes:
+                process.join(timeout=30)
         self._tasks.cancel_join_thread()  # never block exit on tasks nobody will read
         for process in self._processes:
             if process.is_alive():
