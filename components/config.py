@@ -17,6 +17,7 @@ BASE_WEIGHTS_CHOICES = ("auto", "imagenet", "none")
 CODE_FINGERPRINT_KEY = "code_fingerprint"
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class TrainerConfig:
     stroke_probability: float = 0.3  # augmentation: share of images with thicker or thinner strokes
     blur_probability: float = 0.2  # augmentation: share of images blurred
     steps_per_epoch: int | None = None  # None: one pass over the train split
+    # What training computes in (components/precision.py); auto: mixed_bfloat16 where the CPU has
+    # bfloat16 instructions, decided before the pipeline is built. The exported model is float32 always.
+    precision: str = "auto"
     shuffle_buffer: int = 4096
     seed: int = 42
 
@@ -100,6 +104,8 @@ class TrainerConfig:
             problems.append("augmentation probabilities must be between 0 and 1")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             problems.append(f"steps per epoch must be at least 1, got {self.steps_per_epoch}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.shuffle_buffer < 1:
             problems.append(f"shuffle buffer must be at least 1, got {self.shuffle_buffer}")
         if problems:

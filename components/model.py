@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import tf_keras as keras
 
+from components import precision
 from components.config import TrainerConfig
 from components.transform import IMAGE_XF
 from data import contract
@@ -22,8 +23,27 @@ def build_model(config: TrainerConfig, base_weights: str | None, steps_per_epoch
     The output is probabilities, which TFMA's metrics and serving clients expect.
     `steps_per_epoch` sizes the learning-rate schedule. With `pretrained` weights the base's
     BatchNorm layers always run in inference mode, keeping the statistics they were trained with
-    (Keras' fine-tuning recipe); from random weights they learn them.
+    (Keras' fine-tuning recipe); from random weights they learn them. Layers compute in
+    `config.precision` (resolved, not `auto`); the probabilities are float32 always.
     """
+    with precision.policy(precision.resolve(config.precision)):
+        model = _layers(config, base_weights, pretrained)
+    _compile(model, config, steps_per_epoch)
+    return model
+
+
+def float32_copy(model: keras.Model, config: TrainerConfig) -> keras.Model:
+    """`model` itself if it computes in float32, else the same architecture in float32 with its weights
+    (mixed precision keeps every weight in float32, so nothing is rounded): what gets exported."""
+    if model.compute_dtype == precision.FLOAT32:
+        return model
+    with precision.policy(precision.FLOAT32):
+        copy = _layers(config, None, pretrained=False)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _layers(config: TrainerConfig, base_weights: str | None, pretrained: bool) -> keras.Model:
     shape = (contract.IMAGE_SIZE, contract.IMAGE_SIZE, contract.IMAGE_CHANNELS)
     inputs = keras.Input(shape=shape, name=IMAGE_XF)
     base = keras.applications.InceptionV3(include_top=False, weights=base_weights, input_shape=shape, pooling="avg")
@@ -36,10 +56,10 @@ def build_model(config: TrainerConfig, base_weights: str | None, steps_per_epoch
     for index, (units, rate) in enumerate(zip(config.dense_units, config.dropout), start=1):
         x = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(x)
         x = keras.layers.Dropout(rate, name=f"dropout_{index}")(x)
-    outputs = keras.layers.Dense(contract.NUM_CLASSES, activation="softmax", name="probabilities")(x)
-    model = keras.Model(inputs, outputs, name="digits_inception_v3")
-    _compile(model, config, steps_per_epoch)
-    return model
+    # float32 softmax: bfloat16's 8-bit mantissa would round probabilities near 1 to exactly 1.
+    outputs = keras.layers.Dense(contract.NUM_CLASSES, activation="softmax", name="probabilities",
+                                 dtype=precision.FLOAT32)(x)
+    return keras.Model(inputs, outputs, name="digits_inception_v3")
 
 
 def _compile(model: keras.Model, config: TrainerConfig, steps_per_epoch: int) -> None:

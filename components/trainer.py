@@ -12,7 +12,7 @@ from components import base_weights
 from components.config import TrainerConfig
 from components.data import make_dataset
 from components.history import write_history
-from components.model import build_model, fit
+from components.model import build_model, fit, float32_copy
 from components.reference import write_reference_profile
 from components.signatures import make_signatures
 from components.warmup import warmup_images_from_examples, write_warmup_requests
@@ -36,7 +36,8 @@ def run_fn(fn_args) -> None:
     # The pipeline sets train_args.num_steps = epochs x steps per epoch (one pass over train).
     steps_per_epoch = config.steps_per_epoch or max(1, fn_args.train_steps // config.epochs)
     model = build_model(config, weights.keras_weights, steps_per_epoch, pretrained=weights.pretrained)
-    log.info("training %d epochs x %d steps; base weights: %s", config.epochs, steps_per_epoch, weights.source)
+    log.info("training %d epochs x %d steps in %s; base weights: %s", config.epochs, steps_per_epoch,
+             config.precision, weights.source)
 
     def callbacks() -> list:
         return [
@@ -63,6 +64,7 @@ def run_fn(fn_args) -> None:
         "base_weights_warning": weights.warning,
         "config": config.to_custom_config(),
     })
+    model = float32_copy(model, config)  # what is exported, whatever training computed in
     model.save(fn_args.serving_model_dir, save_format="tf", signatures=make_signatures(model, tf_transform_output))
     # Real digits as TF Serving warmup requests, so a freshly loaded version answers its first request fast.
     write_warmup_requests(fn_args.serving_model_dir, warmup_images_from_examples(fn_args.eval_files, WARMUP_IMAGES))

@@ -76,6 +76,10 @@ def _setup_logging(log_dir: Path) -> Path:
               help="Share of training images whose strokes are made thicker or thinner.")
 @click.option("--blur-augmentation", type=float, default=TrainerConfig.blur_probability, show_default=True,
               help="Share of training images blurred.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16"]),
+              default=TrainerConfig.precision, show_default=True,
+              help="What training computes in; auto: mixed_bfloat16 on CPUs with bfloat16 instructions. "
+                   "The exported model is float32 either way.")
 @click.option("--min-accuracy", type=float, default=BlessingGates.min_accuracy, show_default=True,
               help="Held-out accuracy needed to bless (and push) the model.")
 @click.option("--max-accuracy-drop", type=float, default=BlessingGates.max_accuracy_drop, show_default=True,
@@ -87,7 +91,8 @@ def _setup_logging(log_dir: Path) -> Path:
 @click.option("--no-cache", is_flag=True, help="Re-run every component instead of reusing cached outputs.")
 def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch_size, learning_rate, optimizer,
                 lr_schedule, warmup_epochs, base_weights, steps_per_epoch, early_stopping_patience,
-                frozen_epochs, fine_tune_learning_rate, stroke_augmentation, blur_augmentation, min_accuracy, max_accuracy_drop, min_class_recall, max_class_recall_drop, no_cache):
+                frozen_epochs, fine_tune_learning_rate, stroke_augmentation, blur_augmentation, precision,
+                min_accuracy, max_accuracy_drop, min_class_recall, max_class_recall_drop, no_cache):
     """Run the whole pipeline on a TFRecord build, ending with a pushed model if it is blessed."""
     from tfrecord_builder.manifest import ManifestError, verify
 
@@ -102,7 +107,7 @@ def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch
             lr_schedule=lr_schedule, warmup_epochs=warmup_epochs, base_weights=base_weights, steps_per_epoch=steps_per_epoch,
             early_stopping_patience=early_stopping_patience, frozen_epochs=frozen_epochs,
             fine_tune_learning_rate=fine_tune_learning_rate, stroke_probability=stroke_augmentation,
-            blur_probability=blur_augmentation,
+            blur_probability=blur_augmentation, precision=precision,
         )
         config = PipelineConfig(
             data_root=data_root, train_examples=manifest["splits"]["train"]["examples"],

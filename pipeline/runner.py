@@ -43,13 +43,14 @@ def content_addressed_schema(config: PipelineConfig) -> Path:
 
 
 def prepare(config: PipelineConfig) -> PipelineConfig:
-    """What the pipeline is built from: the schema by content, the code's fingerprint and the base
-    weights decided (all part of the components' cache keys)."""
+    """What the pipeline is built from: the schema by content, the code's fingerprint, the base
+    weights and the training precision decided (all part of the components' cache keys)."""
+    from components import precision
     from components.base_weights import pin
 
     config.pipeline_root.mkdir(parents=True, exist_ok=True)
     return dataclasses.replace(config, schema_file=content_addressed_schema(config),
-                               code_fingerprint=code_fingerprint(), trainer=pin(config.trainer))
+                               code_fingerprint=code_fingerprint(), trainer=precision.pin(pin(config.trainer)))
 
 
 def run_pipeline(config: PipelineConfig,

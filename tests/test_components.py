@@ -157,6 +157,7 @@ def test_learning_rate_warms_up_then_decays_to_zero_by_the_last_step():
         ({"early_stopping_start_epoch": -1}, "early stopping start epoch"),
         ({"lr_schedule": "step"}, "learning-rate schedule must be one of cosine, constant"),
         ({"warmup_epochs": -1}, "warm-up epochs must be >= 0"),
+        ({"precision": "float16"}, "precision must be one of auto, float32, mixed_bfloat16"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_message(kwargs, message):
@@ -296,3 +297,51 @@ def test_from_random_weights_there_is_one_phase_and_everything_trains():
     assert len(history["loss"]) == 1
     moved = [not np.array_equal(w.numpy(), b) for w, b in zip(model.get_layer(BASE_NAME).weights, before)]
     assert all(moved)  # kernels, BatchNorm scales and moving statistics alike
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions(tmp_path):
+    from components import precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    flags = precision.cpu_flags(cpuinfo)
+    assert "avx512_bf16" in flags and "avx2" in flags
+    assert precision.resolve("auto", flags) == "mixed_bfloat16"
+    assert precision.resolve("auto", {"amx_bf16"}) == "mixed_bfloat16"
+    assert precision.resolve("auto", {"avx2", "avx512f"}) == "float32"  # emulated bfloat16 is slower
+    assert precision.resolve("auto", precision.cpu_flags(tmp_path / "missing")) == "float32"
+    assert precision.resolve("float32", {"avx512_bf16"}) == "float32"  # an explicit choice stands
+    pinned = precision.pin(TrainerConfig())
+    assert pinned.precision in ("float32", "mixed_bfloat16")  # decided before the pipeline: in the cache key
+    assert precision.pin(pinned) == pinned
+
+
+def test_bfloat16_training_exports_the_same_weights_as_a_float32_model():
+    """Mixed precision computes in bfloat16 with float32 weights; what is exported is a float32 model
+    with those very weights, so serving never sees bfloat16."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from components.model import BASE_NAME, build_model, fit, float32_copy
+
+    config = TrainerConfig(epochs=1, base_weights="none", precision="mixed_bfloat16")
+    model = build_model(config, None, steps_per_epoch=2)
+    assert keras.mixed_precision.global_policy().name == "float32"  # put back after building
+    assert model.get_layer(BASE_NAME).layers[1].compute_dtype == "bfloat16"
+    assert {w.dtype for w in model.weights} == {tf.float32}
+    assert model.get_layer("probabilities").compute_dtype == "float32"
+    fit(model, _tiny_data(), _tiny_data(), config, steps_per_epoch=2, pretrained=False)
+
+    exported = float32_copy(model, config)
+    assert exported is not model
+    assert {layer.compute_dtype for layer in exported.get_layer(BASE_NAME).layers} == {"float32"}
+    for mine, theirs in zip(exported.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    images = tf.random.uniform([4, 75, 75, 3], -1.0, 1.0, seed=1)
+    probabilities = exported(images, training=False)
+    assert probabilities.dtype == tf.float32
+    # The same model, only computed more precisely: close to what bfloat16 answered.
+    np.testing.assert_allclose(probabilities.numpy(), model(images, training=False).numpy(), atol=0.05)
+
+    plain = build_model(TrainerConfig(base_weights="none", precision="float32"), None)
+    assert float32_copy(plain, config) is plain
