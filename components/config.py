@@ -57,7 +57,9 @@ class TrainerConfig:
     steps_per_epoch: int | None = None  # None: one pass over the train split
     # What training computes in (components/precision.py); auto: mixed_bfloat16 where the CPU has
     # bfloat16 instructions, decided before the pipeline is built. The exported model is float32 always.
-    precision: str = "auto"
+    # float32 by default: bfloat16 epochs were ~10 % faster here but both bfloat16 runs landed at
+    # exactly 0.985 held-out, float32 runs at 0.987-0.990 (README, "Faster training").
+    precision: str = "float32"
     shuffle_buffer: int = 4096
     seed: int = 42
 

@@ -311,9 +311,10 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions
     assert precision.resolve("auto", {"avx2", "avx512f"}) == "float32"  # emulated bfloat16 is slower
     assert precision.resolve("auto", precision.cpu_flags(tmp_path / "missing")) == "float32"
     assert precision.resolve("float32", {"avx512_bf16"}) == "float32"  # an explicit choice stands
-    pinned = precision.pin(TrainerConfig())
-    assert pinned.precision in ("float32", "mixed_bfloat16")  # decided before the pipeline: in the cache key
+    pinned = precision.pin(TrainerConfig(precision="auto"))
+    assert pinned.precision == precision.resolve("auto")  # decided before the pipeline: in the cache key
     assert precision.pin(pinned) == pinned
+    assert precision.pin(TrainerConfig()).precision == "float32"  # the default
 
 
 def test_bfloat16_training_exports_the_same_weights_as_a_float32_model():
