@@ -52,7 +52,7 @@ class TrainerConfig:
     batchnorm_momentum: float = 0.9  # InceptionV3 BatchNormalization moving averages (Keras: 0.99)
     max_translation: int = 5  # augmentation: pixels of random shift (pad, then random crop)
     max_rotation_degrees: float = 10.0  # augmentation: random rotation; no flips, ever, for digits
-    stroke_probability: float = 0.5  # augmentation: share of images with thicker or thinner strokes
+    stroke_probability: float = 0.3  # augmentation: share of images with thicker or thinner strokes
     blur_probability: float = 0.2  # augmentation: share of images blurred
     steps_per_epoch: int | None = None  # None: one pass over the train split
     # What training computes in (components/precision.py); auto: mixed_bfloat16 where the CPU has

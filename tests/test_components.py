@@ -95,7 +95,7 @@ def test_stroke_and_blur_augmentation_thicken_thin_and_soften_the_ink(digit_pngs
     tf.random.set_seed(3)
     stroked = augment_ink(normalized, stroke_probability=1.0, blur_probability=0.0).numpy()
     change = (stroked > 0.5).mean(axis=(1, 2)) / ink
-    assert (change > 1.15).sum() > 60 and (change < 0.9).sum() > 15  # about 70 % thicker, 30 % thinner
+    assert (change > 1.15).sum() > 30 and (change < 0.9).sum() > 30  # about half thicker, half thinner
     assert ((change > 0.9) & (change < 1.15)).sum() == 0  # with probability 1, every image changes
     blurred = augment_ink(normalized, stroke_probability=0.0, blur_probability=1.0).numpy()
     # Softer edges: fewer pixels near full ink, the ink's mass stays where it was.
