@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -249,7 +250,8 @@ def test_monitor_starts_both_and_ctrl_c_stops_everything(tmp_path):
         [sys.executable, "-m", "digits", "monitor", "--data-dir", str(tmp_path / "m"), "--serving", "127.0.0.1:1",
          "--prometheus-port", str(ports["prometheus"]), "--alertmanager-port", str(ports["alertmanager"]),
          "--receiver-port", str(ports["receiver"])],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT dumps every thread's stack
     try:
         deadline = time.monotonic() + 60
         lines = []
@@ -265,11 +267,21 @@ def test_monitor_starts_both_and_ctrl_c_stops_everything(tmp_path):
                                   check=False).stdout.split()
         assert len(children) >= 3  # prometheus, alertmanager, the receiver (and `digits monitor` itself)
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        try:
+            # Stopping is bounded by design at 3 x (10 s SIGTERM grace + 10 s after SIGKILL).
+            out, err = process.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            out, err = process.communicate(timeout=30)
+            pytest.fail(f"`digits monitor` still running 90 s after Ctrl-C; where it was:\n{err[-6000:]}")
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+        if process.returncode != 0:  # what it started, if it could not stop them itself
+            for pid in subprocess.run(["pgrep", "-f", str(tmp_path / "m")], capture_output=True, text=True,
+                                      check=False).stdout.split():
+                os.kill(int(pid), signal.SIGKILL)
     assert process.returncode == 0, err
     assert out.strip().endswith("stopped") and "Traceback" not in err
     still = subprocess.run(["pgrep", "-f", str(tmp_path / "m")], capture_output=True, text=True, check=False)
