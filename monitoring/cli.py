@@ -38,7 +38,11 @@ def monitor_command(serving_targets, data_dir, prometheus_port, alertmanager_por
                          alertmanager_port=alertmanager_port, receiver_port=receiver_port)
     stack = MonitoringStack(config)
     stop = threading.Event()
+    # Ctrl-C and SIGTERM both stop. Set explicitly: a process started with SIGINT ignored (a
+    # background job of a non-interactive shell, nohup) inherits that, and Python then never raises
+    # KeyboardInterrupt, so Ctrl-C would never stop it.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         click.echo(f"starting Prometheus and Alertmanager (data in {data_dir})...")
         stack.start()
