@@ -12,12 +12,13 @@ from monitoring.cli import monitor_command
 from pipeline.commands import pipeline_group
 from serving.cli import predict_command, serve_command
 from serving.docker_context import docker_group
+from web.cli import web_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="digits-mlops")
 def cli():
-    """Handwritten-digit MLOps: data, TFX pipeline, serving and monitoring."""
+    """Handwritten-digit MLOps: data, TFX pipeline, serving, monitoring and the web app."""
 
 
 cli.add_command(data_group)
@@ -26,6 +27,7 @@ cli.add_command(serve_command)
 cli.add_command(predict_command)
 cli.add_command(docker_group)
 cli.add_command(monitor_command)
+cli.add_command(web_command)
 
 
 def main() -> None:

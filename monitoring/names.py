@@ -62,6 +62,21 @@ REFERENCE_EXAMPLES = "digits_serving_reference_examples"  # {model_name, model_v
 CLASS_LABEL = "predicted_class"
 REFERENCE_CLASS_LABEL = "class"
 
+# -- The web app's backend (`digits web`, web/metrics.py) ---------------------------------------------
+# Besides PREDICTIONS and CONFIDENCE above (same names and labels as `digits serve`, so the drift panels
+# and rules work in front of the TF Serving container too), the page's own traffic and people's feedback.
+WEB_REQUESTS = "digits_web_requests_total"  # {endpoint, outcome}
+WEB_REQUEST_DURATION = "digits_web_request_duration_seconds"  # histogram {endpoint, outcome}
+WEB_MODEL_SERVER_ERRORS = "digits_web_model_server_errors_total"  # {reason}
+# One per answer a person judged: predicted_class == corrected_class is a "right", anything else a
+# correction. Online accuracy is the share of the first among all.
+WEB_FEEDBACK = "digits_web_feedback_total"  # {model_name, model_version, predicted_class, corrected_class}
+CORRECTED_CLASS_LABEL = "corrected_class"
+WEB_LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The web app's endpoints, the `endpoint` label of its request metrics.
+WEB_PREDICT_ENDPOINT = "predict"
+WEB_FEEDBACK_ENDPOINT = "feedback"
+
 # -- Service level objectives (monitoring/RUNBOOK.md states them; the rules and dashboard use them) --
 SLO_WINDOW = "30d"
 AVAILABILITY_OBJECTIVE = 0.995  # predicts without a server-side error

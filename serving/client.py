@@ -176,8 +176,8 @@ class GrpcClient:
             outputs = self._call(self._predict.Predict, request).outputs
             inks = outputs.get(contract.INK_FRACTION_OUTPUT)
             answers.extend(_answers(
-                _floats(outputs[contract.PROBABILITIES_OUTPUT]), None if inks is None else _floats(inks),
-                _floats(outputs[contract.NORMALIZED_IMAGE_OUTPUT]) if with_image else None))
+                tensor_floats(outputs[contract.PROBABILITIES_OUTPUT]), None if inks is None else tensor_floats(inks),
+                tensor_floats(outputs[contract.NORMALIZED_IMAGE_OUTPUT]) if with_image else None))
         return answers
 
     def status(self, version: int | None = None):
@@ -198,7 +198,7 @@ class GrpcClient:
         self._channel.close()
 
 
-def _floats(tensor):
+def tensor_floats(tensor):
     """A float32 TensorProto as a numpy array of its shape (TF Serving fills tensor_content; others float_val)."""
     import numpy as np
 

@@ -1,0 +1,332 @@
+"""The web app's backend (aiohttp): the page, its JSON API in front of the model server, /metrics.
+
+    GET  /                 the page (web/static/index.html; its script and styles from /static/)
+    POST /api/predict      body: a PNG or JPEG image -> the model's answer (JSON)
+    POST /api/feedback     {"id": <answer id>, "digit": 0-9} -> a right answer counted, a wrong one stored
+    GET  /api/model        the model server and the versions it has loaded
+    GET  /metrics          Prometheus text format (web/metrics.py)
+    GET  /healthz          this process is up;   GET /readyz   ... and the model server answers
+
+Every error is `{"error": "<one line>"}` with a 4xx for the input's fault (not an image, too large,
+no ink) and 502/503/504 for the model server's (a bad answer, unavailable, too slow). Every answer
+carries a Content-Security-Policy of `default-src 'self'`: the page loads nothing from elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import io
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from aiohttp import web
+
+from data import contract
+from monitoring import names as n
+from web import model_server as ms
+from web.config import WebConfig
+from web.feedback import FeedbackStore
+from web.metrics import WebMetrics
+
+log = logging.getLogger(__name__)
+
+CONTENT_SECURITY_POLICY = ("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
+                           "object-src 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Model-server failures: the HTTP status the page gets, and the outcome label of the request metrics.
+_MODEL_SERVER_STATUS = {ms.UNAVAILABLE: 503, ms.TIMEOUT: 504, ms.REJECTED: 400, ms.BAD_ANSWER: 502, ms.ERROR: 502}
+
+
+class RequestError(Exception):
+    """An answer other than 200: its status, the one-line message, and the metrics outcome."""
+
+    def __init__(self, status: int, message: str, outcome: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class _Answer:
+    image: bytes
+    prediction: ms.Prediction
+
+
+class RecentAnswers:
+    """The last answers, by id, bounded in count and in image bytes (oldest out first)."""
+
+    def __init__(self, max_count: int, max_bytes: int):
+        self._items: collections.OrderedDict[str, _Answer] = collections.OrderedDict()
+        self._judged: dict[str, int] = {}
+        self._max_count = max_count
+        self._max_bytes = max_bytes
+        self._bytes = 0
+
+    def add(self, image: bytes, prediction: ms.Prediction) -> str:
+        answer_id = secrets.token_hex(16)
+        self._items[answer_id] = _Answer(image, prediction)
+        self._bytes += len(image)
+        while self._items and (len(self._items) > self._max_count or self._bytes > self._max_bytes):
+            old_id, old = self._items.popitem(last=False)
+            self._bytes -= len(old.image)
+            self._judged.pop(old_id, None)
+        return answer_id
+
+    def get(self, answer_id: str) -> _Answer | None:
+        return self._items.get(answer_id)
+
+    def judged(self, answer_id: str) -> int | None:
+        return self._judged.get(answer_id)
+
+    def mark_judged(self, answer_id: str, digit: int) -> None:
+        self._judged[answer_id] = digit
+
+
+def check_image(body: bytes, config: WebConfig) -> str:
+    """'png' or 'jpeg' for an image the model server may see; RequestError (4xx) for anything else."""
+    if not body:
+        raise RequestError(400, "the request has no image: send a PNG or JPEG file as the body", "bad_request")
+    if len(body) > config.max_image_bytes:
+        raise RequestError(413, _too_large(len(body), config.max_image_bytes), "too_large")
+    if body.startswith(PNG_SIGNATURE):
+        kind = "png"
+    elif body.startswith(JPEG_SIGNATURE):
+        kind = "jpeg"
+    else:
+        raise RequestError(415, "not a PNG or JPEG image", "bad_request")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            width, height = image.size
+            if width * height > config.max_image_pixels:
+                raise RequestError(413, f"the image is {width}x{height} pixels; the most this app takes is "
+                                        f"{config.max_image_pixels:,} pixels", "too_large")
+            image.load()  # a truncated or corrupt file fails here, not in the model server
+    except RequestError:
+        raise
+    except Image.DecompressionBombError:
+        raise RequestError(413, f"the image has more than {config.max_image_pixels:,} pixels", "too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise RequestError(400, f"the {kind.upper()} file cannot be decoded: {_first_line(error)}",
+                           "bad_request") from None
+    return kind
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"the image is {size / 1e6:.1f} MB; the most this app takes is {limit / 1e6:.1f} MB"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _json(document: dict, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(document), status=status, content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+
+def _error(error: RequestError) -> web.Response:
+    return _json({"error": error.message}, error.status)
+
+
+class WebApp:
+    def __init__(self, config: WebConfig, model_server=None, metrics: WebMetrics | None = None):
+        self.config = config
+        self.model_server = model_server if model_server is not None else ms.connect(config)
+        self.metrics = metrics or WebMetrics()
+        self.feedback = FeedbackStore(config.feedback_dir)
+        self.recent = RecentAnswers(config.recent_answers, config.recent_answer_bytes)
+        self._static = Path(str(resources.files("web") / "static"))
+
+    # -- the API ---------------------------------------------------------------------------------
+
+    async def _read(self, request: web.Request, limit: int) -> bytes:
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestError(413, _too_large(request.content_length, limit), "too_large")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestError(413, f"the request is larger than {limit / 1e6:.1f} MB", "too_large") from None
+
+    async def predict(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            body = await self._read(request, self.config.max_image_bytes)
+            await asyncio.to_thread(check_image, body, self.config)
+            try:
+                prediction = await self.model_server.predict(body)
+            except ms.ModelServerError as error:
+                self.metrics.model_server_errors.labels(error.reason).inc()
+                log.warning("model server: %s", error.message)
+                status = _MODEL_SERVER_STATUS[error.reason]
+                outcome = "bad_request" if error.reason == ms.REJECTED else f"model_{error.reason}"
+                raise RequestError(status, error.message, outcome) from None
+            if prediction.blank:
+                raise RequestError(422, "there is no digit in the image (no ink found): draw or upload a digit",
+                                   "no_ink")
+        except RequestError as error:
+            self.metrics.request(n.WEB_PREDICT_ENDPOINT, error.outcome, time.perf_counter() - started)
+            return _error(error)
+        model_ms = (time.perf_counter() - started) * 1e3
+        answer_id = self.recent.add(body, prediction)
+        self.metrics.prediction(self.config.model_name, prediction.model_version, prediction.digit,
+                                prediction.confidence)
+        self.metrics.request(n.WEB_PREDICT_ENDPOINT, "ok", time.perf_counter() - started)
+        return _json({
+            "id": answer_id,
+            "digit": prediction.digit,
+            "confidence": prediction.confidence,
+            "probabilities": list(prediction.probabilities),
+            "ink_fraction": prediction.ink_fraction,
+            # What the model classified, as 8-bit gray rows (ink light), straight from its normalized_image output.
+            "normalized_image": [[round(min(max(value, 0.0), 1.0) * 255) for value in row]
+                                 for row in prediction.normalized_image],
+            "model_name": self.config.model_name,
+            "model_version": prediction.model_version,
+            "elapsed_ms": round(model_ms, 1),
+        })
+
+    async def feedback_handler(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            answer_id, digit = await self._feedback_request(request)
+            answer = self.recent.get(answer_id)
+            if answer is None:
+                raise RequestError(410, "that answer is no longer known here (the app restarted or many answers "
+                                        "came since): classify the digit again, then correct it", "expired")
+            earlier = self.recent.judged(answer_id)
+            if earlier is not None:
+                verdict = "right" if earlier == answer.prediction.digit else f"a {earlier}"
+                raise RequestError(409, f"this answer was already judged (as {verdict})", "already_judged")
+            prediction = answer.prediction
+            right = digit == prediction.digit
+            stored = None
+            if not right:
+                try:
+                    stored = await asyncio.to_thread(
+                        self.feedback.add, answer.image, predicted=prediction.digit, corrected=digit,
+                        confidence=prediction.confidence, model_name=self.config.model_name,
+                        model_version=prediction.model_version)
+                except OSError as error:
+                    log.error("cannot store a correction in %s: %s", self.config.feedback_dir, error)
+                    raise RequestError(500, "the correction could not be saved (the server's feedback directory "
+                                            "is not writable); nothing was stored", "error") from None
+            self.recent.mark_judged(answer_id, digit)
+            self.metrics.judged(self.config.model_name, prediction.model_version, prediction.digit, digit)
+        except RequestError as error:
+            self.metrics.request(n.WEB_FEEDBACK_ENDPOINT, error.outcome, time.perf_counter() - started)
+            return _error(error)
+        self.metrics.request(n.WEB_FEEDBACK_ENDPOINT, "ok", time.perf_counter() - started)
+        if right:
+            return _json({"right": True, "stored": False, "message": f"Thanks: {digit} noted as right."})
+        return _json({"right": False, "stored": True, "duplicate": stored.duplicate, "image": stored.image,
+                      "message": f"Thanks: saved as a {digit} for the next training run."})
+
+    async def _feedback_request(self, request: web.Request) -> tuple[str, int]:
+        body = await self._read(request, 4096)
+        try:
+            document = json.loads(body)
+        except ValueError:
+            raise RequestError(400, 'send JSON: {"id": "<answer id>", "digit": 0-9}', "bad_request") from None
+        if not isinstance(document, dict):
+            raise RequestError(400, 'send a JSON object: {"id": "<answer id>", "digit": 0-9}', "bad_request")
+        answer_id, digit = document.get("id"), document.get("digit")
+        if not isinstance(answer_id, str) or len(answer_id) != 32 or any(c not in "0123456789abcdef" for c in answer_id):
+            raise RequestError(400, "id must be the 32-character id of an answer from /api/predict", "bad_request")
+        if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit < contract.NUM_CLASSES:
+            raise RequestError(400, f"digit must be a whole number from 0 to {contract.NUM_CLASSES - 1}, "
+                                    f"got {json.dumps(digit)}", "bad_request")
+        return answer_id, digit
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        try:
+            versions = await self.model_server.versions()
+        except ms.ModelServerError as error:
+            return _json({"error": error.message, "model_server": self.model_server.description},
+                         _MODEL_SERVER_STATUS[error.reason])
+        return _json({"model_name": self.config.model_name, "model_server": self.model_server.description,
+                      "versions": versions})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        try:
+            versions = await self.model_server.versions()
+        except ms.ModelServerError as error:
+            return web.Response(text=f"not ready: {error.message}\n", status=503)
+        if not versions:
+            return web.Response(text=f"not ready: the model server has no version of {self.config.model_name}\n",
+                                status=503)
+        return web.Response(text="ready\n")
+
+    # -- the page and the plumbing ------------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(self._static / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": WebMetrics.content_type})
+
+    async def _close(self, app: web.Application) -> None:
+        await self.model_server.close()
+
+    def application(self) -> web.Application:
+        # The largest body is an image; aiohttp refuses more before the handler reads it.
+        app = web.Application(client_max_size=self.config.max_image_bytes + 1, middlewares=[_json_errors])
+        app.router.add_get("/", self.page)
+        app.router.add_static("/static/", self._static, follow_symlinks=False, show_index=False)
+        app.router.add_post("/api/predict", self.predict)
+        app.router.add_post("/api/feedback", self.feedback_handler)
+        app.router.add_get("/api/model", self.model_info)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
+        app.router.add_get("/readyz", self.ready)
+        app.on_response_prepare.append(_security_headers)
+        app.on_cleanup.append(self._close)
+        return app
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler):
+    """aiohttp's own errors under /api/ (404, 405, ...) as the API's one-line JSON; pages keep theirs."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if not request.path.startswith("/api/") or error.status < 400:
+            raise
+        return _json({"error": f"{error.reason}: {request.method} {request.path}"}, error.status)
+
+
+async def serve(config: WebConfig, on_ready=None, stop: asyncio.Event | None = None) -> None:
+    """Runs the app until `stop` is set (or the task is cancelled); `on_ready(port)` once it listens."""
+    app = WebApp(config).application()
+    runner = web.AppRunner(app, access_log_format='%a "%r" %s %b %Tfs')
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        port = runner.addresses[0][1]
+        if on_ready is not None:
+            on_ready(port)
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,64 @@
+"""`digits web`: the page where a person draws or uploads a digit, sees the answer, and corrects it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, WebConfig
+
+
+@click.command("web")
+@click.option("--serving-url", default=None, metavar="URL",
+              help=f"REST base URL of TF Serving or `digits serve` (default: {DEFAULT_SERVING_URL}).")
+@click.option("--grpc", "grpc_target", default=None, metavar="HOST:PORT",
+              help="Talk to the model server's gRPC API instead of REST.")
+@click.option("--model-name", default="digits", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port (0: any free port).")
+@click.option("--feedback-dir", type=click.Path(path_type=Path), default=DEFAULT_FEEDBACK_DIR, show_default=True,
+              help="Where corrections are stored (mnist-png layout + feedback.jsonl); "
+                   "`digits data build --extra-source` trains on them.")
+@click.option("--model-timeout", type=float, default=WebConfig.model_timeout_s, show_default=True,
+              help="Seconds to wait for the model server before telling the page it is too slow.")
+@click.option("--max-image-bytes", type=int, default=WebConfig.max_image_bytes, show_default=True)
+def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, model_timeout, max_image_bytes):
+    """Serve the web page: draw or upload a digit, see what the model answers, correct it."""
+    if serving_url is None and grpc_target is None:
+        serving_url = DEFAULT_SERVING_URL
+    try:
+        config = WebConfig(serving_url=serving_url, grpc_target=grpc_target, model_name=model_name, host=host,
+                           port=port, feedback_dir=feedback_dir, model_timeout_s=model_timeout,
+                           max_image_bytes=max_image_bytes)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    if config.feedback_dir.exists() and not config.feedback_dir.is_dir():
+        raise click.ClickException(f"--feedback-dir {config.feedback_dir} exists and is not a directory")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from web.app import serve
+
+    def ready(bound_port: int) -> None:
+        click.echo(f"web app for {config.model_name} on http://{config.host}:{bound_port}/ "
+                   f"(model server: {config.model_server}; corrections: {config.feedback_dir})")
+        click.echo("ready (Ctrl-C or SIGTERM to stop)")
+        sys.stdout.flush()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # Both stop it, also when started with SIGINT ignored (a background job of a script).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(config, on_ready=ready, stop=stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as error:  # the port is taken, the host is not ours
+        raise click.ClickException(f"cannot listen on {config.host}:{config.port}: {error.strerror or error}") \
+            from None
+    click.echo("stopped")

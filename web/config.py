@@ -1,0 +1,69 @@
+"""Typed configuration of `digits web`: where the model server is, where people's corrections go, limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from monitoring.names import DEFAULT_MODEL_NAME
+
+DEFAULT_PORT = 8080
+DEFAULT_SERVING_URL = "http://127.0.0.1:8501"  # `digits serve`'s and TF Serving's REST port
+DEFAULT_FEEDBACK_DIR = Path("data") / "feedback"
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """Everything `digits web` needs; checked when made, so a bad option is one line, not a traceback."""
+
+    serving_url: str | None = DEFAULT_SERVING_URL  # REST base URL of TF Serving or `digits serve`
+    grpc_target: str | None = None  # HOST:PORT of its gRPC API instead of REST
+    model_name: str = DEFAULT_MODEL_NAME
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0: any free port
+    feedback_dir: Path = DEFAULT_FEEDBACK_DIR
+    # A drawing exported by the page is ~10-30 KB; a phone photo a few MB.
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096  # a decompression bomb is refused before the model server sees it
+    model_timeout_s: float = 10.0  # a model server that does not answer in time: 504, the page says so
+    # How long the newest AVAILABLE version, read from the model status, is used before asking again
+    # (REST predict answers do not say which version answered, so the backend names the version).
+    version_ttl_s: float = 5.0
+    # Answers kept so that a correction can refer to one by id (the image and what the model said are
+    # the server's own record, not what the browser claims); the oldest go first beyond either bound.
+    recent_answers: int = 512
+    recent_answer_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "feedback_dir", Path(self.feedback_dir))
+        problems = []
+        if (self.serving_url is None) == (self.grpc_target is None):
+            problems.append("give either a REST URL (--serving-url) or a gRPC target (--grpc), not both")
+        if self.serving_url is not None:
+            parts = urlsplit(self.serving_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                problems.append(f"--serving-url must be an http(s) URL such as {DEFAULT_SERVING_URL}, "
+                                f"got {self.serving_url!r}")
+        if self.grpc_target is not None:
+            host, _, port = self.grpc_target.rpartition(":")
+            if not host or not port.isdigit():
+                problems.append(f"--grpc must be HOST:PORT such as 127.0.0.1:8500, got {self.grpc_target!r}")
+        if not self.model_name or "/" in self.model_name or ":" in self.model_name:
+            problems.append(f"--model-name must be a plain name, got {self.model_name!r}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port must be 0-65535, got {self.port}")
+        for name in ("max_image_bytes", "max_image_pixels", "recent_answers", "recent_answer_bytes"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        if self.model_timeout_s <= 0:
+            problems.append(f"--model-timeout must be positive, got {self.model_timeout_s}")
+        if self.version_ttl_s < 0:
+            problems.append(f"version TTL must be >= 0 s, got {self.version_ttl_s}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def model_server(self) -> str:
+        """The model server as a person reads it in logs and on the page."""
+        return self.serving_url if self.serving_url is not None else f"grpc://{self.grpc_target}"

@@ -1,0 +1,142 @@
+"""People's corrections, kept as training data: an mnist-png tree plus an append-only log.
+
+    <feedback-dir>/training/<digit>/<sha256 of the PNG, 24 hex>.png   the image, labelled by its directory
+    <feedback-dir>/feedback.jsonl                                     one JSON object per correction
+
+Only a correction (a person saying "it is a 3" about an answer that was not 3) is stored; an
+answer nobody corrects, and an answer confirmed as right, leave no file. Images are written
+atomically (a temporary file in the same directory, then a rename), named by the hash of their
+PNG bytes, so the same image corrected twice is stored once; corrected to a different digit
+later, it moves to that digit (the newest correction wins, and the log keeps both). Paths are made
+only from a digit 0-9 and a hex digest, never from anything a request says, and checked to be
+inside the directory. `digits data build --extra-source <feedback-dir>` adds the tree to the
+training split of the next build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from data import contract
+
+LOG_NAME = "feedback.jsonl"
+HASH_CHARS = 24  # 96 bits: no two different images share a name in any realistic feedback tree
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Correction:
+    time: str  # ISO 8601, UTC
+    model_name: str
+    model_version: int
+    predicted: int
+    corrected: int
+    confidence: float  # the model's probability of `predicted`
+    image: str  # path of the stored PNG, relative to the feedback directory
+    sha256: str  # of the stored PNG
+    duplicate: bool  # this image was already stored (under this or another digit)
+
+
+def as_png(image: bytes) -> bytes:
+    """The image as PNG bytes: a PNG as it is (what the model saw), anything else decoded and re-encoded.
+
+    A JPEG becomes a lossless PNG of its decoded pixels, so the tree stays in the mnist-png layout.
+    """
+    if image.startswith(PNG_SIGNATURE):
+        return image
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image)) as decoded:
+        decoded.load()
+        if decoded.mode not in ("L", "LA", "RGB", "RGBA"):
+            decoded = decoded.convert("RGBA" if "A" in decoded.getbands() else "RGB")
+        out = io.BytesIO()
+        decoded.save(out, format="PNG")
+    return out.getvalue()
+
+
+class FeedbackStore:
+    """Thread-safe writer of one feedback directory (one process writes it: the web app)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._lock = threading.Lock()
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / LOG_NAME
+
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if self.root.resolve() not in resolved.parents:
+            raise ValueError(f"refusing to write {path}: outside the feedback directory {self.root}")
+        return resolved
+
+    def add(self, image: bytes, *, predicted: int, corrected: int, confidence: float, model_name: str,
+            model_version: int) -> Correction:
+        """Stores `image` as a `corrected` digit and appends the log line; returns what was recorded."""
+        if not (isinstance(corrected, int) and 0 <= corrected < contract.NUM_CLASSES):
+            raise ValueError(f"the corrected digit must be 0-{contract.NUM_CLASSES - 1}, got {corrected!r}")
+        png = as_png(image)
+        digest = hashlib.sha256(png).hexdigest()
+        name = f"{digest[:HASH_CHARS]}.png"
+        target = self._inside(self.root / contract.TRAINING_DIR / str(corrected) / name)
+        with self._lock:
+            existing = [self.root / contract.TRAINING_DIR / str(digit) / name for digit in range(contract.NUM_CLASSES)]
+            existing = [path for path in existing if path.is_file()]
+            if target.is_file():
+                duplicate = True
+            elif existing:
+                duplicate = True
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(existing[0], target)  # the newest correction wins
+            else:
+                duplicate = False
+                _write_atomically(target, png)
+            for stale in existing:
+                if stale.resolve() != target and stale.is_file():
+                    stale.unlink()
+            record = Correction(
+                time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), model_name=model_name,
+                model_version=int(model_version), predicted=int(predicted), corrected=corrected,
+                confidence=round(float(confidence), 6), image=target.relative_to(self.root.resolve()).as_posix(),
+                sha256=digest, duplicate=duplicate)
+            self._append(json.dumps(asdict(record), sort_keys=True))
+        return record
+
+    def _append(self, line: str) -> None:
+        """One whole line per write, flushed to disk: a crash loses at most the line being written."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self._inside(self.log_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(descriptor, (line + "\n").encode())
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def count(self) -> int:
+        """Images stored now (after duplicates and moves)."""
+        return sum(1 for _ in (self.root / contract.TRAINING_DIR).glob("[0-9]/*.png"))
+
+
+def _write_atomically(target: Path, payload: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=".incoming-", suffix=".png", dir=target.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

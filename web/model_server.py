@@ -1,0 +1,266 @@
+"""The web backend's view of the model server: TF Serving's public REST or gRPC API, nothing else.
+
+The same code talks to the TF Serving container and to `digits serve`. Every call uses the
+`normalized_image` signature, so an answer carries the 28x28 image the model classified (the
+page shows it; it is never re-made in JavaScript) and the ink fraction (0: no ink, a blank canvas).
+
+REST predict answers do not say which version answered, so the REST client asks the model status
+for the newest AVAILABLE version (cached for a few seconds) and sends the predict to that version
+by number; if the version is gone by then (a rollout), it asks again once. gRPC answers name their
+version themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass
+
+from data import contract
+
+# Why a call failed, as the `reason` label of the model-server error counter and in messages.
+UNAVAILABLE = "unavailable"  # not reachable, refused, or it says it is unavailable / has no version
+TIMEOUT = "timeout"
+REJECTED = "rejected"  # it refused this input (a 4xx / INVALID_ARGUMENT): the input's fault
+BAD_ANSWER = "bad_answer"  # it answered something that is not a digits model's answer
+ERROR = "error"  # any other error it reported
+
+
+class ModelServerError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Prediction:
+    digit: int
+    confidence: float
+    probabilities: tuple[float, ...]
+    ink_fraction: float
+    normalized_image: tuple[tuple[float, ...], ...]  # 28x28, ink light, in [0, 1]
+    model_version: int
+
+    @property
+    def blank(self) -> bool:
+        return self.ink_fraction <= 0.0
+
+
+def _prediction(probabilities, ink_fraction, image, version: int) -> Prediction:
+    try:
+        row = tuple(float(value) for value in probabilities)
+        picture = tuple(tuple(float(value) for value in line) for line in image)
+        ink = float(ink_fraction)
+    except (TypeError, ValueError) as error:
+        raise ModelServerError(BAD_ANSWER, f"the model server's answer is not a digits model's: {error}") from None
+    size = contract.NORMALIZED_IMAGE_SIZE
+    if len(row) != contract.NUM_CLASSES or len(picture) != size or any(len(line) != size for line in picture):
+        raise ModelServerError(BAD_ANSWER, f"the model server's answer has {len(row)} probabilities and a "
+                                           f"{len(picture)}-row image; expected {contract.NUM_CLASSES} and {size}")
+    digit = max(range(len(row)), key=row.__getitem__)
+    return Prediction(digit, row[digit], row, ink, picture, version)
+
+
+class RestModelServer:
+    """TF Serving's REST API (`/v1/models/<name>...`) over one pooled aiohttp session."""
+
+    def __init__(self, url: str, model_name: str, timeout_s: float, version_ttl_s: float = 5.0):
+        self._url = url.rstrip("/")
+        self._model = model_name
+        self._timeout_s = timeout_s
+        self._version_ttl_s = version_ttl_s
+        self._version: int | None = None
+        self._version_read = 0.0
+        self._session = None
+
+    @property
+    def description(self) -> str:
+        return self._url
+
+    def _http(self):
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
+        return self._session
+
+    async def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        import aiohttp
+
+        try:
+            async with self._http().request(method, self._url + path, json=body) as response:
+                text = await response.text()
+                status = response.status
+        except asyncio.TimeoutError:
+            raise ModelServerError(TIMEOUT, f"the model server at {self._url} did not answer within "
+                                            f"{self._timeout_s:g} s") from None
+        except aiohttp.ClientError as error:
+            raise ModelServerError(UNAVAILABLE, f"cannot reach the model server at {self._url} "
+                                                f"({type(error).__name__})") from None
+        try:
+            import json
+
+            document = json.loads(text)
+        except ValueError:
+            document = {"error": text[:200] or f"HTTP {status} with an empty body"}
+        if not isinstance(document, dict):
+            raise ModelServerError(BAD_ANSWER, f"the model server answered HTTP {status} with a JSON "
+                                               f"{type(document).__name__}, not an object")
+        return status, document
+
+    async def versions(self) -> list[int]:
+        """Versions of the model that are AVAILABLE now, oldest first."""
+        status, document = await self._request("GET", f"/v1/models/{self._model}")
+        if status == 404:
+            raise ModelServerError(UNAVAILABLE, f"the model server has no model {self._model!r}: "
+                                                f"{document.get('error', '')}".rstrip(": "))
+        if status != 200:
+            raise _http_error(status, document)
+        try:
+            return sorted(int(entry["version"]) for entry in document.get("model_version_status", [])
+                          if entry.get("state") == "AVAILABLE")
+        except (TypeError, ValueError, KeyError):
+            raise ModelServerError(BAD_ANSWER, "the model status is not TF Serving's") from None
+
+    async def _current_version(self, refresh: bool) -> int:
+        now = time.monotonic()
+        if refresh or self._version is None or now - self._version_read > self._version_ttl_s:
+            available = await self.versions()
+            if not available:
+                self._version = None
+                raise ModelServerError(UNAVAILABLE, f"the model server has no version of {self._model!r} "
+                                                    f"loaded yet")
+            self._version, self._version_read = available[-1], now
+        return self._version
+
+    async def predict(self, image: bytes) -> Prediction:
+        body = {"signature_name": contract.NORMALIZED_SIGNATURE,
+                "instances": [{"b64": base64.b64encode(image).decode("ascii")}]}
+        for attempt in range(2):
+            version = await self._current_version(refresh=attempt > 0)
+            status, document = await self._request(
+                "POST", f"/v1/models/{self._model}/versions/{version}:predict", body)
+            if status == 404 and attempt == 0:
+                continue  # the version was unloaded since it was read: ask which is newest now
+            if status != 200:
+                raise _http_error(status, document)
+            try:
+                [row] = document["predictions"]
+                return _prediction(row[contract.PROBABILITIES_OUTPUT], row[contract.INK_FRACTION_OUTPUT],
+                                   row[contract.NORMALIZED_IMAGE_OUTPUT], version)
+            except (KeyError, TypeError, ValueError):
+                raise ModelServerError(BAD_ANSWER, "the model server's answer has no probabilities, ink fraction "
+                                                   "and normalised image (is it a digits model, exported with the "
+                                                   f"{contract.NORMALIZED_SIGNATURE} signature?)") from None
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _http_error(status: int, document: dict) -> ModelServerError:
+    message = str(document.get("error", document))[:300]
+    if status in (400, 413):
+        return ModelServerError(REJECTED, f"the model server refused the image: {message}")
+    if status in (503, 404):
+        return ModelServerError(UNAVAILABLE, f"the model server is unavailable: {message}")
+    if status == 504:
+        return ModelServerError(TIMEOUT, f"the model server timed out: {message}")
+    return ModelServerError(ERROR, f"the model server answered HTTP {status}: {message}")
+
+
+class GrpcModelServer:
+    """TF Serving's gRPC PredictionService and ModelService (`tensorflow-serving-api` stubs, grpc.aio)."""
+
+    def __init__(self, target: str, model_name: str, timeout_s: float):
+        self._target = target
+        self._model = model_name
+        self._timeout_s = timeout_s
+        self._channel = None
+        self._predict = None
+        self._models = None
+        # TensorFlow's protos come with the stubs (seconds to import): now, not on the first request.
+        from tensorflow.core.framework import tensor_pb2  # noqa: F401
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: F401
+
+    @property
+    def description(self) -> str:
+        return f"grpc://{self._target}"
+
+    def _stubs(self):
+        if self._channel is None:
+            import grpc
+            from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+            self._channel = grpc.aio.insecure_channel(self._target)
+            self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+            self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        return self._predict, self._models
+
+    async def _call(self, method, request):
+        import grpc
+
+        try:
+            return await method(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as error:
+            code, detail = error.code(), error.details() or ""
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ModelServerError(TIMEOUT, f"the model server at {self._target} did not answer within "
+                                                f"{self._timeout_s:g} s") from None
+            if code == grpc.StatusCode.UNAVAILABLE and not detail.startswith("Servable"):
+                raise ModelServerError(UNAVAILABLE, f"cannot reach the model server at {self._target}") from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                raise ModelServerError(UNAVAILABLE, f"the model server is unavailable: {detail}") from None
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                raise ModelServerError(REJECTED, f"the model server refused the image: {detail}") from None
+            raise ModelServerError(ERROR, f"the model server answered {code.name}: {detail}") from None
+
+    async def versions(self) -> list[int]:
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        _, models = self._stubs()
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self._model
+        response = await self._call(models.GetModelStatus, request)
+        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return sorted(entry.version for entry in response.model_version_status if entry.state == available)
+
+    async def predict(self, image: bytes) -> Prediction:
+        from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+        from tensorflow_serving.apis import predict_pb2
+
+        stub, _ = self._stubs()
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self._model
+        request.model_spec.signature_name = contract.NORMALIZED_SIGNATURE
+        request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=[image],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)])))
+        response = await self._call(stub.Predict, request)
+        from serving.client import tensor_floats as _floats
+
+        try:
+            outputs = response.outputs
+            probabilities = _floats(outputs[contract.PROBABILITIES_OUTPUT])[0]
+            ink = _floats(outputs[contract.INK_FRACTION_OUTPUT])[0]
+            picture = _floats(outputs[contract.NORMALIZED_IMAGE_OUTPUT])[0]
+        except (KeyError, IndexError, ValueError):
+            raise ModelServerError(BAD_ANSWER, "the model server's answer has no probabilities, ink fraction and "
+                                               "normalised image") from None
+        return _prediction(probabilities, ink, picture, response.model_spec.version.value)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+def connect(config) -> RestModelServer | GrpcModelServer:
+    """The client for a WebConfig: REST unless a gRPC target was given."""
+    if config.grpc_target is not None:
+        return GrpcModelServer(config.grpc_target, config.model_name, config.model_timeout_s)
+    return RestModelServer(config.serving_url, config.model_name, config.model_timeout_s, config.version_ttl_s)

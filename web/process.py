@@ -1,0 +1,66 @@
+"""`digits web` as a child process on loopback: started, awaited until ready, stopped by PID.
+
+For tests and benchmarks that need the real app (its own process, its own event loop) and must
+clean it up.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class WebProcess:
+    """A running `digits web` on a port the OS picked."""
+
+    def __init__(self, process: subprocess.Popen, port: int, output: list[str]):
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+        self.output = output  # its stdout and stderr lines so far (a thread keeps reading)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then SIGKILL if it has not exited in time; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        return self.process.returncode
+
+    def __enter__(self) -> "WebProcess":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+def start_web(*args: str, timeout: float = 60, cwd: Path | None = None) -> WebProcess:
+    """Starts `digits web --host 127.0.0.1 --port 0 ARGS...` and waits until it listens."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "digits", "web", "--host", "127.0.0.1", "--port", "0", *map(str, args)],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = "".join(output)
+        found = re.search(r"on http://127\.0\.0\.1:(\d+)/", text)
+        if found and "ready (" in text:
+            return WebProcess(process, int(found.group(1)), output)
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    process.wait(timeout=30)
+    raise RuntimeError("digits web did not become ready:\n" + "".join(output)[-3000:])
