@@ -3,7 +3,7 @@
 #   bash .ci/tasks.sh run    # the main job, offline, on the embedded digits
 #   bash .ci/tasks.sh test   # the whole test suite
 # Set-up: a Python 3.10 virtual environment in .venv from the committed lock file (via uv); Prometheus,
-# promtool, Alertmanager and amtool from Debian; a small Python 3.11 tool environment in .venv-tools
+# promtool, Alertmanager, amtool and chromium from Debian; a small Python 3.11 tool environment in .venv-tools
 # (monitoring/tools.lock) for the Grafana dashboard generator and the Compose-file check.
 set -euo pipefail
 
@@ -48,20 +48,28 @@ find_python311() {
 
 setup_debian_tools() {
   # Prometheus 2.42 + promtool and Alertmanager 0.25 + amtool: the monitoring tests run the real ones.
-  local missing=0 tool
-  for tool in prometheus promtool prometheus-alertmanager amtool; do
-    command -v "$tool" >/dev/null 2>&1 || missing=1
+  # Chromium: the web app's tests drive Debian's (Playwright never downloads a browser here).
+  local packages=() tool
+  for tool in prometheus promtool; do
+    command -v "$tool" >/dev/null 2>&1 || packages+=(prometheus)
   done
-  [ "$missing" = 0 ] && return 0
-  command -v apt-get >/dev/null 2>&1 || die "Prometheus and Alertmanager are missing and this is not a Debian-like system: install prometheus, promtool, alertmanager and amtool (2.42 / 0.25 or newer) and put them on PATH"
+  for tool in prometheus-alertmanager amtool; do
+    command -v "$tool" >/dev/null 2>&1 || packages+=(prometheus-alertmanager)
+  done
+  if [ -z "${DIGITS_CHROMIUM:-}" ] && [ ! -x /usr/lib/chromium/chromium ] && ! command -v chromium >/dev/null 2>&1; then
+    packages+=(chromium)
+  fi
+  [ "${#packages[@]}" = 0 ] && return 0
+  mapfile -t packages < <(printf '%s\n' "${packages[@]}" | sort -u)
+  command -v apt-get >/dev/null 2>&1 || die "missing ${packages[*]} and this is not a Debian-like system: install Prometheus and promtool (2.42+), Alertmanager and amtool (0.25+) and put them on PATH, and set DIGITS_CHROMIUM=/path/to/chromium"
   local sudo=""
   if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null 2>&1 || die "installing prometheus and prometheus-alertmanager needs root (or sudo)"
+    command -v sudo >/dev/null 2>&1 || die "installing ${packages[*]} needs root (or sudo)"
     sudo="sudo"
   fi
-  say "installing Prometheus and Alertmanager from Debian"
+  say "installing ${packages[*]} from Debian"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 }
 
 setup_tools_venv() {

@@ -13,7 +13,7 @@
   const pad = $("pad"), hint = $("pad-hint"), undoButton = $("undo"), clearButton = $("clear"), upload = $("upload");
   const announce = $("announce"), errorBox = $("error"), details = $("details"), bars = $("bars");
   const seen = $("seen"), versionText = $("model-version"), elapsedText = $("elapsed");
-  const rightButton = $("right"), rightDigit = $("right-digit"), digitButtons = $("digits"), feedbackStatus = $("feedback-status");
+  const rightButton = $("right"), digitButtons = $("digits"), feedbackStatus = $("feedback-status");
 
   let strokes = [];               // each a list of [x, y] in 0..1 pad coordinates
   let current = null;             // the stroke being drawn, and its pointer
@@ -92,7 +92,14 @@
     if (!current || event.pointerId !== current.id) return;
     current = null;
     pointerUpAt = performance.now();
+    waitForNewAnswer();
     classifyDrawing();
+  }
+
+  function waitForNewAnswer() {
+    // From now on only the answer to the newest image may be shown.
+    if (inFlight) { inFlight.abort(); inFlight = null; }
+    document.body.dataset.state = "busy";
   }
   pad.addEventListener("pointerup", endStroke);
   pad.addEventListener("pointercancel", endStroke);
@@ -108,7 +115,8 @@
   undoButton.addEventListener("click", () => {
     strokes.pop();
     changed();
-    if (strokes.length || uploaded) { pointerUpAt = performance.now(); classifyDrawing(); } else reset();
+    if (strokes.length || uploaded) { pointerUpAt = performance.now(); waitForNewAnswer(); classifyDrawing(); }
+    else reset();
   });
 
   clearButton.addEventListener("click", () => {
@@ -125,7 +133,7 @@
   }
 
   async function classifyDrawing() {
-    if (uploaded && !strokes.length) return;
+    if (uploaded && !strokes.length) return;  // an upload is sent as its file, not as the pad's pixels
     const blob = await exportDrawing();
     classify(blob);
   }
@@ -147,6 +155,7 @@
     strokes = [];
     changed();
     pointerUpAt = performance.now();
+    waitForNewAnswer();
     classify(file);  // the file itself, as it is: the model server normalises it
   });
 
@@ -245,8 +254,9 @@
     drawSeen(body.normalized_image);
     versionText.textContent = `${body.model_name} version ${body.model_version}`;
     versionText.dataset.version = String(body.model_version);
+    document.body.dataset.answerId = body.id;
     elapsedText.textContent = `${Math.round(body.elapsed_ms)} ms`;
-    rightDigit.textContent = String(body.digit);
+    rightButton.textContent = `Yes, it is a ${body.digit}`;
     rightButton.disabled = false;
     for (const button of digitButtons.children) button.disabled = Number(button.dataset.digit) === body.digit;
     feedbackStatus.textContent = "";

@@ -1,0 +1,311 @@
+"""The page in a real headless Chromium (Debian's, driven by Playwright), in front of a real `digits serve`.
+
+One browser for the module; each test gets a fresh context whose every request is checked to stay
+on loopback, and whose Content-Security-Policy violations and script errors fail the test.
+Screenshots go to build/test-artifacts/web/ (or $DIGITS_TEST_ARTIFACTS): look at them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from serving.client import RestClient
+from web.browser import CSP_RECORDER, LoopbackGuard, draw, launch, touch
+from web.feedback import LOG_NAME
+from web.process import start_web
+
+pytestmark = [pytest.mark.slow]
+
+ARTIFACTS = Path(os.environ.get("DIGITS_TEST_ARTIFACTS", REPO / "build" / "test-artifacts")) / "web"
+PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 3, "is_mobile": True, "has_touch": True}
+DESKTOP = {"viewport": {"width": 1280, "height": 800}, "device_scale_factor": 1}
+# A "7" as two mouse strokes, in 0..1 of the pad.
+SEVEN = [[(0.25, 0.2), (0.75, 0.2), (0.45, 0.85)], [(0.35, 0.52), (0.65, 0.52)]]
+ANSWER_TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def feedback_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("browser") / "feedback"
+
+
+@pytest.fixture(scope="module")
+def app(model_server, feedback_dir):
+    with start_web("--serving-url", model_server.rest_url, "--feedback-dir", feedback_dir) as web_app:
+        yield web_app
+
+
+@pytest.fixture
+def open_page(browser):
+    """Factory: a page of a fresh context; at teardown, nothing left loopback and nothing broke the page."""
+    contexts = []
+
+    def make(url: str, **options):
+        context = browser.new_context(**(options or DESKTOP))
+        context.set_default_timeout(ANSWER_TIMEOUT_MS)
+        guard = LoopbackGuard(context)
+        page = context.new_page()
+        page.add_init_script(CSP_RECORDER)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+        page.goto(url + "/")
+        contexts.append((context, guard, page, errors))
+        return page
+
+    yield make
+    for context, guard, page, errors in contexts:
+        violations = page.evaluate("window.__cspViolations")
+        context.close()
+        assert guard.blocked == [], f"requests that left loopback: {guard.blocked}"
+        assert violations == [], f"Content-Security-Policy violations: {violations}"
+        # The model server being down is reported by the page itself; the browser logs the 503 too.
+        # Policy violations are in `violations` (the policy test clears the one it provokes).
+        unexpected = [e for e in errors if "503" not in e and "Content Security Policy" not in e]
+        assert unexpected == [], f"errors on the page: {errors}"
+
+
+def _answer(page, action) -> tuple[bytes, dict]:
+    """Runs `action` (which makes the page ask the model, once per lifted pen); returns the image the
+    page sent and the answer, for the answer the page ends up showing (or the last error).
+
+    The page's requests to /api/predict pass through a route that keeps each body and answer.
+    """
+    exchanges: list[tuple[bytes, dict]] = []
+
+    def keep(route) -> None:
+        response = route.fetch()
+        exchanges.append((route.request.post_data_buffer, json.loads(response.body())))
+        route.fulfill(response=response)
+
+    page.route("**/api/predict", keep)
+    try:
+        action()
+        page.wait_for_function("() => ['done', 'error'].includes(document.body.dataset.state)")
+    finally:
+        page.unroute("**/api/predict", keep)
+    assert exchanges, "the page sent no image"
+    shown = page.evaluate("document.body.dataset.state === 'done' && document.body.dataset.answerId")
+    for sent, answer in reversed(exchanges):
+        if not shown or answer.get("id") == shown:
+            return sent, answer
+    raise AssertionError(f"the page shows answer {shown}, which none of its {len(exchanges)} requests returned")
+
+
+def _shown(page) -> dict:
+    """What the page shows: the digit, the ten bars (digit, text, width), the version and the 28x28 image."""
+    return page.evaluate("""() => ({
+        digit: document.querySelector('#announce strong').textContent,
+        announce: document.querySelector('#announce').textContent,
+        bars: [...document.querySelectorAll('#bars li')].map((li) => ({
+            digit: li.dataset.digit, pct: li.querySelector('.pct').textContent, top: li.classList.contains('top'),
+            note: li.querySelector('.top-note').textContent, width: li.querySelector('.fill').style.width})),
+        version: document.querySelector('#model-version').dataset.version,
+        seen: [...document.querySelector('#seen').getContext('2d').getImageData(0, 0, 28, 28).data]
+            .filter((_, i) => i % 4 === 0),
+    })""")
+
+
+def _check_page_shows(page, sent: bytes, answer: dict, model_server) -> None:
+    """The page shows exactly what the model server answers for the image the page sent."""
+    [direct] = RestClient(model_server.rest_url).predict([sent], with_image=True)
+    assert answer["digit"] == direct.digit
+    assert answer["probabilities"] == pytest.approx(direct.probabilities, abs=1e-6)
+    shown = _shown(page)
+    assert shown["digit"] == str(direct.digit)
+    assert f"{100 * direct.confidence:.1f}%" in shown["announce"]
+    assert [bar["pct"] for bar in shown["bars"]] == [f"{100 * p:.1f}%" for p in direct.probabilities]
+    assert [bar["top"] for bar in shown["bars"]] == [d == direct.digit for d in range(10)]
+    assert shown["bars"][direct.digit]["note"] == " (the model's answer)"  # marked by more than colour
+    assert [float(bar["width"].rstrip("%")) for bar in shown["bars"]] == pytest.approx(
+        [100 * p for p in direct.probabilities], abs=0.01)
+    newest = max(int(e["version"]) for e in RestClient(model_server.rest_url).status()["model_version_status"])
+    assert shown["version"] == str(newest) == str(answer["model_version"])
+    expected = [round(v * 255) for row in direct.normalized_image for v in row]
+    assert max(abs(a - b) for a, b in zip(shown["seen"], expected)) <= 1
+
+
+def _ink(png: bytes):
+    """The sent image as a boolean ink mask (dark pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.size == (280, 280)
+        return np.asarray(image.convert("L")) < 128
+
+
+def test_drawing_with_the_mouse_shows_the_model_servers_answer(app, open_page, model_server):
+    page = open_page(app.url)
+    assert page.locator("#pad").evaluate("(pad) => getComputedStyle(pad).touchAction") == "none"
+    sent, answer = _answer(page, lambda: draw(page, SEVEN))
+    ink = _ink(sent)  # the shown answer is the last stroke's: both strokes are in its image
+    assert ink[50:62, 80:200].any(axis=0).all()  # the 7's top bar
+    assert ink[140:152, 110:170].any(axis=0).all()  # its cross bar
+    assert not ink[:20].any() and not ink[:, :20].any()  # nothing outside what was drawn
+    _check_page_shows(page, sent, answer, model_server)
+    assert page.locator("#details").is_visible() and page.locator("#error").is_hidden()
+
+
+def test_the_image_sent_is_what_was_drawn(app, open_page):
+    page = open_page(app.url)
+    stroke = [[(0.5, 0.2), (0.5, 0.8)]]  # one vertical line down the middle
+    sent, _ = _answer(page, lambda: draw(page, stroke))
+    ink = _ink(sent)
+    rows = ink.any(axis=1).nonzero()[0]
+    columns = ink.any(axis=0).nonzero()[0]
+    # From y=56 to y=224 (plus the round caps), around x=140, about the pen's width (7.5 % of 280 = 21 px).
+    assert 40 <= rows.min() <= 56 and 224 <= rows.max() <= 240
+    assert 125 <= columns.min() and columns.max() <= 155 and 15 <= columns.max() - columns.min() <= 25
+
+
+def test_undo_and_clear(app, open_page):
+    page = open_page(app.url)
+    _answer(page, lambda: draw(page, SEVEN[:1]))
+    sent_two, _ = _answer(page, lambda: draw(page, SEVEN[1:]))
+    sent_one, _ = _answer(page, lambda: page.locator("#undo").click())
+    assert _ink(sent_two).sum() > _ink(sent_one).sum()
+    page.locator("#clear").click()
+    assert page.locator("#details").is_hidden()
+    assert page.locator("#announce").text_content() == "Draw or upload a digit."
+    assert page.locator("#undo").is_disabled() and page.locator("#clear").is_disabled()
+
+
+def test_drawing_with_touch(app, browser, open_page, model_server):
+    page = open_page(app.url, **PHONE)
+    cdp = page.context.new_cdp_session(page)
+    sent, answer = _answer(page, lambda: touch(page, cdp, [(0.5, 0.15), (0.5, 0.5), (0.5, 0.85)]))
+    ink = _ink(sent)
+    assert ink[60:220, 130:150].any(axis=1).all()  # a continuous line down the middle
+    _check_page_shows(page, sent, answer, model_server)
+
+
+def test_uploading_a_real_mnist_png(app, open_page, sample_tree, model_server):
+    page = open_page(app.url)
+    path = sorted((sample_tree / "testing" / "4").iterdir())[0]
+    sent, answer = _answer(page, lambda: page.locator("#upload").set_input_files(str(path)))
+    assert sent == path.read_bytes()  # the file as it is: the model server does the normalisation
+    _check_page_shows(page, sent, answer, model_server)
+
+
+def test_a_blank_drawing_and_a_non_image_upload_are_explained(app, open_page, tmp_path):
+    page = open_page(app.url)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    page.locator("#upload").set_input_files(str(text))
+    page.wait_for_function("() => document.body.dataset.state === 'error'")
+    assert "cannot be read as an image" in page.locator("#error").text_content()
+
+
+def test_model_server_down_is_said_clearly(open_page, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with start_web("--serving-url", f"http://127.0.0.1:{port}", "--feedback-dir", tmp_path) as down:
+        page = open_page(down.url)
+        page.wait_for_function("() => document.querySelector('#model-status').textContent.includes('not answering')")
+        sent, answer = _answer(page, lambda: draw(page, SEVEN))
+        assert page.evaluate("document.body.dataset.state") == "error"
+        message = page.locator("#error").text_content()
+        assert "The model server is not answering right now" in message and f"127.0.0.1:{port}" in message
+        assert page.locator("#error").get_attribute("role") == "alert"
+        assert page.locator("#details").is_hidden()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "model-server-down.png"), full_page=True)
+
+
+def test_a_correction_is_stored(app, open_page, feedback_dir):
+    page = open_page(app.url)
+    _, answer = _answer(page, lambda: draw(page, SEVEN))
+    wrong = (answer["digit"] + 1) % 10
+    assert page.locator(f"#digits button[data-digit='{answer['digit']}']").is_disabled()
+    page.locator(f"#digits button[data-digit='{wrong}']").click()
+    page.wait_for_function("() => document.querySelector('#feedback-status').classList.contains('ok')")
+    assert f"saved as a {wrong}" in page.locator("#feedback-status").text_content()
+    assert all(button.is_disabled() for button in page.locator("#feedback button").all())
+    lines = [json.loads(line) for line in (feedback_dir / LOG_NAME).read_text().splitlines()]
+    [line] = [line for line in lines if line["corrected"] == wrong and line["predicted"] == answer["digit"]][-1:]
+    stored = feedback_dir / line["image"]
+    assert stored.parent.name == str(wrong) and stored.parent.parent.name == "training"
+    assert _ink(stored.read_bytes()).any()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "after-correction.png"), full_page=True)
+
+
+def test_keyboard_only(app, open_page, sample_tree):
+    """Upload with the keyboard (the alternative to drawing), then say it was right, without the mouse."""
+    page = open_page(app.url)
+    path = sorted((sample_tree / "testing" / "2").iterdir())[0]
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "upload":
+            break
+    assert page.evaluate("document.activeElement.id") == "upload"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    _answer(page, lambda: chooser.value.set_files(str(path)))
+    assert page.locator("#announce").get_attribute("aria-live") == "polite"
+    for _ in range(20):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "right":
+            break
+    assert page.evaluate("document.activeElement.id") == "right"
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('#feedback-status').classList.contains('ok')")
+    assert "noted as right" in page.locator("#feedback-status").text_content()
+
+
+@pytest.mark.parametrize("name, options", [("phone", PHONE), ("desktop", DESKTOP)])
+def test_phone_and_desktop_layouts(app, open_page, name, options):
+    page = open_page(app.url, **options)
+    if options.get("has_touch"):
+        cdp = page.context.new_cdp_session(page)
+        _answer(page, lambda: touch(page, cdp, [(0.3, 0.2), (0.7, 0.2), (0.45, 0.85)]))
+    else:
+        _answer(page, lambda: draw(page, SEVEN))
+    layout = page.evaluate("""() => {
+        const pad = document.querySelector('#pad').getBoundingClientRect();
+        return {scroll: document.documentElement.scrollWidth, inner: window.innerWidth,
+                padWidth: pad.width, padHeight: pad.height, store: document.querySelector('#pad').width,
+                ratio: window.devicePixelRatio, buttons: [...document.querySelectorAll('button')]
+                    .filter((b) => b.offsetParent).map((b) => b.getBoundingClientRect().height)};
+    }""")
+    assert layout["scroll"] <= layout["inner"], "the page scrolls sideways"
+    assert abs(layout["padWidth"] - layout["padHeight"]) < 1 and layout["padWidth"] >= 250
+    assert layout["store"] == round(layout["padWidth"] * layout["ratio"])  # sharp on high-DPI screens
+    assert min(layout["buttons"]) >= 44  # touch-sized
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_the_content_security_policy_is_enforced(app, open_page):
+    """A slip (an inline script, a script from elsewhere) is blocked by the policy, and noticed."""
+    page = open_page(app.url)
+    ran = page.evaluate("""() => {
+        window.__inlineRan = false;
+        const script = document.createElement('script');
+        script.textContent = 'window.__inlineRan = true;';
+        document.body.appendChild(script);
+        return window.__inlineRan;
+    }""")
+    assert ran is False
+    page.wait_for_function("() => window.__cspViolations.length > 0")
+    assert page.evaluate("window.__cspViolations")[0].startswith("script-src")
+    page.evaluate("window.__cspViolations = []")  # seen; the teardown checks for any others
