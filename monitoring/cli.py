@@ -22,20 +22,24 @@ def _target(value: str) -> str:
 @click.option("--serving", "serving_targets", multiple=True, default=("127.0.0.1:8501",), show_default=True,
               metavar="HOST:PORT", callback=lambda _ctx, _param, values: tuple(_target(v) for v in values),
               help="REST address of a model server to scrape (`digits serve` or the TF Serving container); repeatable.")
+@click.option("--web", "web_targets", multiple=True, metavar="HOST:PORT",
+              callback=lambda _ctx, _param, values: tuple(_target(v) for v in values),
+              help="Address of a `digits web` to scrape (its /metrics); repeatable. None by default.")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=Path(".monitoring"),
               show_default=True, help="Where Prometheus and Alertmanager keep their data, configs and logs.")
 @click.option("--prometheus-port", type=int, default=9090, show_default=True)
 @click.option("--alertmanager-port", type=int, default=9093, show_default=True)
 @click.option("--receiver-port", type=int, default=9095, show_default=True,
               help="The webhook receiver that prints alerts here.")
-def monitor_command(serving_targets, data_dir, prometheus_port, alertmanager_port, receiver_port):
+def monitor_command(serving_targets, web_targets, data_dir, prometheus_port, alertmanager_port, receiver_port):
     """Start Prometheus and Alertmanager (the Debian binaries) with the project's configs and rules.
 
     Alerts are printed on this console as Alertmanager delivers them (and appended to
     DATA_DIR/alerts.jsonl). Ctrl-C stops everything.
     """
-    config = StackConfig(data_dir=data_dir, serving_targets=serving_targets, prometheus_port=prometheus_port,
-                         alertmanager_port=alertmanager_port, receiver_port=receiver_port)
+    config = StackConfig(data_dir=data_dir, serving_targets=serving_targets, web_targets=web_targets,
+                         prometheus_port=prometheus_port, alertmanager_port=alertmanager_port,
+                         receiver_port=receiver_port)
     stack = MonitoringStack(config)
     stop = threading.Event()
     # Ctrl-C and SIGTERM both stop. Set explicitly: a process started with SIGINT ignored (a
@@ -48,7 +52,7 @@ def monitor_command(serving_targets, data_dir, prometheus_port, alertmanager_por
         stack.start()
         click.echo(f"Prometheus    {config.prometheus_url}  (alerts: {config.prometheus_url}/alerts)")
         click.echo(f"Alertmanager  {config.alertmanager_url}")
-        click.echo(f"scraping      {', '.join(serving_targets)}")
+        click.echo(f"scraping      {', '.join(serving_targets + web_targets)}")
         click.echo("alerts are printed below as they are delivered; Ctrl-C stops")
         while not stop.wait(1.0):
             for name, process in stack.processes.items():

@@ -43,6 +43,7 @@ class MonitoringError(RuntimeError):
 class StackConfig:
     data_dir: Path
     serving_targets: tuple[str, ...] = ("127.0.0.1:8501",)
+    web_targets: tuple[str, ...] = ()  # `digits web` instances; none: the web job is left out
     host: str = "127.0.0.1"
     prometheus_port: int = 9090
     alertmanager_port: int = 9093
@@ -91,9 +92,12 @@ def prometheus_config(config: StackConfig) -> dict:
     document["alerting"]["alertmanagers"] = [{"static_configs": [{"targets": [alertmanager]}]}]
     targets = {
         names.SERVING_JOB: list(config.serving_targets),
+        names.WEB_JOB: list(config.web_targets),
         names.PROMETHEUS_JOB: [f"{config.host}:{config.prometheus_port}"],
         names.ALERTMANAGER_JOB: [alertmanager],
     }
+    # A job with nothing to scrape is left out rather than kept empty (its alerts then stay silent).
+    document["scrape_configs"] = [job for job in document["scrape_configs"] if targets.get(job["job_name"], True)]
     for job in document["scrape_configs"]:
         if job["job_name"] not in targets:
             raise MonitoringError(f"no loopback target known for scrape job {job['job_name']!r} (monitoring/local.py)")

@@ -69,9 +69,13 @@ WEB_REQUESTS = "digits_web_requests_total"  # {endpoint, outcome}
 WEB_REQUEST_DURATION = "digits_web_request_duration_seconds"  # histogram {endpoint, outcome}
 WEB_MODEL_SERVER_ERRORS = "digits_web_model_server_errors_total"  # {reason}
 # One per answer a person judged: predicted_class == corrected_class is a "right", anything else a
-# correction. Online accuracy is the share of the first among all.
-WEB_FEEDBACK = "digits_web_feedback_total"  # {model_name, model_version, predicted_class, corrected_class}
+# correction; `verdict` says which (PromQL cannot compare two labels), and online accuracy is the share
+# of "right" among all.
+WEB_FEEDBACK = "digits_web_feedback_total"  # {model_name, model_version, predicted_class, corrected_class, verdict}
 CORRECTED_CLASS_LABEL = "corrected_class"
+VERDICT_LABEL = "verdict"
+VERDICT_RIGHT = "right"
+VERDICT_CORRECTED = "corrected"
 WEB_LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The web app's endpoints, the `endpoint` label of its request metrics.
 WEB_PREDICT_ENDPOINT = "predict"

@@ -44,6 +44,17 @@ PSI_THRESHOLD = 0.2  # population stability index: < 0.1 stable, 0.1-0.2 moderat
 PSI_FLOOR = 1e-4  # shares are floored so that a class never predicted does not make ln(0)
 CONFIDENCE_DROP = 0.05  # live mean top-class confidence this far below the reference
 QUEUING_P99_THRESHOLD_US = 50_000  # 50 ms waiting for a batch, when predicts themselves take ~10 ms
+# The web app: online accuracy as people report it, over a day (feedback is sparse), alerting only
+# over enough judgements. People correct wrong answers more readily than they confirm right ones, so
+# reported accuracy reads low: the threshold is well below the held-out 0.985.
+WEB = f'job="{n.WEB_JOB}"'
+ONLINE_WINDOW = "1d"
+MIN_FEEDBACK_FOR_ACCURACY = 20
+ONLINE_ACCURACY_THRESHOLD = 0.8
+# The page's predicts that fail for the model server's reasons (down, slow, a bad answer).
+WEB_MODEL_ERROR_THRESHOLD = 0.05
+MIN_WEB_PREDICTS = 20  # in the 10-minute window
+WEB_QUANTILES = (0.5, 0.95)
 
 
 # -- Recorded series: the alerts here and the Grafana dashboard read these names ----------------------
@@ -57,6 +68,16 @@ CONFIDENCE_MEAN = f"job_model_version:digits_confidence:mean_rate{DRIFT_WINDOW}"
 REFERENCE_SHARE = "job_model_version_class:digits_reference_class_share:max"
 REFERENCE_CONFIDENCE = "job_model_version:digits_reference_confidence_mean:max"
 PSI = f"job_model_version:digits_prediction_psi:{DRIFT_WINDOW}"
+FEEDBACK_RATE = f"job_model_version:digits_feedback:rate{ONLINE_WINDOW}"
+ONLINE_ACCURACY = f"job_model_version:digits_online_accuracy:ratio_rate{ONLINE_WINDOW}"
+CORRECTIONS_RATE = f"job_model_version_class:digits_corrections:rate{ONLINE_WINDOW}"  # by predicted and corrected
+WEB_REQUESTS_RATE = "job_endpoint_outcome:digits_web_requests:rate5m"
+WEB_MODEL_ERROR_RATIO = "job:digits_web_model_server_errors:ratio_rate10m"
+
+
+def web_latency(q: float) -> str:
+    """The page's API latency quantile `q` (seconds) per endpoint, over 5 minutes."""
+    return f"job_endpoint:digits_web_request_duration_seconds:p{q * 100:g}_rate5m"
 
 
 def predicts(window: str) -> str:
@@ -176,7 +197,30 @@ def recording_rules() -> list[dict]:
                       f"\n    or 0 * {REFERENCE_SHARE}, {PSI_FLOOR})"
                       f"\n  / clamp_min({REFERENCE_SHARE}, {PSI_FLOOR})\n)")},
     ]
-    return rules
+    return rules + web_rules()
+
+
+def web_rules() -> list[dict]:
+    """The web app: its traffic and latency, and the model's accuracy as people judge it."""
+    version = "job, model_name, model_version"
+    feedback = _rate(n.WEB_FEEDBACK, ONLINE_WINDOW, WEB)
+    right = _rate(n.WEB_FEEDBACK, ONLINE_WINDOW, f'{WEB},{n.VERDICT_LABEL}="{n.VERDICT_RIGHT}"')
+    predicts = f'{WEB},endpoint="{n.WEB_PREDICT_ENDPOINT}"'
+    failed = _rate(n.WEB_REQUESTS, "10m", predicts + ',outcome=~"model_.*"')
+    every = _rate(n.WEB_REQUESTS, "10m", predicts)
+    buckets = _sum("job, endpoint, le", _rate(n.WEB_REQUEST_DURATION + "_bucket", "5m", WEB))
+    return [
+        {"record": WEB_REQUESTS_RATE, "expr": _sum("job, endpoint, outcome", _rate(n.WEB_REQUESTS, "5m", WEB))},
+        *({"record": web_latency(q), "expr": f"histogram_quantile({q:g}, {buckets})"} for q in WEB_QUANTILES),
+        # `or 0 * ...`: a ratio of 0, not an empty result, while no predict ever failed.
+        {"record": WEB_MODEL_ERROR_RATIO,
+         "expr": f"(\n  {_sum('job', failed)}\n  or\n  0 * {_sum('job', every)}\n)\n/\n{_sum('job', every)}"},
+        {"record": FEEDBACK_RATE, "expr": _sum(version, feedback)},
+        {"record": ONLINE_ACCURACY, "expr": f"{_sum(version, right)}\n/\n{FEEDBACK_RATE}"},
+        {"record": CORRECTIONS_RATE,
+         "expr": _sum(f"{version}, {n.CLASS_LABEL}, {n.CORRECTED_CLASS_LABEL}",
+                      _rate(n.WEB_FEEDBACK, ONLINE_WINDOW, f'{WEB},{n.VERDICT_LABEL}="{n.VERDICT_CORRECTED}"'))},
+    ]
 
 
 def _alert(name: str, expr: str, for_: str, severity: str, summary: str, description: str,
@@ -220,6 +264,7 @@ def alerting_rules(runbook_base: str = RUNBOOK_BASE) -> list[dict]:
     """Every alert an SRE gets for this model, in the order of the runbook."""
     version = "job, instance, model_name, model_version"
     up = f'up{{{SERVING}}}'
+    web_predicts_10m = f'increase({n.WEB_REQUESTS}{{{WEB},endpoint="{n.WEB_PREDICT_ENDPOINT}"}}[10m])'
     return [
         _alert("DigitsModelServerDown", f"{up} == 0", "2m", "critical",
                "A model server cannot be scraped.",
@@ -294,6 +339,29 @@ def alerting_rules(runbook_base: str = RUNBOOK_BASE) -> list[dict]:
                "A served version has no reference profile: drift alerts are blind for it.",
                "{{ $labels.instance }} serves model {{ $labels.model_name }} version {{ $labels.model_version }} "
                "without assets.extra/reference_profile.json.",
+               runbook_base),
+        _alert("DigitsOnlineAccuracyLow",
+               f"{ONLINE_ACCURACY} < {ONLINE_ACCURACY_THRESHOLD}\n"
+               f"and on (job, model_name, model_version)\n"
+               f"{FEEDBACK_RATE} * {WINDOW_SECONDS[ONLINE_WINDOW]} >= {MIN_FEEDBACK_FOR_ACCURACY}", "1h", "warning",
+               "People report the model wrong too often.",
+               "Model {{ $labels.model_name }} version {{ $labels.model_version }} (job {{ $labels.job }}): "
+               f"people judged {{{{ $value | humanizePercentage }}}} of its answers right over the last "
+               f"{ONLINE_WINDOW} (threshold {ONLINE_ACCURACY_THRESHOLD:.0%}, at least {MIN_FEEDBACK_FOR_ACCURACY} "
+               "judgements).",
+               runbook_base),
+        _alert("DigitsWebAppDown", f"up{{{WEB}}} == 0", "5m", "warning",
+               "The web app cannot be scraped.",
+               "{{ $labels.instance }} (job {{ $labels.job }}) has not answered Prometheus for 5 minutes: "
+               "the page may be down (the model server's own alerts cover the API).",
+               runbook_base),
+        _alert("DigitsWebModelServerErrors",
+               f"{WEB_MODEL_ERROR_RATIO} > {WEB_MODEL_ERROR_THRESHOLD}\n"
+               f"and on (job)\n"
+               f"{_sum('job', web_predicts_10m)} >= {MIN_WEB_PREDICTS}", "10m", "warning",
+               "The web page cannot get answers from the model server.",
+               "{{ $value | humanizePercentage }} of the page's predicts failed over 10 minutes because the "
+               "model server was down, too slow or answered wrongly (job {{ $labels.job }}).",
                runbook_base),
         _alert("DigitsMonitoringTargetDown",
                f'up{{job=~"{n.PROMETHEUS_JOB}|{n.ALERTMANAGER_JOB}"}} == 0', "5m", "warning",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -289,3 +291,62 @@ def test_healthcheck_fails_when_nothing_listens():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     assert _healthcheck(port) != 0
+
+
+# --- The web app's image (docker/web/Dockerfile) ---------------------------------------------------
+
+WEB_DOCKERFILE = DOCKER / "web" / "Dockerfile"
+
+
+def _locked() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            name, version = line.split("==")
+            pins[name.lower()] = version.strip()
+    return pins
+
+
+def test_the_web_image_installs_exactly_the_locked_versions():
+    [install] = [arguments for name, arguments in instructions(WEB_DOCKERFILE)
+                 if name == "RUN" and "pip install" in arguments]
+    assert "--no-deps" in install  # nothing unpinned comes in as a dependency
+    pins = dict(word.split("==") for word in install.split() if "==" in word)
+    locked = _locked()
+    assert {name: locked.get(name.lower()) for name in pins} == pins
+    assert {"aiohttp", "pillow", "prometheus-client", "click", "numpy"} <= set(pins)
+
+
+def test_the_web_image_has_every_module_the_app_imports(tmp_path):
+    """What the Dockerfile copies is enough to run `python -m web`, and none of it imports TensorFlow."""
+    for sources, destination in copies(WEB_DOCKERFILE):
+        target = tmp_path / destination.removeprefix("/app/").lstrip("/")
+        for source in sources:
+            path = REPO / source
+            if path.is_dir():
+                shutil.copytree(path, target / path.name if not destination.endswith(path.name + "/") else target,
+                                dirs_exist_ok=True)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target / path.name)
+    probe = ("import sys, web.app, web.cli, web.metrics, web.feedback, web.model_server\n"
+             f"outside = [n for n, m in sys.modules.items() if getattr(m, '__file__', None) and "
+             f"m.__file__.startswith({str(REPO)!r}) and '.venv' not in m.__file__]\n"
+             "heavy = [n for n in sys.modules if n.split('.')[0] in ('tensorflow', 'tfx', 'grpc')]\n"
+             "print(outside, heavy)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[] []"
+    help_text = subprocess.run([sys.executable, "-m", "web", "--help"], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert help_text.returncode == 0 and "--serving-url" in help_text.stdout
+
+
+def test_the_web_image_runs_as_nobody_and_checks_its_health():
+    steps = instructions(WEB_DOCKERFILE)
+    assert [arguments for name, arguments in steps if name == "USER"] == ["65534:65534"]
+    [base] = [arguments for name, arguments in steps if name == "FROM"]
+    assert re.fullmatch(r"python:3\.10\.\d+-slim-bookworm", base)
+    [health] = [arguments for name, arguments in steps if name == "HEALTHCHECK"]
+    assert "/healthz" in health and "8080" in health

@@ -58,7 +58,8 @@ def test_dashboard_basics(dashboard):
     assert dashboard["tags"]
     # The rows monitoring/RUNBOOK.md sends the on-call engineer to.
     assert [row["title"] for row in lint.rows(dashboard)] == [
-        "SLOs", "Traffic", "Latency", "Batching", "Model versions", "Predictions & drift", "Scrape health"]
+        "SLOs", "Traffic", "Latency", "Batching", "Model versions", "Predictions & drift", "Web app & feedback",
+        "Scrape health"]
     ids = [panel["id"] for panel in lint.panels(dashboard) + lint.rows(dashboard)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
 

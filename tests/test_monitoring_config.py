@@ -152,6 +152,8 @@ def test_prometheus_config_scrapes_the_server_where_tf_serving_exports():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs[names.SERVING_JOB]["metrics_path"] == names.METRICS_PATH
     assert {names.PROMETHEUS_JOB, names.ALERTMANAGER_JOB} <= set(jobs)
+    # The web app serves prometheus-client's page at Prometheus' default path.
+    assert "metrics_path" not in jobs[names.WEB_JOB]
     assert config["rule_files"] == ["rules/*.yml"]
 
 
@@ -171,6 +173,10 @@ def test_loopback_configs_are_the_committed_ones_with_local_addresses(tmp_path):
     assert urls == ["http://127.0.0.1:19095/pager", "http://127.0.0.1:19095/tickets"]
     assert alertmanager["route"]["group_wait"] == "1s"
     assert alertmanager["inhibit_rules"] == yaml.safe_load(ALERTMANAGER_YML.read_text())["inhibit_rules"]
+    # With a web app to scrape, its job is kept and pointed at it.
+    with_web = local.prometheus_config(local.StackConfig(data_dir=tmp_path, web_targets=("127.0.0.1:18080",)))
+    assert {job["job_name"]: job["static_configs"][0]["targets"] for job in with_web["scrape_configs"]}[
+        names.WEB_JOB] == ["127.0.0.1:18080"]
 
 
 def test_a_scrape_job_without_a_loopback_target_is_refused(tmp_path, monkeypatch):

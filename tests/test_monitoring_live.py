@@ -23,6 +23,7 @@ from grafana_lint import selectors
 from monitoring import local, names, rules
 from prometheus_api import free_port, result, wait_for
 from serving_clients import grpc_predict, predict_rest
+from web.process import start_web
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +52,12 @@ def monitored(pushed_model, tmp_path_factory, sample_tree):
     """(server, stack config, stack) with traffic sent and scraped at least twice."""
     server = start_server(pushed_model)
     data = tmp_path_factory.mktemp("monitoring")
+    web_app = start_web("--serving-url", server.rest_url, "--feedback-dir", data / "feedback",
+                        "--model-dir", pushed_model)
     host, port = server.rest_url.removeprefix("http://").split(":")
     config = local.StackConfig(
-        data_dir=data, serving_targets=(f"{host}:{port}",), prometheus_port=free_port(),
+        data_dir=data, serving_targets=(f"{host}:{port}",), web_targets=(web_app.url.removeprefix("http://"),),
+        prometheus_port=free_port(),
         alertmanager_port=free_port(), receiver_port=free_port(), scrape_interval="1s", evaluation_interval="1s",
         group_wait="1s", group_interval="1s")
     receiver_log = (data / "receiver-stdout.log").open("wb")
@@ -72,12 +76,20 @@ def monitored(pushed_model, tmp_path_factory, sample_tree):
             with pytest.raises(grpc.RpcError) as refused:
                 grpc_predict(server.grpc_target, [b"not an image"])
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # Through the web page's backend: three answers, one judged right, one corrected.
+            answers = [requests.post(f"{web_app.url}/api/predict", data=digit, timeout=60).json()
+                       for digit in digits[16:19]]
+            for answer, verdict in zip(answers, (0, 1)):
+                judged = {"id": answer["id"], "digit": (answer["digit"] + verdict) % 10}
+                assert requests.post(f"{web_app.url}/api/feedback", json=judged, timeout=30).status_code == 200
+            assert requests.post(f"{web_app.url}/api/predict", data=b"nope", timeout=30).status_code == 415
             _sleep_scrapes(config, 3)
         wait_for(lambda: result(config.prometheus_url, f'{rules.REQUESTS_BY_STATUS}{{status="INVALID_ARGUMENT"}}'),
                  timeout=60, what="the recorded request rate by status")
         yield server, config, stack
     finally:
         stack.stop()
+        web_app.stop()
         server.stop()
         receiver_log.close()
 
@@ -134,10 +146,15 @@ def test_latency_quantiles_and_prediction_statistics_have_data(monitored):
         [p99] = result(url, f'histogram_quantile(0.99, sum by (le) (rate({names.REQUEST_LATENCY}_bucket'
                             f'{{API="{api}"}}[1m])))')
         assert 0 < float(p99["value"][1]) < 60e6
+    # Both the model server and the web app (for the answers it got) count predictions, each its own job.
     shares = result(url, rules.CLASS_SHARE)
-    assert shares and abs(sum(float(sample["value"][1]) for sample in shares) - 1) < 1e-6
-    [confidence] = result(url, rules.CONFIDENCE_MEAN)
-    assert 0 < float(confidence["value"][1]) <= 1
+    assert {sample["metric"]["job"] for sample in shares} == {names.SERVING_JOB, names.WEB_JOB}
+    for job in (names.SERVING_JOB, names.WEB_JOB):
+        total = sum(float(sample["value"][1]) for sample in shares if sample["metric"]["job"] == job)
+        assert abs(total - 1) < 1e-6, job
+    confidences = result(url, rules.CONFIDENCE_MEAN)
+    assert {sample["metric"]["job"] for sample in confidences} == {names.SERVING_JOB, names.WEB_JOB}
+    assert all(0 < float(sample["value"][1]) <= 1 for sample in confidences)
 
 
 def test_drift_is_computed_against_the_served_versions_reference(monitored, pushed_model):
@@ -147,9 +164,26 @@ def test_drift_is_computed_against_the_served_versions_reference(monitored, push
     reference = result(url, rules.REFERENCE_SHARE)
     assert {sample["metric"]["model_version"] for sample in reference} == {version}
     assert sorted(sample["metric"]["predicted_class"] for sample in reference) == [str(k) for k in range(10)]
-    [psi] = result(url, rules.PSI)
-    assert psi["metric"]["model_version"] == version and float(psi["value"][1]) >= 0
-    assert result(url, rules.REFERENCE_CONFIDENCE)
+    # Per job: the model server's own answers, and the web app's (with --model-dir it exports the
+    # reference too, as it must in front of the TF Serving container).
+    psis = result(url, rules.PSI)
+    assert sorted(psi["metric"]["job"] for psi in psis) == sorted([names.SERVING_JOB, names.WEB_JOB])
+    assert all(psi["metric"]["model_version"] == version and float(psi["value"][1]) >= 0 for psi in psis)
+    assert len(result(url, rules.REFERENCE_CONFIDENCE)) == 2
+
+
+def test_the_web_apps_traffic_and_online_accuracy_are_recorded(monitored):
+    """Half of what people judged was right: the recorded online accuracy says 0.5, per version."""
+    _, config, _ = monitored
+    url = config.prometheus_url
+    [accuracy] = wait_for(lambda: result(url, rules.ONLINE_ACCURACY), timeout=60, what="online accuracy")
+    assert accuracy["metric"]["job"] == names.WEB_JOB and accuracy["metric"]["model_version"].isdigit()
+    assert float(accuracy["value"][1]) == pytest.approx(0.5)
+    outcomes = {series["metric"]["outcome"] for series in result(url, f'{rules.WEB_REQUESTS_RATE}{{endpoint="predict"}}')}
+    assert {"ok", "bad_request"} <= outcomes
+    assert result(url, rules.web_latency(0.95))
+    [errors] = result(url, rules.WEB_MODEL_ERROR_RATIO)
+    assert float(errors["value"][1]) == 0
 
 
 def test_every_metric_in_rules_and_dashboards_is_in_a_live_scrape(monitored):

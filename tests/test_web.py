@@ -37,8 +37,9 @@ def feedback_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def web_app(model_server, feedback_dir):
-    with start_web("--serving-url", model_server.rest_url, "--feedback-dir", feedback_dir) as app:
+def web_app(model_server, feedback_dir, pushed_model):
+    with start_web("--serving-url", model_server.rest_url, "--feedback-dir", feedback_dir,
+                   "--model-dir", pushed_model) as app:
         yield app
 
 
@@ -256,8 +257,13 @@ def test_a_correction_is_stored_as_a_labelled_png_with_a_log_line(web_app, feedb
     metrics = _metrics(web_app)
     key = (n.WEB_FEEDBACK, (("corrected_class", str(wrong)), ("model_name", "digits"),
                             ("model_version", str(answer["model_version"])),
-                            ("predicted_class", str(answer["digit"]))))
+                            ("predicted_class", str(answer["digit"])), ("verdict", "corrected")))
     assert metrics[key] >= 1
+    # Every (predicted, corrected) pair of the version exists from its first answer on, so that
+    # rate() sees the first correction of each.
+    pairs = [labels for name, labels in metrics if name == n.WEB_FEEDBACK
+             and dict(labels)["model_version"] == str(answer["model_version"])]
+    assert len(pairs) == 100
 
 
 def test_a_right_answer_is_counted_and_stores_nothing(web_app, feedback_dir, digits_by_class):
@@ -271,7 +277,8 @@ def test_a_right_answer_is_counted_and_stores_nothing(web_app, feedback_dir, dig
     assert len(_log(feedback_dir)) == log_before
     digit = str(answer["digit"])
     key = (n.WEB_FEEDBACK, (("corrected_class", digit), ("model_name", "digits"),
-                            ("model_version", str(answer["model_version"])), ("predicted_class", digit)))
+                            ("model_version", str(answer["model_version"])), ("predicted_class", digit),
+                            ("verdict", "right")))
     assert _metrics(web_app)[key] >= 1
 
 
@@ -372,3 +379,20 @@ def test_bad_options_are_one_line_errors(tmp_path):
         result = run_digits("web", "--port", "0", *args, timeout=60)
         assert result.returncode != 0, args
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_answering_versions_reference_profile_is_exported(web_app, pushed_model, digits_by_class):
+    """With --model-dir, the drift rules get each answering version's reference from the web app too."""
+    from components.reference import read_reference_profile
+
+    answer = _predict(web_app, digits_by_class[0][5]).json()
+    version = str(answer["model_version"])
+    profile = read_reference_profile(str(pushed_model / version))
+    metrics = _metrics(web_app)
+    shares = {dict(labels)["class"]: value for (name, labels), value in metrics.items()
+              if name == n.REFERENCE_CLASS_SHARE and dict(labels)["model_version"] == version}
+    assert shares == pytest.approx(profile["class_share"])
+    assert metrics[(n.REFERENCE_EXAMPLES, (("model_name", "digits"), ("model_version", version)))] == \
+        profile["examples"]
+    assert metrics[(n.REFERENCE_CONFIDENCE_MEAN, (("model_name", "digits"), ("model_version", version)))] == \
+        pytest.approx(profile["confidence_mean"])

@@ -152,6 +152,8 @@ class WebApp:
         self.metrics = metrics or WebMetrics()
         self.feedback = FeedbackStore(config.feedback_dir)
         self.recent = RecentAnswers(config.recent_answers, config.recent_answer_bytes)
+        self._profiles: dict[int, dict | None] = {}  # version -> its reference profile (None: has none)
+        self._sync_task: asyncio.Task | None = None
         self._static = Path(str(resources.files("web") / "static"))
 
     # -- the API ---------------------------------------------------------------------------------
@@ -184,6 +186,7 @@ class WebApp:
             self.metrics.request(n.WEB_PREDICT_ENDPOINT, error.outcome, time.perf_counter() - started)
             return _error(error)
         model_ms = (time.perf_counter() - started) * 1e3
+        await self._reference(prediction.model_version)
         answer_id = self.recent.add(body, prediction)
         self.metrics.prediction(self.config.model_name, prediction.model_version, prediction.digit,
                                 prediction.confidence)
@@ -273,6 +276,44 @@ class WebApp:
                                 status=503)
         return web.Response(text="ready\n")
 
+    # -- reference profiles (--model-dir) ----------------------------------------------------------
+
+    async def _reference(self, version: int) -> None:
+        """Exports a version's reference profile the first time it answers (with --model-dir)."""
+        if self.config.model_dir is None or version in self._profiles:
+            return
+        from components.reference import read_reference_profile
+
+        self._profiles[version] = None
+        path = self.config.model_dir / str(version)
+        try:
+            profile = await asyncio.to_thread(read_reference_profile, str(path))
+        except (ValueError, OSError) as error:
+            log.warning("version %d: reference profile ignored, no reference gauges: %s", version, error)
+            return
+        if profile is None:
+            log.warning("version %d has no reference profile under %s: no reference gauges", version, path)
+            return
+        self._profiles[version] = profile
+        self.metrics.set_reference(self.config.model_name, version, profile)
+
+    async def _sync_references(self) -> None:
+        """Every reference_sync_s: versions the model server no longer has lose their reference gauges."""
+        while True:
+            await asyncio.sleep(self.config.reference_sync_s)
+            try:
+                served = set(await self.model_server.versions())
+            except ms.ModelServerError:
+                continue  # down: keep what is there, try again later
+            for version in [v for v in self._profiles if v not in served]:
+                profile = self._profiles.pop(version)
+                if profile is not None:
+                    self.metrics.drop_reference(self.config.model_name, version, profile)
+
+    async def _start(self, app: web.Application) -> None:
+        if self.config.model_dir is not None:
+            self._sync_task = asyncio.create_task(self._sync_references())
+
     # -- the page and the plumbing ------------------------------------------------------------------
 
     async def page(self, request: web.Request) -> web.FileResponse:
@@ -282,6 +323,8 @@ class WebApp:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": WebMetrics.content_type})
 
     async def _close(self, app: web.Application) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
         await self.model_server.close()
 
     def application(self) -> web.Application:
@@ -296,6 +339,7 @@ class WebApp:
         app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
         app.router.add_get("/readyz", self.ready)
         app.on_response_prepare.append(_security_headers)
+        app.on_startup.append(self._start)
         app.on_cleanup.append(self._close)
         return app
 

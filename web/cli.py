@@ -24,16 +24,21 @@ from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, 
 @click.option("--feedback-dir", type=click.Path(path_type=Path), default=DEFAULT_FEEDBACK_DIR, show_default=True,
               help="Where corrections are stored (mnist-png layout + feedback.jsonl); "
                    "`digits data build --extra-source` trains on them.")
+@click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="The model server's base path (e.g. serving_model/digits, read-only is enough): each answering "
+                   "version's reference profile is exported for the drift alerts, which the TF Serving "
+                   "container does not export itself.")
 @click.option("--model-timeout", type=float, default=WebConfig.model_timeout_s, show_default=True,
               help="Seconds to wait for the model server before telling the page it is too slow.")
 @click.option("--max-image-bytes", type=int, default=WebConfig.max_image_bytes, show_default=True)
-def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, model_timeout, max_image_bytes):
+def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, model_dir, model_timeout,
+                max_image_bytes):
     """Serve the web page: draw or upload a digit, see what the model answers, correct it."""
     if serving_url is None and grpc_target is None:
         serving_url = DEFAULT_SERVING_URL
     try:
         config = WebConfig(serving_url=serving_url, grpc_target=grpc_target, model_name=model_name, host=host,
-                           port=port, feedback_dir=feedback_dir, model_timeout_s=model_timeout,
+                           port=port, feedback_dir=feedback_dir, model_dir=model_dir, model_timeout_s=model_timeout,
                            max_image_bytes=max_image_bytes)
     except ValueError as error:
         raise click.UsageError(str(error)) from None

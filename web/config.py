@@ -23,6 +23,10 @@ class WebConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0: any free port
     feedback_dir: Path = DEFAULT_FEEDBACK_DIR
+    # The model server's base path (read-only is enough), for each version's reference profile: the
+    # drift metrics in front of a model server that exports none (the TF Serving container). None: none.
+    model_dir: Path | None = None
+    reference_sync_s: float = 60.0  # how often versions the model server unloaded lose their reference
     # A drawing exported by the page is ~10-30 KB; a phone photo a few MB.
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # a decompression bomb is refused before the model server sees it
@@ -37,6 +41,8 @@ class WebConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feedback_dir", Path(self.feedback_dir))
+        if self.model_dir is not None:
+            object.__setattr__(self, "model_dir", Path(self.model_dir))
         problems = []
         if (self.serving_url is None) == (self.grpc_target is None):
             problems.append("give either a REST URL (--serving-url) or a gRPC target (--grpc), not both")

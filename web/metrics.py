@@ -8,9 +8,11 @@ metrics. The page's own traffic and people's feedback have `digits_web_*` names.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from components.reference import CLASS_SHARE_KEY, CONFIDENCE_MEAN_KEY, CONFIDENCE_SHARE_KEY, EXAMPLES_KEY
+from data.contract import NUM_CLASSES
 from monitoring import names as n
 
 
@@ -41,19 +43,71 @@ class WebMetrics:
                                     registry=self.registry)
         self.feedback = Counter(_base(n.WEB_FEEDBACK, "_total"),
                                 "Answers people judged: right when predicted_class equals corrected_class.",
-                                ["model_name", "model_version", n.CLASS_LABEL, n.CORRECTED_CLASS_LABEL],
-                                registry=self.registry)
+                                ["model_name", "model_version", n.CLASS_LABEL, n.CORRECTED_CLASS_LABEL,
+                                 n.VERDICT_LABEL], registry=self.registry)
+        self._versions_seen: set[tuple[str, int]] = set()
+        # The reference profile of each version that answered, read from --model-dir (what `digits serve`
+        # exports itself): in front of the TF Serving container, the drift rules need it from here.
+        version = ["model_name", "model_version"]
+        self.reference_class_share = Gauge(n.REFERENCE_CLASS_SHARE, "Share of each class on the eval split.",
+                                           [*version, n.REFERENCE_CLASS_LABEL], registry=self.registry)
+        self.reference_confidence_share = Gauge(n.REFERENCE_CONFIDENCE_BUCKET_SHARE,
+                                                "Cumulative share of top-class confidence on the eval split.",
+                                                [*version, "le"], registry=self.registry)
+        self.reference_confidence_mean = Gauge(n.REFERENCE_CONFIDENCE_MEAN, "Mean top-class confidence on the "
+                                               "eval split.", version, registry=self.registry)
+        self.reference_examples = Gauge(n.REFERENCE_EXAMPLES, "Examples the reference profile was made from.",
+                                        version, registry=self.registry)
 
     def request(self, endpoint: str, outcome: str, seconds: float) -> None:
         self.requests.labels(endpoint, outcome).inc()
         self.duration.labels(endpoint, outcome).observe(seconds)
 
     def prediction(self, model_name: str, version: int, digit: int, confidence: float) -> None:
+        self._first_sight(model_name, version)
         self.predictions.labels(model_name, str(version), str(digit)).inc()
         self.confidence.labels(model_name, str(version)).observe(confidence)
 
     def judged(self, model_name: str, version: int, predicted: int, corrected: int) -> None:
-        self.feedback.labels(model_name, str(version), str(predicted), str(corrected)).inc()
+        self._first_sight(model_name, version)
+        self._feedback(model_name, version, predicted, corrected).inc()
+
+    def _feedback(self, model_name: str, version: int, predicted: int, corrected: int):
+        verdict = n.VERDICT_RIGHT if predicted == corrected else n.VERDICT_CORRECTED
+        return self.feedback.labels(model_name, str(version), str(predicted), str(corrected), verdict)
+
+    def _first_sight(self, model_name: str, version: int) -> None:
+        """Every series of a version's answers and feedback exists from its first answer on, at 0.
+
+        rate() and increase() cannot see the increment that creates a series, and feedback is
+        sparse: a (predicted, corrected) pair counted once would otherwise never show up in a rate.
+        """
+        if (model_name, version) in self._versions_seen:
+            return
+        self._versions_seen.add((model_name, version))
+        for predicted in range(NUM_CLASSES):
+            self.predictions.labels(model_name, str(version), str(predicted))
+            for corrected in range(NUM_CLASSES):
+                self._feedback(model_name, version, predicted, corrected)
+
+    def set_reference(self, model_name: str, version: int, profile) -> None:
+        labels = (model_name, str(version))
+        for name, share in profile[CLASS_SHARE_KEY].items():
+            self.reference_class_share.labels(*labels, name).set(share)
+        for le, share in profile[CONFIDENCE_SHARE_KEY].items():
+            self.reference_confidence_share.labels(*labels, le).set(share)
+        self.reference_confidence_mean.labels(*labels).set(profile[CONFIDENCE_MEAN_KEY])
+        self.reference_examples.labels(*labels).set(profile[EXAMPLES_KEY])
+
+    def drop_reference(self, model_name: str, version: int, profile) -> None:
+        """A version the model server no longer serves has no reference (no drift against a gone version)."""
+        labels = (model_name, str(version))
+        for name in profile[CLASS_SHARE_KEY]:
+            self.reference_class_share.remove(*labels, name)
+        for le in profile[CONFIDENCE_SHARE_KEY]:
+            self.reference_confidence_share.remove(*labels, le)
+        self.reference_confidence_mean.remove(*labels)
+        self.reference_examples.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,7 +20,7 @@ if __name__ == "__main__":  # run as a script by the tool environment, which doe
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from grafana_foundation_sdk.builders import barchart, common as common_builders, dashboard, gauge, heatmap
-from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, timeseries
+from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common, units
 from grafana_foundation_sdk.models import dashboard as model
@@ -411,6 +411,64 @@ def drift_panels() -> list:
     ]
 
 
+def web_panels() -> list:
+    """The web page (`digits web`): people's judgements of the answers, and the page's own API."""
+    day = r.WINDOW_SECONDS[r.ONLINE_WINDOW]
+    return [
+        with_threshold_line(graph(
+            "Online accuracy (people's judgements)",
+            f"Share of the answers people judged right on the web page over {r.ONLINE_WINDOW}, per version. "
+            "People correct wrong answers more readily than they confirm right ones, so this reads below the "
+            f"held-out accuracy. DigitsOnlineAccuracyLow fires below the red line ({r.ONLINE_ACCURACY_THRESHOLD:.0%}) "
+            f"over at least {r.MIN_FEEDBACK_FOR_ACCURACY} judgements.",
+            units.PercentUnit,
+            [query(recorded(r.ONLINE_ACCURACY), "version {{model_version}}")], width=8),
+            RED, (r.ONLINE_ACCURACY_THRESHOLD, GREEN)).min(0).max(1),
+        with_threshold_line(graph(
+            "Judgements per day",
+            f"Answers people judged (right or corrected) per day, from the last {r.ONLINE_WINDOW}, per version. "
+            f"Below the line ({r.MIN_FEEDBACK_FOR_ACCURACY}) the online-accuracy alert stays silent.",
+            units.Short,
+            [query(f"{recorded(r.FEEDBACK_RATE)} * {day}", "version {{model_version}}")], width=8),
+            RED, (r.MIN_FEEDBACK_FOR_ACCURACY, GREEN)).min(0),
+        panel(
+            table.Panel().show_header(True)
+            .with_transformation(model.DataTransformerConfig(id_val="organize", options={
+                "excludeByName": {"Time": True},
+                "renameByName": {n.CLASS_LABEL: "model said", n.CORRECTED_CLASS_LABEL: "person said",
+                                 "Value": "per day"}}))
+            .with_transformation(model.DataTransformerConfig(id_val="sortBy", options={
+                "sort": [{"field": "per day", "desc": True}]})),
+            "Top corrections",
+            f"The most frequent (answer, correction) pairs per day over the last {r.ONLINE_WINDOW}: a weak digit "
+            "shows as one pair on top. The corrected images are training data (README: closing the loop).",
+            units.Short,
+            [query(f"topk(10, sum by ({n.CLASS_LABEL}, {n.CORRECTED_CLASS_LABEL}) "
+                   f"({recorded(r.CORRECTIONS_RATE)}) * {day}) > 0",
+                   "", instant=True, fmt=PromQueryFormat.TABLE)], width=8),
+        graph(
+            "Web requests by outcome",
+            "Requests per second to the page's API by endpoint and outcome (5-minute rate): ok, the person's "
+            "image refused (bad_request, no_ink, too_large), or the model server's fault (model_*).",
+            units.RequestsPerSecond,
+            [query(r.WEB_REQUESTS_RATE, "{{endpoint}} {{outcome}}")], width=8).min(0),
+        graph(
+            "Web API latency",
+            "p50 and p95 of the time the page's API takes to answer, the model server's answer included "
+            "(5-minute rate), per endpoint.",
+            units.Seconds,
+            [query(r.web_latency(q), f"{percentile(q)} {{{{endpoint}}}}") for q in r.WEB_QUANTILES], width=8).min(0),
+        with_threshold_line(graph(
+            "Page predicts failing at the model server",
+            "Share of the page's predicts that failed because the model server was down, slow or answered "
+            f"wrongly (10-minute rate). DigitsWebModelServerErrors fires above the red line "
+            f"({r.WEB_MODEL_ERROR_THRESHOLD:.0%}).",
+            units.PercentUnit,
+            [query(r.WEB_MODEL_ERROR_RATIO, "{{job}}")], width=8),
+            GREEN, (r.WEB_MODEL_ERROR_THRESHOLD, RED)).min(0),
+    ]
+
+
 def scrape_panels() -> list:
     up_mappings = [model.ValueMap(options={
         "0": model.ValueMappingResult(text="down", color=RED, index=0),
@@ -443,6 +501,7 @@ ROWS = (
     ("Batching", True, batching_panels),
     ("Model versions", True, version_panels),
     ("Predictions & drift", False, drift_panels),
+    ("Web app & feedback", False, web_panels),
     ("Scrape health", True, scrape_panels),
 )
 
@@ -467,7 +526,8 @@ def build() -> model.Dashboard:
     """The dashboard: the rows of ROWS, each open one followed by its panels, each collapsed one holding them."""
     builder = (dashboard.Dashboard(TITLE).uid(UID)
                .description("SRE view of the digits model server: SLOs and error budgets, traffic, latency, "
-                            "prediction drift, batching, model versions and scrape health.")
+                            "prediction drift, the web page and people's feedback, batching, model versions "
+                            "and scrape health.")
                .tags(["digits", "tensorflow-serving", "slo", "mlops"])
                .refresh("30s").time("now-6h", "now").timezone("browser")
                .tooltip(model.DashboardCursorSync.CROSSHAIR).readonly())
