@@ -36,6 +36,10 @@ TRAINING_DIR = "training"  # source of the train and eval splits
 TESTING_DIR = "testing"  # source of the held-out test split
 SOURCE_DIRS = (TRAINING_DIR, TESTING_DIR)
 
+# People's corrections from the web app (web/feedback.py): an mnist-png tree with training/ only, and
+# this append-only log at its root; `digits data build --extra-source` adds the tree to the train split.
+FEEDBACK_LOG = "feedback.jsonl"
+
 # The exported model's signatures: the contract between the Trainer, TF Serving, `digits serve` and clients.
 SERVING_SIGNATURE = "serving_default"  # encoded images in
 EXAMPLES_SIGNATURE = "serving_examples"  # serialized tf.train.Example in (TFMA, batch scoring)

@@ -18,7 +18,7 @@ from data import contract
 from monitoring import names as n
 from serving.client import RestClient
 from web.config import WebConfig
-from web.feedback import LOG_NAME, FeedbackStore
+from web.feedback import LOG_NAME, FeedbackStore, digit_png
 from web.process import start_web
 
 pytestmark = [pytest.mark.slow]
@@ -233,7 +233,10 @@ def _log(feedback_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_a_correction_is_stored_as_a_labelled_png_with_a_log_line(web_app, feedback_dir, digits_by_class):
+def test_a_correction_is_stored_as_a_labelled_png_with_a_log_line(web_app, feedback_dir, digits_by_class,
+                                                                     model_server):
+    from PIL import Image
+
     image = digits_by_class[4][1]
     answer = _predict(web_app, image).json()
     wrong = (answer["digit"] + 1) % 10
@@ -243,9 +246,13 @@ def test_a_correction_is_stored_as_a_labelled_png_with_a_log_line(web_app, feedb
     saved = response.json()
     assert saved["stored"] and not saved["right"]
     stored = feedback_dir / saved["image"]
-    digest = hashlib.sha256(image).hexdigest()
+    digest = hashlib.sha256(stored.read_bytes()).hexdigest()
     assert stored == feedback_dir / "training" / str(wrong) / f"{digest[:24]}.png"
-    assert stored.read_bytes() == image  # a PNG is kept exactly as the model saw it
+    # What is kept is what the model classified: its normalized_image, as MNIST's own format.
+    [direct] = RestClient(model_server.rest_url).predict([image], with_image=True)
+    assert stored.read_bytes() == digit_png(direct.normalized_image)
+    with Image.open(stored) as png:
+        assert (png.format, png.mode, png.size) == ("PNG", "L", (28, 28))
     [line] = _log(feedback_dir)[before:]
     assert line["predicted"] == answer["digit"] and line["corrected"] == wrong
     assert line["model_version"] == answer["model_version"] and line["sha256"] == digest
@@ -284,11 +291,12 @@ def test_a_right_answer_is_counted_and_stores_nothing(web_app, feedback_dir, dig
 
 def test_the_same_image_is_stored_once_and_moves_with_a_newer_correction(web_app, feedback_dir, digits_by_class):
     image = digits_by_class[6][3]
-    name = f"{hashlib.sha256(image).hexdigest()[:24]}.png"
     first, second, third = (_predict(web_app, image).json() for _ in range(3))
     wrong = (first["digit"] + 2) % 10
     other = (first["digit"] + 3) % 10
-    assert not _feedback(web_app, {"id": first["id"], "digit": wrong}).json()["duplicate"]
+    saved = _feedback(web_app, {"id": first["id"], "digit": wrong}).json()
+    assert not saved["duplicate"]
+    name = Path(saved["image"]).name
     assert _feedback(web_app, {"id": second["id"], "digit": wrong}).json()["duplicate"]
     assert [p.relative_to(feedback_dir).as_posix() for p in feedback_dir.rglob(name)] == [f"training/{wrong}/{name}"]
     assert _feedback(web_app, {"id": third["id"], "digit": other}).json()["duplicate"]
@@ -321,27 +329,27 @@ def test_feedback_on_an_unknown_answer_is_a_410(web_app):
     assert response.status_code == 410 and "classify the digit again" in response.json()["error"]
 
 
-def test_store_writes_only_inside_its_directory_and_converts_jpeg(tmp_path, digits_by_class):
+def test_store_writes_28x28_gray_pngs_only_inside_its_directory(tmp_path):
     from PIL import Image
 
     store = FeedbackStore(tmp_path / "fb")
-    jpeg = io.BytesIO()
-    Image.open(io.BytesIO(digits_by_class[9][0])).save(jpeg, format="JPEG")
-    record = store.add(jpeg.getvalue(), predicted=4, corrected=9, confidence=0.7, model_name="digits",
-                       model_version=1)
+    picture = [[(x * y) / (27 * 27) for x in range(28)] for y in range(28)]
+    record = store.add(picture, predicted=4, corrected=9, confidence=0.7, model_name="digits", model_version=1)
     stored = tmp_path / "fb" / record.image
     assert stored.parent == tmp_path / "fb" / "training" / "9"
     with Image.open(stored) as png:
-        assert png.format == "PNG" and png.size == (28, 28)
-    for corrected in (10, -1, "3", None):
+        assert (png.format, png.mode, png.size) == ("PNG", "L", (28, 28))
+        assert png.getpixel((27, 27)) == 255 and png.getpixel((0, 0)) == 0
+    for corrected in (10, -1, "3", None, True):
         with pytest.raises(ValueError):
-            store.add(digits_by_class[9][1], predicted=4, corrected=corrected, confidence=0.5, model_name="digits",
-                      model_version=1)
+            store.add(picture, predicted=4, corrected=corrected, confidence=0.5, model_name="digits", model_version=1)
+    with pytest.raises(ValueError, match="not 28x28"):
+        store.add([[0.5] * 10] * 10, predicted=4, corrected=3, confidence=0.5, model_name="digits", model_version=1)
     # A symlinked label directory that points outside is refused, not followed.
     (tmp_path / "fb" / "training" / "2").symlink_to(tmp_path)
+    other = [[0.25] * 28] * 28
     with pytest.raises(ValueError, match="outside the feedback directory"):
-        store.add(digits_by_class[9][2], predicted=4, corrected=2, confidence=0.5, model_name="digits",
-                  model_version=1)
+        store.add(other, predicted=4, corrected=2, confidence=0.5, model_name="digits", model_version=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fb"]
     assert store.count() == 1
 

@@ -244,7 +244,13 @@ def test_a_correction_is_stored(app, open_page, feedback_dir):
     [line] = [line for line in lines if line["corrected"] == wrong and line["predicted"] == answer["digit"]][-1:]
     stored = feedback_dir / line["image"]
     assert stored.parent.name == str(wrong) and stored.parent.parent.name == "training"
-    assert _ink(stored.read_bytes()).any()
+    # The stored digit is the 28x28 image the page showed as "what the model saw".
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(stored) as png:
+        assert png.size == (28, 28) and png.mode == "L"
+        assert list(np.asarray(png).ravel()) == _shown(page)["seen"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "after-correction.png"), full_page=True)
 

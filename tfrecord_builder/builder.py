@@ -30,7 +30,7 @@ from typing import Callable
 from data import contract
 from tfrecord_builder import manifest as manifest_io
 from tfrecord_builder.config import BUILDER_VERSION, BuildConfig
-from tfrecord_builder.layout import Candidate, LayoutError, Reject, check_root, walk
+from tfrecord_builder.layout import Candidate, LayoutError, Reject, check_extra_root, check_root, walk
 from tfrecord_builder.plan import make_plan
 from tfrecord_builder.shard import ImageChecks, ShardResult, write_shard
 
@@ -52,9 +52,12 @@ class BuildResult:
 def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> BuildResult:
     started = time.perf_counter()
     source = config.source.resolve()
+    extras = [path.resolve() for path in config.extra_sources]
     output = config.output.resolve()
     try:
         check_root(source)
+        for extra in extras:
+            check_extra_root(extra)
     except LayoutError as error:
         raise BuildError(str(error)) from None
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +65,8 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
     entries = None
     if output.exists():
         if config.if_changed:
-            entries = walk(source)
-            current = _current_build(output, config, source_fingerprint(source, entries))
+            entries, extra_entries = walk(source), [(extra, walk(extra)) for extra in extras]
+            current = _current_build(output, config, _fingerprint(source, entries, extra_entries))
             if current is not None:
                 return BuildResult(output=output, manifest=current, seconds=time.perf_counter() - started,
                                    up_to_date=True)
@@ -73,21 +76,26 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
     # Worker processes start (spawn takes a while) while this process walks the tree.
     with _worker_pool(config.worker_count) as workers:
         if entries is None:
-            entries = walk(source)
+            entries, extra_entries = walk(source), [(extra, walk(extra)) for extra in extras]
         # Only --if-changed needs it (next time); it costs ~0.25 s of stat calls per 70,000 files.
-        fingerprint = source_fingerprint(source, entries) if config.if_changed else None
+        fingerprint = _fingerprint(source, entries, extra_entries) if config.if_changed else None
         candidates: list[Candidate] = []
         layout_rejects: list[Reject] = []
         for entry in entries:
             (candidates if type(entry) is Candidate else layout_rejects).append(entry)
-        plan = make_plan(candidates, config)
+        extra_candidates = _extra_candidates(extra_entries, layout_rejects)
+        plan = make_plan(candidates, config, extra_candidates)
         total = sum(len(task.items) for task in plan.tasks)
 
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
         try:
             results = _write_shards(workers, plan.tasks, staging, _checks(config), total, on_progress)
-            manifest = _finish(staging, source, config, plan, results, layout_rejects, len(candidates), fingerprint)
+            extra_summary = [
+                {"path": str(extra), "training_files": sum(1 for c in extra_candidates if _under(c.path, extra))}
+                for extra in extras]
+            manifest = _finish(staging, source, config, plan, results, layout_rejects,
+                               len(candidates) + len(extra_candidates), fingerprint, extra_summary)
             _publish(staging, output)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -97,7 +105,43 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
 
 # Options that change what is written (not how fast, nor what happens to an existing output).
 _OUTPUT_OPTIONS = ("eval_fraction", "per_class", "test_per_class", "shards", "seed", "expected_size", "max_bytes",
-                   "max_pixels")
+                   "max_pixels", "extra_sources")
+
+
+def _option(config: BuildConfig, name: str):
+    """An option as the manifest records it (JSON: paths as strings)."""
+    value = getattr(config, name)
+    return [str(path) for path in value] if name == "extra_sources" else value
+
+
+def _under(path: str, root: Path) -> bool:
+    return path.startswith(str(root) + os.sep)
+
+
+def _extra_candidates(extra_entries, layout_rejects: list[Reject]) -> list[Candidate]:
+    """The training digits of the --extra-source trees; their testing/ files are reported, not used."""
+    found = []
+    for root, entries in extra_entries:
+        log = str(root / contract.FEEDBACK_LOG)
+        for entry in entries:
+            if type(entry) is Candidate:
+                if entry.part == contract.TRAINING_DIR:
+                    found.append(entry)
+                else:
+                    layout_rejects.append(Reject(entry.path, "extra_testing", "an extra source adds training "
+                                                 "digits only: the held-out test split comes from SOURCE"))
+            elif entry.path != log:  # the web app's feedback log, not a digit
+                layout_rejects.append(entry)
+    return found
+
+
+def _fingerprint(source: Path, entries, extra_entries) -> str:
+    """The source tree's fingerprint; with extra sources, one over all of them."""
+    main = source_fingerprint(source, entries)
+    if not extra_entries:
+        return main
+    parts = [main, *(f"{root} {source_fingerprint(root, found)}" for root, found in extra_entries)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def source_fingerprint(source: Path, entries) -> str:
@@ -123,7 +167,8 @@ def _current_build(output: Path, config: BuildConfig, fingerprint: str) -> dict 
     same = (
         manifest.get("builder_version") == BUILDER_VERSION
         and manifest.get("source_fingerprint") == fingerprint
-        and all(options.get(name) == getattr(config, name) for name in _OUTPUT_OPTIONS)
+        and all(options.get(name, [] if name == "extra_sources" else None) == _option(config, name)
+                for name in _OUTPUT_OPTIONS)
     )
     return manifest if same else None
 
@@ -226,7 +271,8 @@ def _write_shards(workers, tasks, staging: Path, checks: ImageChecks, total: int
     return results
 
 
-def _finish(staging, source, config, plan, results, layout_rejects, candidates, fingerprint) -> dict:
+def _finish(staging, source, config, plan, results, layout_rejects, candidates, fingerprint,
+            extra_sources: list[dict]) -> dict:
     rejects = [(r.path, r.reason, r.detail) for r in layout_rejects]
     for result in results:
         rejects.extend(result.rejects)
@@ -264,12 +310,14 @@ def _finish(staging, source, config, plan, results, layout_rejects, candidates, 
 
     shards = [shard for split in splits.values() for shard in split["shards"]]
     options = asdict(config)
-    options.update(source=str(config.source), output=str(config.output), workers=config.worker_count)
+    options.update(source=str(config.source), output=str(config.output), workers=config.worker_count,
+                   extra_sources=_option(config, "extra_sources"))
     manifest = {
         "builder_version": BUILDER_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source_root": str(source),
         "source_fingerprint": fingerprint,
+        "extra_sources": extra_sources,  # trees whose training/ digits were added to the train split
         "options": options,
         "contract": {
             "image_key": contract.IMAGE_KEY,

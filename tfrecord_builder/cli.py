@@ -32,9 +32,12 @@ def _raise_interrupt(signum, frame):
 @click.option("--if-changed", is_flag=True,
               help="Keep an existing output that an earlier --if-changed build made from the same tree and "
                    "options; rebuild it otherwise.")
+@click.option("--extra-source", "extra_sources", multiple=True, type=click.Path(path_type=Path),
+              help="Another tree whose training/<digit>/*.png all go to the train split (never eval or test; "
+                   "not limited by --per-class): the corrections `digits web` stores. Repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def build_command(source, output, eval_fraction, per_class, test_per_class, shards, workers, seed, expected_size,
-                  overwrite, if_changed, quiet):
+                  overwrite, if_changed, extra_sources, quiet):
     """Build GZIP TFRecord shards (image PNG bytes + label) from a mnist-png tree.
 
     SOURCE is ROOT of ROOT/training/<digit>/*.png and ROOT/testing/<digit>/*.png
@@ -57,7 +60,7 @@ def build_command(source, output, eval_fraction, per_class, test_per_class, shar
         config = BuildConfig(
             source=source, output=output, eval_fraction=eval_fraction, per_class=per_class,
             test_per_class=test_per_class, shards=shards, workers=workers, seed=seed,
-            expected_size=size, overwrite=overwrite, if_changed=if_changed,
+            expected_size=size, overwrite=overwrite, if_changed=if_changed, extra_sources=extra_sources,
         )
     except ValueError as error:
         raise click.BadParameter(str(error)) from None

@@ -33,6 +33,10 @@ class BuildConfig:
     max_pixels: int = 4096 * 4096
     overwrite: bool = False
     if_changed: bool = False  # keep an existing output made (with if_changed) from the same tree and options
+    # More trees whose training/ digits all go to the train split (people's corrections from the web
+    # app, see web/feedback.py): never to eval or test, so that model choice and the held-out test
+    # split stay what they were; not limited by per_class.
+    extra_sources: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", Path(self.source))
@@ -49,9 +53,15 @@ class BuildConfig:
             raise ValueError(f"shards must be at most 1024, got {self.shards}")
         if self.max_bytes < 1 or self.max_pixels < 1:
             raise ValueError("max-bytes and max-pixels must be positive")
-        source, output = self.source.resolve(), self.output.resolve()
-        if output == source or source in output.parents or output in source.parents:
-            raise ValueError(f"output {self.output} must not be inside the source tree or contain it")
+        object.__setattr__(self, "extra_sources", tuple(Path(path) for path in self.extra_sources))
+        output = self.output.resolve()
+        for tree in (self.source, *self.extra_sources):
+            source = tree.resolve()
+            if output == source or source in output.parents or output in source.parents:
+                raise ValueError(f"output {self.output} must not be inside the source tree {tree} or contain it")
+        resolved = [path.resolve() for path in self.extra_sources]
+        if len(set(resolved)) != len(resolved) or self.source.resolve() in resolved:
+            raise ValueError("each extra source must be given once, and not be the source itself")
 
     @property
     def worker_count(self) -> int:

@@ -50,6 +50,17 @@ def check_root(root: Path) -> None:
         )
 
 
+def check_extra_root(root: Path) -> None:
+    """An --extra-source tree: only its training/ digits are used (a testing/ is reported, not used)."""
+    if not root.exists():
+        raise LayoutError(f"extra source {root} does not exist")
+    if not root.is_dir():
+        raise LayoutError(f"extra source {root} is not a directory")
+    if not (root / contract.TRAINING_DIR).is_dir():
+        raise LayoutError(f"extra source {root} has no {contract.TRAINING_DIR}/ directory "
+                          f"(expected ROOT/{contract.TRAINING_DIR}/<digit>/<name>.png, as `digits web` writes)")
+
+
 def walk(root: Path) -> list[Entry]:
     """Every file under `root`, in a deterministic (sorted) order."""
     entries: list[Entry] = []

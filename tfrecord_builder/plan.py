@@ -48,7 +48,8 @@ def eval_count(files: int, fraction: float) -> int:
     return min(files - 1, max(1, round(files * fraction)))
 
 
-def make_plan(candidates: list[Candidate], config: BuildConfig) -> Plan:
+def make_plan(candidates: list[Candidate], config: BuildConfig, extra: list[Candidate] = ()) -> Plan:
+    """Splits and shards. `extra` (training digits of --extra-source trees) all go to the train split."""
     groups: dict[tuple[str, int], list[str]] = defaultdict(list)
     for candidate in candidates:
         groups[(candidate.part, candidate.label)].append(candidate.path)
@@ -68,6 +69,8 @@ def make_plan(candidates: list[Candidate], config: BuildConfig) -> Plan:
             n_eval = eval_count(len(paths), config.eval_fraction)
             splits[contract.EVAL_SPLIT].extend((path, label) for path in paths[:n_eval])
             splits[contract.TRAIN_SPLIT].extend((path, label) for path in paths[n_eval:])
+
+    splits[contract.TRAIN_SPLIT].extend((candidate.path, candidate.label) for candidate in sorted(extra))
 
     tasks = []
     for split, items in splits.items():

@@ -21,7 +21,6 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -61,33 +60,23 @@ class RequestError(Exception):
         self.outcome = outcome
 
 
-@dataclass(frozen=True)
-class _Answer:
-    image: bytes
-    prediction: ms.Prediction
-
-
 class RecentAnswers:
-    """The last answers, by id, bounded in count and in image bytes (oldest out first)."""
+    """The last answers, by id (the oldest out first): what a correction refers to."""
 
-    def __init__(self, max_count: int, max_bytes: int):
-        self._items: collections.OrderedDict[str, _Answer] = collections.OrderedDict()
+    def __init__(self, max_count: int):
+        self._items: collections.OrderedDict[str, ms.Prediction] = collections.OrderedDict()
         self._judged: dict[str, int] = {}
         self._max_count = max_count
-        self._max_bytes = max_bytes
-        self._bytes = 0
 
-    def add(self, image: bytes, prediction: ms.Prediction) -> str:
+    def add(self, prediction: ms.Prediction) -> str:
         answer_id = secrets.token_hex(16)
-        self._items[answer_id] = _Answer(image, prediction)
-        self._bytes += len(image)
-        while self._items and (len(self._items) > self._max_count or self._bytes > self._max_bytes):
-            old_id, old = self._items.popitem(last=False)
-            self._bytes -= len(old.image)
+        self._items[answer_id] = prediction
+        while len(self._items) > self._max_count:
+            old_id, _ = self._items.popitem(last=False)
             self._judged.pop(old_id, None)
         return answer_id
 
-    def get(self, answer_id: str) -> _Answer | None:
+    def get(self, answer_id: str) -> ms.Prediction | None:
         return self._items.get(answer_id)
 
     def judged(self, answer_id: str) -> int | None:
@@ -151,7 +140,7 @@ class WebApp:
         self.model_server = model_server if model_server is not None else ms.connect(config)
         self.metrics = metrics or WebMetrics()
         self.feedback = FeedbackStore(config.feedback_dir)
-        self.recent = RecentAnswers(config.recent_answers, config.recent_answer_bytes)
+        self.recent = RecentAnswers(config.recent_answers)
         self._profiles: dict[int, dict | None] = {}  # version -> its reference profile (None: has none)
         self._sync_task: asyncio.Task | None = None
         self._static = Path(str(resources.files("web") / "static"))
@@ -187,7 +176,7 @@ class WebApp:
             return _error(error)
         model_ms = (time.perf_counter() - started) * 1e3
         await self._reference(prediction.model_version)
-        answer_id = self.recent.add(body, prediction)
+        answer_id = self.recent.add(prediction)
         self.metrics.prediction(self.config.model_name, prediction.model_version, prediction.digit,
                                 prediction.confidence)
         self.metrics.request(n.WEB_PREDICT_ENDPOINT, "ok", time.perf_counter() - started)
@@ -209,21 +198,20 @@ class WebApp:
         started = time.perf_counter()
         try:
             answer_id, digit = await self._feedback_request(request)
-            answer = self.recent.get(answer_id)
-            if answer is None:
+            prediction = self.recent.get(answer_id)
+            if prediction is None:
                 raise RequestError(410, "that answer is no longer known here (the app restarted or many answers "
                                         "came since): classify the digit again, then correct it", "expired")
             earlier = self.recent.judged(answer_id)
             if earlier is not None:
-                verdict = "right" if earlier == answer.prediction.digit else f"a {earlier}"
+                verdict = "right" if earlier == prediction.digit else f"a {earlier}"
                 raise RequestError(409, f"this answer was already judged (as {verdict})", "already_judged")
-            prediction = answer.prediction
             right = digit == prediction.digit
             stored = None
             if not right:
                 try:
                     stored = await asyncio.to_thread(
-                        self.feedback.add, answer.image, predicted=prediction.digit, corrected=digit,
+                        self.feedback.add, prediction.normalized_image, predicted=prediction.digit, corrected=digit,
                         confidence=prediction.confidence, model_name=self.config.model_name,
                         model_version=prediction.model_version)
                 except OSError as error:

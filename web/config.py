@@ -34,10 +34,9 @@ class WebConfig:
     # How long the newest AVAILABLE version, read from the model status, is used before asking again
     # (REST predict answers do not say which version answered, so the backend names the version).
     version_ttl_s: float = 5.0
-    # Answers kept so that a correction can refer to one by id (the image and what the model said are
-    # the server's own record, not what the browser claims); the oldest go first beyond either bound.
-    recent_answers: int = 512
-    recent_answer_bytes: int = 64 * 1024 * 1024
+    # Answers kept so that a correction can refer to one by id (what the model said and saw is the
+    # server's own record, not what the browser claims); the oldest go first. ~20 KB each.
+    recent_answers: int = 1024
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feedback_dir", Path(self.feedback_dir))
@@ -59,7 +58,7 @@ class WebConfig:
             problems.append(f"--model-name must be a plain name, got {self.model_name!r}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be 0-65535, got {self.port}")
-        for name in ("max_image_bytes", "max_image_pixels", "recent_answers", "recent_answer_bytes"):
+        for name in ("max_image_bytes", "max_image_pixels", "recent_answers"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.model_timeout_s <= 0:

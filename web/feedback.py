@@ -3,6 +3,12 @@
     <feedback-dir>/training/<digit>/<sha256 of the PNG, 24 hex>.png   the image, labelled by its directory
     <feedback-dir>/feedback.jsonl                                     one JSON object per correction
 
+The image stored is the one the model classified: its own `normalized_image` output (ink light on
+black, the ink's box scaled to 20 pixels and centred by mass in 28x28, as MNIST was made), as an
+8-bit grayscale PNG. So the tree is a real mnist-png tree that the TFRecord builder takes as it
+takes MNIST, whatever the person drew or uploaded (a 280x280 canvas, a JPEG photo, a transparent
+PNG), and the normalisation in the graph leaves it as it is when the next model trains on it.
+
 Only a correction (a person saying "it is a 3" about an answer that was not 3) is stored; an
 answer nobody corrects, and an answer confirmed as right, leave no file. Images are written
 atomically (a temporary file in the same directory, then a rename), named by the hash of their
@@ -27,9 +33,8 @@ from pathlib import Path
 
 from data import contract
 
-LOG_NAME = "feedback.jsonl"
+LOG_NAME = contract.FEEDBACK_LOG
 HASH_CHARS = 24  # 96 bits: no two different images share a name in any realistic feedback tree
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -45,21 +50,17 @@ class Correction:
     duplicate: bool  # this image was already stored (under this or another digit)
 
 
-def as_png(image: bytes) -> bytes:
-    """The image as PNG bytes: a PNG as it is (what the model saw), anything else decoded and re-encoded.
-
-    A JPEG becomes a lossless PNG of its decoded pixels, so the tree stays in the mnist-png layout.
-    """
-    if image.startswith(PNG_SIGNATURE):
-        return image
+def digit_png(normalized_image) -> bytes:
+    """The model's 28x28 normalized_image (floats in [0, 1], ink light) as an 8-bit grayscale PNG."""
+    import numpy as np
     from PIL import Image
 
-    with Image.open(io.BytesIO(image)) as decoded:
-        decoded.load()
-        if decoded.mode not in ("L", "LA", "RGB", "RGBA"):
-            decoded = decoded.convert("RGBA" if "A" in decoded.getbands() else "RGB")
-        out = io.BytesIO()
-        decoded.save(out, format="PNG")
+    pixels = np.clip(np.rint(np.asarray(normalized_image, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
+    size = contract.NORMALIZED_IMAGE_SIZE
+    if pixels.shape != (size, size):
+        raise ValueError(f"the normalised image is {pixels.shape}, not {size}x{size}")
+    out = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(out, format="PNG")
     return out.getvalue()
 
 
@@ -80,12 +81,12 @@ class FeedbackStore:
             raise ValueError(f"refusing to write {path}: outside the feedback directory {self.root}")
         return resolved
 
-    def add(self, image: bytes, *, predicted: int, corrected: int, confidence: float, model_name: str,
+    def add(self, normalized_image, *, predicted: int, corrected: int, confidence: float, model_name: str,
             model_version: int) -> Correction:
-        """Stores `image` as a `corrected` digit and appends the log line; returns what was recorded."""
-        if not (isinstance(corrected, int) and 0 <= corrected < contract.NUM_CLASSES):
+        """Stores the image the model classified as a `corrected` digit and appends the log line."""
+        if isinstance(corrected, bool) or not (isinstance(corrected, int) and 0 <= corrected < contract.NUM_CLASSES):
             raise ValueError(f"the corrected digit must be 0-{contract.NUM_CLASSES - 1}, got {corrected!r}")
-        png = as_png(image)
+        png = digit_png(normalized_image)
         digest = hashlib.sha256(png).hexdigest()
         name = f"{digest[:HASH_CHARS]}.png"
         target = self._inside(self.root / contract.TRAINING_DIR / str(corrected) / name)
