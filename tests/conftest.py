@@ -101,3 +101,16 @@ def model_server(pushed_model):
     server = start_server(pushed_model)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (Debian's, through Playwright) for every browser test."""
+    from playwright.sync_api import sync_playwright
+
+    from web.browser import launch
+
+    with sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()

@@ -11,13 +11,15 @@ import io
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 from serving.client import RestClient
-from web.browser import CSP_RECORDER, LoopbackGuard, draw, launch, touch
+from web.browser import CSP_RECORDER, LoopbackGuard, draw, touch
+from web.config import WebConfig
 from web.feedback import LOG_NAME
 from web.process import start_web
 
@@ -29,16 +31,6 @@ DESKTOP = {"viewport": {"width": 1280, "height": 800}, "device_scale_factor": 1}
 # A "7" as two mouse strokes, in 0..1 of the pad.
 SEVEN = [[(0.25, 0.2), (0.75, 0.2), (0.45, 0.85)], [(0.35, 0.52), (0.65, 0.52)]]
 ANSWER_TIMEOUT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +256,9 @@ def test_keyboard_only(app, open_page, sample_tree):
         if page.evaluate("document.activeElement.id") == "upload":
             break
     assert page.evaluate("document.activeElement.id") == "upload"
+    # Space opens a focused file input (Chromium honours Enter there only now and then).
     with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")
+        page.keyboard.press("Space")
     _answer(page, lambda: chooser.value.set_files(str(path)))
     assert page.locator("#announce").get_attribute("aria-live") == "polite"
     for _ in range(20):
@@ -315,3 +308,60 @@ def test_the_content_security_policy_is_enforced(app, open_page):
     page.wait_for_function("() => window.__cspViolations.length > 0")
     assert page.evaluate("window.__cspViolations")[0].startswith("script-src")
     page.evaluate("window.__cspViolations = []")  # seen; the teardown checks for any others
+
+
+@pytest.mark.e2e
+def test_a_correction_on_the_page_reaches_the_next_served_model(open_page, pushed_model, sample_tree, tmp_path):
+    """The whole loop on tiny data: correct a digit on the page, rebuild the TFRecords with the feedback
+    tree, run the pipeline, and find the correction in the new training data and a new version served."""
+    from shutil import copytree
+
+    from conftest import pipeline_run_args, run_digits, start_server
+    from test_builder import _read_split
+
+    serving = tmp_path / "serving"
+    copytree(pushed_model, serving / "digits")
+    [old_version] = [int(path.name) for path in (serving / "digits").iterdir()]
+    feedback = tmp_path / "feedback"
+    with start_server(serving / "digits") as server, \
+            start_web("--serving-url", server.rest_url, "--feedback-dir", feedback,
+                      "--model-dir", serving / "digits") as web_app:
+        page = open_page(web_app.url)
+        _, answer = _answer(page, lambda: draw(page, SEVEN))
+        assert answer["model_version"] == old_version
+        corrected = (answer["digit"] + 1) % 10
+        page.locator(f"#digits button[data-digit='{corrected}']").click()
+        page.wait_for_function("() => document.querySelector('#feedback-status').classList.contains('ok')")
+        [line] = [json.loads(text) for text in (feedback / LOG_NAME).read_text().splitlines()]
+        stored = (feedback / line["image"]).read_bytes()
+
+        # The next build takes the corrections into its train split, and only there.
+        records = tmp_path / "records"
+        built = run_digits("data", "build", sample_tree, "--out", records, "--per-class", "20",
+                           "--test-per-class", "5", "--workers", "1", "--extra-source", feedback, "--quiet",
+                           timeout=300)
+        assert built.returncode == 0, built.stderr
+        assert (stored, corrected) in _read_split(records, "train")
+        assert all(image != stored for image, _ in _read_split(records, "test") + _read_split(records, "eval"))
+
+        # The next pipeline run trains on it, the gates bless it, the Pusher pushes it, and the
+        # model server picks the new version up by itself.
+        result = run_digits(*pipeline_run_args(records, tmp_path / "root", serving), timeout=1500)
+        assert result.returncode == 0, result.stderr[-3000:]
+        versions = sorted(int(path.name) for path in (serving / "digits").iterdir())
+        assert len(versions) == 2 and versions[0] == old_version
+        new_version = versions[1]
+
+        def served() -> bool:
+            status = RestClient(server.rest_url).status()["model_version_status"]
+            return any(int(entry["version"]) == new_version and entry["state"] == "AVAILABLE" for entry in status)
+
+        deadline = time.monotonic() + 180
+        while not served():
+            assert time.monotonic() < deadline, "digits serve did not load the new version"
+            time.sleep(0.5)
+        time.sleep(WebConfig.version_ttl_s + 0.5)  # the web app re-reads the newest version after this
+        page.locator("#clear").click()
+        _, again = _answer(page, lambda: draw(page, SEVEN))
+        assert again["model_version"] == new_version
+        assert page.locator("#model-version").get_attribute("data-version") == str(new_version)
