@@ -14,13 +14,11 @@ import time
 from pathlib import Path
 
 
-class ServerProcess:
-    """A running `digits serve`, on ports the OS picked."""
+class ChildProcess:
+    """A `digits` subcommand running as a child: its output so far, and a stop by PID."""
 
-    def __init__(self, process: subprocess.Popen, rest_port: int, grpc_port: int, output: list[str]):
+    def __init__(self, process: subprocess.Popen, output: list[str]):
         self.process = process
-        self.rest_url = f"http://127.0.0.1:{rest_port}"
-        self.grpc_target = f"127.0.0.1:{grpc_port}"
         self.output = output  # its stdout and stderr lines so far (a thread keeps reading)
 
     @property
@@ -38,11 +36,20 @@ class ServerProcess:
                 self.process.wait(timeout=30)
         return self.process.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self):
         return self
 
     def __exit__(self, *_) -> None:
         self.stop()
+
+
+class ServerProcess(ChildProcess):
+    """A running `digits serve`, on ports the OS picked."""
+
+    def __init__(self, process: subprocess.Popen, rest_port: int, grpc_port: int, output: list[str]):
+        super().__init__(process, output)
+        self.rest_url = f"http://127.0.0.1:{rest_port}"
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
 
 
 def spawn_server(model_dir: Path, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen, list[str]]:

@@ -1,48 +1,27 @@
 """`digits web` as a child process on loopback: started, awaited until ready, stopped by PID.
 
 For tests and benchmarks that need the real app (its own process, its own event loop) and must
-clean it up.
+clean it up. (Not part of the app: the web image leaves serving/ out.)
 """
 
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from serving.process import ChildProcess
 
-class WebProcess:
+
+class WebProcess(ChildProcess):
     """A running `digits web` on a port the OS picked."""
 
     def __init__(self, process: subprocess.Popen, port: int, output: list[str]):
-        self.process = process
+        super().__init__(process, output)
         self.url = f"http://127.0.0.1:{port}"
-        self.output = output  # its stdout and stderr lines so far (a thread keeps reading)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, then SIGKILL if it has not exited in time; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        return self.process.returncode
-
-    def __enter__(self) -> "WebProcess":
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.stop()
 
 
 def start_web(*args: str, timeout: float = 60, cwd: Path | None = None) -> WebProcess:
