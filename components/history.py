@@ -29,8 +29,10 @@ def write_history(model_run_dir: str, document: dict) -> str:
 
 def read_history(model_run_dir: str) -> dict | None:
     """The history a Trainer wrote in `model_run_dir`, or None if it wrote none (it failed first)."""
+    import tensorflow as tf
+
     path = history_path(model_run_dir)
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return None
-    with open(path) as stream:
+    with tf.io.gfile.GFile(path) as stream:
         return json.load(stream)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import click
 
 from components.config import TrainerConfig
+from pipeline import beam
 from pipeline.config import BlessingGates, PipelineConfig
 
 
@@ -46,87 +48,138 @@ def _setup_logging(log_dir: Path) -> Path:
     return log_file
 
 
-@pipeline_group.command("run")
-@click.option("--data", "data_root", type=click.Path(path_type=Path), default=Path("data/tfrecords"),
-              show_default=True, help="A `digits data build` output directory.")
-@click.option("--pipeline-root", type=click.Path(path_type=Path), default=Path("pipeline_root"), show_default=True,
-              help="Artifacts, logs and the MLMD sqlite database.")
-@click.option("--serving-dir", type=click.Path(path_type=Path), default=Path("serving_model"), show_default=True,
-              help="Blessed models are pushed to SERVING_DIR/<model-name>/<version>/.")
-@click.option("--model-name", default="digits", show_default=True)
-@click.option("--epochs", type=int, default=TrainerConfig.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=TrainerConfig.batch_size, show_default=True)
-@click.option("--learning-rate", type=float, default=TrainerConfig.learning_rate, show_default=True)
-@click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "sgd"]), default=TrainerConfig.optimizer,
-              show_default=True)
-@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default=TrainerConfig.lr_schedule,
-              show_default=True, help="cosine: warm up, then decay to zero by the last epoch.")
-@click.option("--warmup-epochs", type=float, default=TrainerConfig.warmup_epochs, show_default=True,
-              help="Epochs of linear learning-rate warm-up (cosine schedule).")
-@click.option("--base-weights", default=TrainerConfig.base_weights, show_default=True,
-              help="auto (ImageNet if in the Keras cache, else random), imagenet, none, or a weights file.")
-@click.option("--steps-per-epoch", type=int, default=None, help="[default: one pass over the train split]")
-@click.option("--early-stopping-patience", type=int, default=TrainerConfig.early_stopping_patience,
-              show_default=True)
-@click.option("--frozen-epochs", type=int, default=TrainerConfig.frozen_epochs, show_default=True,
-              help="With pretrained base weights: epochs that train the new head on a frozen base first.")
-@click.option("--fine-tune-learning-rate", type=float, default=TrainerConfig.fine_tune_learning_rate,
-              show_default=True, help="With pretrained base weights: the rate after the frozen epochs.")
-@click.option("--stroke-augmentation", type=float, default=TrainerConfig.stroke_probability, show_default=True,
-              help="Share of training images whose strokes are made thicker or thinner.")
-@click.option("--blur-augmentation", type=float, default=TrainerConfig.blur_probability, show_default=True,
-              help="Share of training images blurred.")
-@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16"]),
-              default=TrainerConfig.precision, show_default=True,
-              help="What training computes in; auto: mixed_bfloat16 on CPUs with bfloat16 instructions. "
-                   "The exported model is float32 either way.")
-@click.option("--min-accuracy", type=float, default=BlessingGates.min_accuracy, show_default=True,
-              help="Held-out accuracy needed to bless (and push) the model.")
-@click.option("--max-accuracy-drop", type=float, default=BlessingGates.max_accuracy_drop, show_default=True,
-              help="How far held-out accuracy may fall below the latest blessed model's.")
-@click.option("--min-class-recall", type=float, default=BlessingGates.min_class_recall, show_default=True,
-              help="Recall every digit needs on the held-out split.")
-@click.option("--max-class-recall-drop", type=float, default=BlessingGates.max_class_recall_drop,
-              show_default=True, help="How far any digit's recall may fall below the latest blessed model's.")
-@click.option("--no-cache", is_flag=True, help="Re-run every component instead of reusing cached outputs.")
-def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch_size, learning_rate, optimizer,
-                lr_schedule, warmup_epochs, base_weights, steps_per_epoch, early_stopping_patience,
-                frozen_epochs, fine_tune_learning_rate, stroke_augmentation, blur_augmentation, precision,
-                min_accuracy, max_accuracy_drop, min_class_recall, max_class_recall_drop, no_cache):
-    """Run the whole pipeline on a TFRecord build, ending with a pushed model if it is blessed."""
-    from tfrecord_builder.manifest import ManifestError, verify
+def _training_options(command):
+    """The Trainer's and the gates' options, shared by `run` and `compile`."""
+    options = [
+        click.option("--model-name", default="digits", show_default=True),
+        click.option("--epochs", type=int, default=TrainerConfig.epochs, show_default=True),
+        click.option("--batch-size", type=int, default=TrainerConfig.batch_size, show_default=True),
+        click.option("--learning-rate", type=float, default=TrainerConfig.learning_rate, show_default=True),
+        click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "sgd"]), default=TrainerConfig.optimizer,
+                     show_default=True),
+        click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default=TrainerConfig.lr_schedule,
+                     show_default=True, help="cosine: warm up, then decay to zero by the last epoch."),
+        click.option("--warmup-epochs", type=float, default=TrainerConfig.warmup_epochs, show_default=True,
+                     help="Epochs of linear learning-rate warm-up (cosine schedule)."),
+        click.option("--steps-per-epoch", type=int, default=None, help="[default: one pass over the train split]"),
+        click.option("--early-stopping-patience", type=int, default=TrainerConfig.early_stopping_patience,
+                     show_default=True),
+        click.option("--frozen-epochs", type=int, default=TrainerConfig.frozen_epochs, show_default=True,
+                     help="With pretrained base weights: epochs that train the new head on a frozen base first."),
+        click.option("--fine-tune-learning-rate", type=float, default=TrainerConfig.fine_tune_learning_rate,
+                     show_default=True, help="With pretrained base weights: the rate after the frozen epochs."),
+        click.option("--stroke-augmentation", type=float, default=TrainerConfig.stroke_probability,
+                     show_default=True, help="Share of training images whose strokes are made thicker or thinner."),
+        click.option("--blur-augmentation", type=float, default=TrainerConfig.blur_probability, show_default=True,
+                     help="Share of training images blurred."),
+        click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16"]),
+                     default=TrainerConfig.precision, show_default=True,
+                     help="What training computes in; auto: mixed_bfloat16 on CPUs with bfloat16 instructions. "
+                          "The exported model is float32 either way."),
+        click.option("--min-accuracy", type=float, default=BlessingGates.min_accuracy, show_default=True,
+                     help="Held-out accuracy needed to bless (and push) the model."),
+        click.option("--max-accuracy-drop", type=float, default=BlessingGates.max_accuracy_drop, show_default=True,
+                     help="How far held-out accuracy may fall below the latest blessed model's."),
+        click.option("--min-class-recall", type=float, default=BlessingGates.min_class_recall, show_default=True,
+                     help="Recall every digit needs on the held-out split."),
+        click.option("--max-class-recall-drop", type=float, default=BlessingGates.max_class_recall_drop,
+                     show_default=True, help="How far any digit's recall may fall below the latest blessed model's."),
+        click.option("--no-cache", is_flag=True, help="Re-run every component instead of reusing cached outputs."),
+        click.option("--beam-profile", type=click.Choice(list(beam.PROFILES)), default=beam.DEFAULT_PROFILE,
+                     show_default=True, help="Where the Beam components (ExampleGen, StatisticsGen, Transform, "
+                     "Evaluator) run: local (in this process), local-mp (a process per core), portable (Beam's "
+                     "Job API), dataflow, flink, spark."),
+        click.option("--beam-arg", "beam_args", multiple=True, metavar="--OPTION=VALUE",
+                     help="A Beam pipeline option added to the profile's (repeatable); one the profile sets "
+                          "is replaced. Checked by Beam's own option parser."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    try:
-        manifest = verify(data_root)
-    except ManifestError as error:
-        click.echo(f"error: {error} (build it with `digits data build`)", err=True)
-        sys.exit(1)
+
+def _configs(options: dict, train_examples: int, **locations) -> PipelineConfig:
+    """The typed configuration from the shared options; a bad value is a usage error in one line."""
     try:
         trainer = TrainerConfig(
-            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
-            lr_schedule=lr_schedule, warmup_epochs=warmup_epochs, base_weights=base_weights, steps_per_epoch=steps_per_epoch,
-            early_stopping_patience=early_stopping_patience, frozen_epochs=frozen_epochs,
-            fine_tune_learning_rate=fine_tune_learning_rate, stroke_probability=stroke_augmentation,
-            blur_probability=blur_augmentation, precision=precision,
+            epochs=options["epochs"], batch_size=options["batch_size"], learning_rate=options["learning_rate"],
+            optimizer=options["optimizer"], lr_schedule=options["lr_schedule"],
+            warmup_epochs=options["warmup_epochs"], base_weights=options["base_weights"],
+            steps_per_epoch=options["steps_per_epoch"], early_stopping_patience=options["early_stopping_patience"],
+            frozen_epochs=options["frozen_epochs"], fine_tune_learning_rate=options["fine_tune_learning_rate"],
+            stroke_probability=options["stroke_augmentation"], blur_probability=options["blur_augmentation"],
+            precision=options["precision"],
         )
-        config = PipelineConfig(
-            data_root=data_root, train_examples=manifest["splits"]["train"]["examples"],
-            pipeline_root=pipeline_root, serving_dir=serving_dir, model_name=model_name,
-            gates=BlessingGates(min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop,
-                                min_class_recall=min_class_recall, max_class_recall_drop=max_class_recall_drop),
-            trainer=trainer, enable_cache=not no_cache,
+        beam_args = beam.profile_args(options["beam_profile"], options["beam_args"], options.get("image"))
+        return PipelineConfig(
+            train_examples=train_examples, model_name=options["model_name"],
+            gates=BlessingGates(min_accuracy=options["min_accuracy"], max_accuracy_drop=options["max_accuracy_drop"],
+                                min_class_recall=options["min_class_recall"],
+                                max_class_recall_drop=options["max_class_recall_drop"]),
+            trainer=trainer, enable_cache=not options["no_cache"], beam_pipeline_args=beam_args, **locations,
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+
+
+def _train_examples(data_root: str) -> int:
+    """The train split's size from the build's manifest. A local build is verified shard by shard; a
+    remote one (gs://...) is only read: checksumming it would download every shard."""
+    from pipeline import uri
+    from tfrecord_builder.manifest import MANIFEST_NAME, ManifestError, verify
+
+    try:
+        if not uri.is_remote(data_root):
+            return verify(data_root)["splits"]["train"]["examples"]
+        import tensorflow as tf
+
+        manifest = uri.join(data_root, MANIFEST_NAME)
+        if not tf.io.gfile.exists(manifest):
+            raise ManifestError(f"{data_root} has no {MANIFEST_NAME}: not a complete TFRecord build")
+        with tf.io.gfile.GFile(manifest) as stream:
+            return json.load(stream)["splits"]["train"]["examples"]
+    except ManifestError as error:
+        message = str(error)
+    except Exception as error:  # gfile's errors (no credentials, no such bucket), or not a manifest
+        message = f"cannot read {uri.join(data_root, MANIFEST_NAME)}: {type(error).__name__}: " + (
+            str(error).strip().splitlines() or [""])[0]
+    click.echo(f"error: {message} (build it with `digits data build`, or pass --train-examples)", err=True)
+    sys.exit(1)
+
+
+@pipeline_group.command("run")
+@click.option("--data", "data_root", default="data/tfrecords", show_default=True,
+              help="A `digits data build` output directory: a path or a URI (gs://, s3://).")
+@click.option("--pipeline-root", default="pipeline_root", show_default=True,
+              help="Artifacts: a path or a URI. A local root also holds the MLMD sqlite database, logs and report.")
+@click.option("--local-root", type=click.Path(path_type=Path), default=None,
+              help="The MLMD sqlite database, logs and report [default: the pipeline root; needed when that "
+                   "is a URI].")
+@click.option("--serving-dir", default="serving_model", show_default=True,
+              help="Blessed models are pushed to SERVING_DIR/<model-name>/<version>/ (a path or a URI).")
+@click.option("--base-weights", default=TrainerConfig.base_weights, show_default=True,
+              help="auto (ImageNet if in the Keras cache, else random), imagenet, none, or a weights file.")
+@click.option("--image", default=None, help="The pipeline image (docker/pipeline/Dockerfile) that dataflow, "
+              "flink and spark workers run.")
+@_training_options
+def run_command(data_root, pipeline_root, local_root, serving_dir, **options):
+    """Run the whole pipeline on a TFRecord build, ending with a pushed model if it is blessed."""
+    config = _configs(options, _train_examples(data_root), data_root=data_root, pipeline_root=pipeline_root,
+                      local_root=local_root, serving_dir=serving_dir)
+    if config.local_dir is None:
+        raise click.UsageError(f"the pipeline root {config.pipeline_root} is remote: give the local runner a "
+                               "directory for its sqlite metadata, logs and report with --local-root")
 
     from components import base_weights as weights_module
     from pipeline.anomalies_gate import DataAnomaliesError
     from pipeline.runner import run_pipeline
 
-    log_file = _setup_logging(config.pipeline_root / "logs")
+    trainer = config.trainer
+    log_file = _setup_logging(config.local_dir / "logs")
     weights = weights_module.resolve(trainer.base_weights)  # logs a warning when falling back to random
     click.echo(f"pipeline '{config.pipeline_name}': {config.train_steps} training steps "
-               f"({trainer.epochs} epochs x {config.steps_per_epoch}), base weights: {weights.source}")
+               f"({trainer.epochs} epochs x {config.steps_per_epoch}), base weights: {weights.source}, "
+               f"Beam: {options['beam_profile']}")
     click.echo(f"full log: {log_file}")
 
     def on_event(event, component):
@@ -147,7 +200,52 @@ def run_command(data_root, pipeline_root, serving_dir, model_name, epochs, batch
         click.echo(f"error: pipeline failed: {type(error).__name__}: {reason} (full log: {log_file})", err=True)
         sys.exit(1)
     click.echo(f"pipeline finished in {time.perf_counter() - started:.0f} s")
-    _write_report(config.pipeline_root, config.pipeline_name)
+    _write_report(config.local_dir, config.pipeline_name)
+
+
+@pipeline_group.command("compile")
+@click.option("--target", type=click.Choice(["vertex"]), default="vertex", show_default=True,
+              help="vertex: the pipeline-spec JSON that Vertex AI Pipelines runs (Kubeflow Pipelines v2 "
+                   "accepts the same file).")
+@click.option("--image", required=True, help="The pipeline image (docker/pipeline/Dockerfile) every component "
+              "runs, e.g. europe-west4-docker.pkg.dev/PROJECT/REPO/digits-pipeline:TAG.")
+@click.option("--pipeline-root", required=True, help="Where the orchestrator keeps artifacts: gs://BUCKET/DIR.")
+@click.option("--data", "data_root", required=True, help="The TFRecord build, uploaded: gs://BUCKET/DIR.")
+@click.option("--serving-dir", required=True,
+              help="Blessed models are pushed to SERVING_DIR/<model-name>/<version>/: gs://BUCKET/DIR.")
+@click.option("--train-examples", type=int, default=None,
+              help="Size of the train split [default: read from the build's manifest.json].")
+@click.option("--base-weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True,
+              help="imagenet: the Trainer downloads them (the containers have internet); none: random.")
+@click.option("--trainer-cpu", type=float, default=None, help="vCPUs for the Trainer's container.")
+@click.option("--trainer-memory", "trainer_memory_gb", type=float, default=None, metavar="GB",
+              help="Memory for the Trainer's container, in GB.")
+@click.option("--trainer-gpu", default=None, metavar="TYPE[:COUNT]",
+              help="A GPU for the Trainer, e.g. NVIDIA_L4 or NVIDIA_TESLA_T4:2.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("build/vertex/pipeline.json"),
+              show_default=True)
+@_training_options
+def compile_command(target, image, pipeline_root, data_root, serving_dir, train_examples, trainer_cpu,
+                    trainer_memory_gb, trainer_gpu, output, **options):
+    """Compile the pipeline for an orchestrator, offline (nothing is uploaded or submitted)."""
+    from pipeline.kubeflow import CompileError, Resources, compile_pipeline
+
+    options["image"] = image
+    if train_examples is None:
+        train_examples = _train_examples(data_root)
+    config = _configs(options, train_examples, data_root=data_root, pipeline_root=pipeline_root,
+                      serving_dir=serving_dir)
+    try:
+        gpu_type, gpu_count = Resources.parse_gpu(trainer_gpu)
+        resources = Resources(cpu=trainer_cpu, memory_gb=trainer_memory_gb, gpu_type=gpu_type, gpu_count=gpu_count)
+        job = compile_pipeline(config, image, output, resources)
+    except CompileError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    tasks = job["pipelineSpec"]["root"]["dag"]["tasks"]
+    click.echo(f"{target}: {len(tasks)} steps, image {image}, pipeline root {config.pipeline_root}, "
+               f"Beam: {options['beam_profile']}")
+    click.echo(f"wrote {output}")
 
 
 def _write_report(pipeline_root: Path, pipeline_name: str) -> None:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.config import TrainerConfig
+from pipeline import beam, uri
 
-SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "schema.pbtxt"
+SCHEMA_FILE = str(Path(__file__).resolve().parent / "schema" / "schema.pbtxt")
 
 
 @dataclass(frozen=True)
@@ -35,37 +36,54 @@ class BlessingGates:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    data_root: Path  # a `digits data build` output: train/, eval/, test/ shards and manifest.json
+    """Locations are strings: local paths (made absolute) or URIs such as gs://bucket/dir (kept as
+    given), see pipeline/uri.py. Only the local runner's own files (MLMD, logs, report) must be local."""
+
+    data_root: str  # a `digits data build` output: train/, eval/, test/ shards and manifest.json
     train_examples: int  # size of the train split (from the manifest): sets steps per epoch
-    pipeline_root: Path = Path("pipeline_root")
-    serving_dir: Path = Path("serving_model")
+    pipeline_root: str = "pipeline_root"
+    serving_dir: str = "serving_model"
     pipeline_name: str = "digits"
     model_name: str = "digits"
     gates: BlessingGates = field(default_factory=BlessingGates)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    schema_file: Path = SCHEMA_FILE
+    schema_file: str = SCHEMA_FILE
+    # The local runner's sqlite MLMD store, logs and report; by default the pipeline root itself,
+    # which a remote pipeline root cannot be (sqlite needs a local file).
+    local_root: Path | None = None
     enable_cache: bool = True
     run_fn: str = "components.trainer.run_fn"  # dotted path of the Trainer's run_fn
     code_fingerprint: str = ""  # hash of the code Transform/Trainer run; part of their cache key
-    # Beam's FnApiRunner, in memory: the multi-process mode was 4x slower on 2 cores for this
-    # data, and the default DirectRunner first tries to download a Prism runner binary.
-    beam_pipeline_args: tuple[str, ...] = (
-        "--runner=FnApiRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1",
-    )
+    # Which Beam runner the data components use: pipeline/beam.py's profiles (the default, in-process,
+    # was measured fastest on 2 cores for this data).
+    beam_pipeline_args: tuple[str, ...] = field(default_factory=lambda: beam.DEFAULT_ARGS)
 
     def __post_init__(self) -> None:
         for name in ("data_root", "pipeline_root", "serving_dir", "schema_file"):
-            object.__setattr__(self, name, Path(getattr(self, name)).resolve())
+            object.__setattr__(self, name, uri.normalize(getattr(self, name)))
+        if self.local_root is not None:
+            object.__setattr__(self, "local_root", Path(self.local_root).resolve())
         if self.train_examples < 1:
             raise ValueError(f"the train split is empty ({self.train_examples} examples)")
-        if not self.schema_file.is_file():
-            raise ValueError(f"schema file {self.schema_file} does not exist")
         if not self.model_name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"model name must be letters, digits, '-' or '_', got {self.model_name!r}")
+        object.__setattr__(self, "beam_pipeline_args", tuple(self.beam_pipeline_args))
 
     @property
-    def metadata_path(self) -> Path:
-        return self.pipeline_root / "metadata.sqlite"
+    def local_dir(self) -> Path | None:
+        """Where the local runner keeps MLMD, logs and the report; None when it has nowhere to."""
+        if self.local_root is not None:
+            return self.local_root
+        return None if uri.is_remote(self.pipeline_root) else Path(self.pipeline_root)
+
+    @property
+    def metadata_path(self) -> Path | None:
+        return self.local_dir / "metadata.sqlite" if self.local_dir is not None else None
+
+    @property
+    def serving_model_dir(self) -> str:
+        """Where Pusher puts versions: SERVING_DIR/<model name>/<version>/."""
+        return uri.join(self.serving_dir, self.model_name)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -21,30 +21,49 @@ from pipeline.pusher import DeduplicatingPusherExecutor
 PREPROCESSING_FN = "components.transform.preprocessing_fn"
 
 
-def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
-    example_gen = tfx.components.ImportExampleGen(
-        input_base=str(config.data_root),
+def example_gen_component(config: PipelineConfig):
+    return tfx.components.ImportExampleGen(
+        input_base=config.data_root,
         input_config=tfx.proto.Input(
             splits=[tfx.proto.Input.Split(name=split, pattern=f"{split}/*.tfrecord.gz") for split in contract.SPLITS]
         ),
     )
+
+
+def transform_component(config: PipelineConfig, examples, schema, materialize: bool = False):
+    return tfx.components.Transform(
+        examples=examples,
+        schema=schema,
+        preprocessing_fn=PREPROCESSING_FN,
+        splits_config=tfx.proto.SplitsConfig(analyze=[contract.TRAIN_SPLIT],
+                                             transform=list(contract.SPLITS) if materialize else []),
+        # 75x75x3 floats are ~67 KB a digit: the Trainer applies the graph on the fly instead.
+        materialize=materialize,
+        disable_statistics=True,
+        custom_config={CODE_FINGERPRINT_KEY: config.code_fingerprint},
+    )
+
+
+def evaluator_component(config: PipelineConfig, examples, model, baseline_model=None):
+    return tfx.components.Evaluator(
+        examples=examples,
+        example_splits=[contract.TEST_SPLIT],
+        model=model,
+        baseline_model=baseline_model,
+        eval_config=eval_config(config.gates),
+    )
+
+
+def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
+    example_gen = example_gen_component(config)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=str(config.schema_file))
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=config.schema_file)
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
     )
     anomalies_gate = AnomaliesGate(anomalies=example_validator.outputs["anomalies"])
 
-    transform = tfx.components.Transform(
-        examples=example_gen.outputs["examples"],
-        schema=schema_gen.outputs["schema"],
-        preprocessing_fn=PREPROCESSING_FN,
-        splits_config=tfx.proto.SplitsConfig(analyze=[contract.TRAIN_SPLIT]),
-        # 75x75x3 floats are ~67 KB a digit: the Trainer applies the graph on the fly instead.
-        materialize=False,
-        disable_statistics=True,
-        custom_config={CODE_FINGERPRINT_KEY: config.code_fingerprint},
-    )
+    transform = transform_component(config, example_gen.outputs["examples"], schema_gen.outputs["schema"])
     transform.add_upstream_node(anomalies_gate)
 
     trainer = tfx.components.Trainer(
@@ -63,35 +82,30 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
     ).with_id("latest_blessed_model_resolver")
 
-    evaluator = tfx.components.Evaluator(
-        examples=example_gen.outputs["examples"],
-        example_splits=[contract.TEST_SPLIT],
-        model=trainer.outputs["model"],
-        baseline_model=model_resolver.outputs["model"],
-        eval_config=eval_config(config.gates),
-    )
+    evaluator = evaluator_component(config, example_gen.outputs["examples"], trainer.outputs["model"],
+                                    model_resolver.outputs["model"])
     pusher = tfx.components.Pusher(
         # TFX's Pusher, except that a model already in the serving directory is not pushed again.
         custom_executor_spec=executor_spec.ExecutorClassSpec(DeduplicatingPusherExecutor),
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
-            filesystem=tfx.proto.PushDestination.Filesystem(
-                base_directory=str(config.serving_dir / config.model_name)
-            )
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_model_dir)
         ),
     )
 
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
-        pipeline_root=str(config.pipeline_root),
+        pipeline_root=config.pipeline_root,
         components=[
             example_gen, statistics_gen, schema_gen, example_validator, anomalies_gate, transform, trainer,
             model_resolver, evaluator, pusher,
         ],
         enable_cache=config.enable_cache,
-        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
-            str(config.metadata_path)
+        # The local runner's MLMD store; orchestrators such as Vertex AI bring their own.
+        metadata_connection_config=(
+            tfx.orchestration.metadata.sqlite_metadata_connection_config(str(config.metadata_path))
+            if config.metadata_path is not None else None
         ),
         beam_pipeline_args=list(config.beam_pipeline_args),
     )

@@ -20,6 +20,7 @@ import numpy as np
 
 from data import contract
 from components.history import read_history
+from pipeline import uri
 from pipeline.run_history import ComponentRun, latest_run_outputs
 
 
@@ -184,13 +185,20 @@ def _evaluation(outputs: dict) -> Evaluation | None:
         examples=overall.get("example_count", {}).get("doubleValue", 0.0),
         matrix=confusion_matrix_from_plot(plot[""][""]),
         per_class=per_class,
-        blessed=blessing is not None and (Path(blessing.uri) / "BLESSED").exists(),
+        blessed=blessing is not None and _exists(uri.join(blessing.uri, "BLESSED")),
         has_baseline=has_baseline,
         failures=failures,
         pushed_version=pushed.custom_properties["pushed_version"].string_value if pushed_ok else None,
         pushed_destination=pushed.custom_properties["pushed_destination"].string_value if pushed_ok else None,
         already_served_as=duplicate or None,
     )
+
+
+def _exists(location: str) -> bool:
+    """Artifacts may live under a remote pipeline root: through tf.io.gfile, as TFX wrote them."""
+    from tfx.dsl.io import fileio
+
+    return fileio.exists(location)
 
 
 def _digit(slice_key) -> int | None:
@@ -245,10 +253,10 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
 
         rows = []
         for split in contract.SPLITS:
-            path = Path(statistics.uri) / f"Split-{split}" / "FeatureStats.pb"
-            if not path.exists():
+            path = uri.join(statistics.uri, f"Split-{split}", "FeatureStats.pb")
+            if not _exists(path):
                 continue
-            dataset = tfdv.load_stats_binary(str(path)).datasets[0]
+            dataset = tfdv.load_stats_binary(path).datasets[0]
             label = next((f.num_stats for f in dataset.features if f.path.step == [contract.LABEL_KEY]), None)
             image = next((f.string_stats for f in dataset.features if f.path.step == [contract.IMAGE_KEY]), None)
             rows.append(
@@ -264,7 +272,7 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
         from pipeline.anomalies_gate import describe_anomalies
 
         found = describe_anomalies(anomalies.uri, [s for s in contract.SPLITS
-                                                   if (Path(anomalies.uri) / f"Split-{s}").exists()])
+                                                   if _exists(uri.join(anomalies.uri, f"Split-{s}"))])
         sections.append("<h3>Anomalies</h3>" + (
             "<ul>" + "".join(f"<li class=bad>{html.escape(line)}</li>" for line in found) + "</ul>" if found
             else "<p class=good>none: every split matches the curated schema</p>"))

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
+from pipeline import uri
 from pipeline.config import PipelineConfig
 from pipeline.run_history import ComponentRun, ProgressWatcher, latest_run
 
@@ -33,22 +34,39 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def content_addressed_schema(config: PipelineConfig) -> Path:
-    data = config.schema_file.read_bytes()
-    target = config.pipeline_root / "_schema" / hashlib.sha256(data).hexdigest()[:16] / "schema.pbtxt"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(config.schema_file, target)
+def content_addressed_schema(config: PipelineConfig) -> str:
+    """The curated schema copied to PIPELINE_ROOT/_schema/<sha256>/schema.pbtxt (local or remote),
+    written under a temporary name and renamed, so a reader never sees half a file."""
+    from tfx.dsl.io import fileio
+
+    if not fileio.exists(config.schema_file):
+        raise ValueError(f"schema file {config.schema_file} does not exist")
+    with fileio.open(config.schema_file, "rb") as source:
+        data = source.read()
+    directory = uri.join(config.pipeline_root, "_schema", hashlib.sha256(data).hexdigest()[:16])
+    target = uri.join(directory, "schema.pbtxt")
+    if not fileio.exists(target):
+        fileio.makedirs(directory)
+        partial = uri.join(directory, f".schema.pbtxt.{os.getpid()}.tmp")
+        with fileio.open(partial, "wb") as sink:
+            sink.write(data)
+        fileio.rename(partial, target, overwrite=True)
     return target
 
 
 def prepare(config: PipelineConfig) -> PipelineConfig:
     """What the pipeline is built from: the schema by content, the code's fingerprint, the base
     weights and the training precision decided (all part of the components' cache keys)."""
+    from tfx.dsl.io import fileio
+
     from components import precision
     from components.base_weights import pin
 
-    config.pipeline_root.mkdir(parents=True, exist_ok=True)
+    if config.local_dir is None:
+        raise ValueError(f"the local runner keeps its metadata in a local sqlite file: with the pipeline "
+                         f"root {config.pipeline_root}, give it a local directory (--local-root)")
+    config.local_dir.mkdir(parents=True, exist_ok=True)
+    fileio.makedirs(config.pipeline_root)
     return dataclasses.replace(config, schema_file=content_addressed_schema(config),
                                code_fingerprint=code_fingerprint(), trainer=precision.pin(pin(config.trainer)))
 
