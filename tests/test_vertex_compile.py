@@ -175,6 +175,25 @@ def push_directory(push_destination_json: str) -> str:
     return json_format.Parse(push_destination_json, pusher_pb2.PushDestination()).filesystem.base_directory
 
 
+def test_s3_locations_survive_into_the_compiled_pipeline_too(tmp_path):
+    """Kubeflow Pipelines v2 on a cluster of your own keeps artifacts in S3 or MinIO."""
+    from click.testing import CliRunner
+
+    from digits.cli import cli
+
+    output = tmp_path / "kfp.json"
+    result = CliRunner().invoke(cli, [
+        "pipeline", "compile", "--image", IMAGE, "--pipeline-root", "s3://kfp-artifacts/digits",
+        "--data", "s3://datasets/digits/tfrecords", "--serving-dir", "s3://models/serving",
+        "--train-examples", "3600", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    job = json.loads(output.read_text())
+    assert job["runtimeConfig"]["gcsOutputDirectory"] == "s3://kfp-artifacts/digits"
+    assert parameter(job, "ImportExampleGen", "input_base") == "s3://datasets/digits/tfrecords"
+    assert push_directory(parameter(job, "Pusher", "push_destination")) == "s3://models/serving/digits"
+    assert "--runner=FnApiRunner" in containers(job)["StatisticsGen"]["args"]  # the default profile: in-process
+
+
 def _strings(value):
     if isinstance(value, str):
         yield value
