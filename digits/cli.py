@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import click
 
 from data.cli import data_group
+from digits.quiet import quiet_tensorflow_import
 from monitoring.cli import monitor_command
 from pipeline.commands import pipeline_group
 from serving.cli import predict_command, serve_command
@@ -36,5 +38,27 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # google-api-core warns once per client library that Python 3.10 is old; TFX 1.16 needs 3.10.
     warnings.filterwarnings("ignore", message="You are using a non-supported Python version", category=FutureWarning)
-    cli()
+    quiet_tensorflow_import()
+    # Click's own handling prints a usage error as three lines (usage, a hint, the error); here every
+    # error is one line, so that it is the first and only thing a person or a log reader has to read.
+    try:
+        code = cli.main(prog_name="digits", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:  # `digits pipeline` alone: its help, as click shows it
+        error.show()
+        sys.exit(error.exit_code)
+    except click.ClickException as error:
+        click.echo(one_line_error(error), err=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # --help and --version end here with 0
+
+
+def one_line_error(error: click.ClickException) -> str:
+    """`Error: <message>`, and for a usage error where to find the right usage, on one line."""
+    message = " ".join(error.format_message().split())
+    if isinstance(error, click.UsageError) and error.ctx is not None:
+        message += f" (see '{error.ctx.command_path} --help')"
+    return f"Error: {message}"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from monitoring.local import MonitoringError, MonitoringStack, StackConfig
+from monitoring.local import MonitoringError, MonitoringStack, StackConfig, find_binary
 
 
 def _target(value: str) -> str:
@@ -19,7 +19,7 @@ def _target(value: str) -> str:
 
 
 @click.command("monitor")
-@click.option("--serving", "serving_targets", multiple=True, default=("127.0.0.1:8501",), show_default=True,
+@click.option("--serving", "serving_targets", multiple=True, default=StackConfig.serving_targets, show_default=True,
               metavar="HOST:PORT", callback=lambda _ctx, _param, values: tuple(_target(v) for v in values),
               help="REST address of a model server to scrape (`digits serve` or the TF Serving container); repeatable.")
 @click.option("--web", "web_targets", multiple=True, metavar="HOST:PORT",
@@ -27,9 +27,11 @@ def _target(value: str) -> str:
               help="Address of a `digits web` to scrape (its /metrics); repeatable. None by default.")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=Path(".monitoring"),
               show_default=True, help="Where Prometheus and Alertmanager keep their data, configs and logs.")
-@click.option("--prometheus-port", type=int, default=9090, show_default=True)
-@click.option("--alertmanager-port", type=int, default=9093, show_default=True)
-@click.option("--receiver-port", type=int, default=9095, show_default=True,
+@click.option("--prometheus-port", type=click.IntRange(1, 65535), default=StackConfig.prometheus_port,
+              show_default=True)
+@click.option("--alertmanager-port", type=click.IntRange(1, 65535), default=StackConfig.alertmanager_port,
+              show_default=True)
+@click.option("--receiver-port", type=click.IntRange(1, 65535), default=StackConfig.receiver_port, show_default=True,
               help="The webhook receiver that prints alerts here.")
 def monitor_command(serving_targets, web_targets, data_dir, prometheus_port, alertmanager_port, receiver_port):
     """Start Prometheus and Alertmanager (the Debian binaries) with the project's configs and rules.
@@ -48,6 +50,8 @@ def monitor_command(serving_targets, web_targets, data_dir, prometheus_port, ale
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
+        find_binary("prometheus"), find_binary("alertmanager")
+        stack.check_ports()
         click.echo(f"starting Prometheus and Alertmanager (data in {data_dir})...")
         stack.start()
         click.echo(f"Prometheus    {config.prometheus_url}  (alerts: {config.prometheus_url}/alerts)")

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from monitoring import names, rules
+from serving.ports import Port, PortError, check_free
 
 PACKAGE = Path(__file__).resolve().parent
 PROMETHEUS_CONFIG = PACKAGE / "prometheus" / "prometheus.yml"
@@ -128,15 +129,33 @@ class MonitoringStack:
     receiver_output: int | None = None  # None: inherit (alerts print on the console); else a file descriptor
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
+    def ports(self) -> list[Port]:
+        return [Port(self.config.host, self.config.prometheus_port, "Prometheus", "--prometheus-port", False),
+                Port(self.config.host, self.config.alertmanager_port, "Alertmanager", "--alertmanager-port", False),
+                Port(self.config.host, self.config.receiver_port, "the alert receiver", "--receiver-port", False)]
+
+    def check_ports(self) -> None:
+        """Before anything starts: a taken port is one line, rather than a program's log after it exits."""
+        try:
+            check_free(self.ports())
+        except PortError as error:
+            raise MonitoringError(str(error)) from None
+
     def start(self) -> MonitoringStack:
         import yaml
 
         prometheus, alertmanager = find_binary("prometheus"), find_binary("alertmanager")
+        self.check_ports()
         data = self.config.data_dir.resolve()
-        for sub in ("prometheus", "alertmanager"):
-            (data / sub).mkdir(parents=True, exist_ok=True)
-        (data / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(self.config), sort_keys=False))
-        (data / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(self.config), sort_keys=False))
+        try:
+            for sub in ("prometheus", "alertmanager"):
+                (data / sub).mkdir(parents=True, exist_ok=True)
+            (data / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(self.config), sort_keys=False))
+            (data / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(self.config),
+                                                                  sort_keys=False))
+        except OSError as error:
+            raise MonitoringError(f"cannot use {self.config.data_dir} for the monitoring data: "
+                                  f"{error.strerror or error}") from None
         try:
             self._spawn("alert receiver", [sys.executable, str(ALERT_RECEIVER), "--host", self.config.host,
                                            "--port", str(self.config.receiver_port),

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from serving.config import BATCH_WAITS, BatchingConfig, ServerConfig, batching_from_file
+from serving.ports import Port, PortError, reserve_all
 from serving.runtime import ONEDNN_ENV, select_kernels
 
 DEFAULT_MODEL_DIR = Path("serving_model") / "digits"  # where `digits pipeline run` pushes
@@ -27,15 +28,17 @@ def _label(value: str) -> tuple[str, int]:
 @click.command("serve")
 @click.option("--model-dir", type=click.Path(path_type=Path), default=DEFAULT_MODEL_DIR, show_default=True,
               help="The model's base path: one numbered directory per version (the Pusher's layout).")
-@click.option("--model-name", default="digits", show_default=True, help="Name in URLs and ModelSpecs.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
-@click.option("--rest-port", type=int, default=8501, show_default=True, help="REST port (0: any free port).")
-@click.option("--grpc-port", type=int, default=8500, show_default=True, help="gRPC port (0: any free port).")
-@click.option("--num-versions", type=int, default=2, show_default=True,
+@click.option("--model-name", default=ServerConfig.model_name, show_default=True, help="Name in URLs and ModelSpecs.")
+@click.option("--host", default=ServerConfig.host, show_default=True, help="Interface to listen on.")
+@click.option("--rest-port", type=int, default=ServerConfig.rest_port, show_default=True,
+              help="REST port (0: any free port).")
+@click.option("--grpc-port", type=int, default=ServerConfig.grpc_port, show_default=True,
+              help="gRPC port (0: any free port).")
+@click.option("--num-versions", type=int, default=ServerConfig.num_versions, show_default=True,
               help="Version policy: keep the newest N versions loaded.")
 @click.option("--label", "labels", multiple=True, metavar="NAME=VERSION",
               help="Version label, e.g. --label stable=1700000000 (repeatable).")
-@click.option("--poll-interval", type=float, default=1.0, show_default=True,
+@click.option("--poll-interval", type=float, default=ServerConfig.poll_interval_s, show_default=True,
               help="Seconds between scans of --model-dir for new or removed versions.")
 @click.option("--batching/--no-batching", default=True, show_default=True, help="Server-side batching.")
 @click.option("--max-batch-size", type=int, default=BatchingConfig.max_batch_size, show_default=True,
@@ -59,14 +62,15 @@ def _label(value: str) -> tuple[str, int]:
                                       "gRPC calls carry their own deadline).")
 @click.option("--shutdown-grace", type=float, default=ServerConfig.shutdown_grace_s, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM.")
-@click.option("--warmup/--no-warmup", default=True, show_default=True,
+@click.option("--warmup/--no-warmup", default=ServerConfig.warmup, show_default=True,
               help="Replay the model's assets.extra/tf_serving_warmup_requests before serving a version.")
-@click.option("--onednn/--no-onednn", default=False, show_default=True, envvar=ONEDNN_ENV, show_envvar=True,
+@click.option("--onednn/--no-onednn", default=ServerConfig.onednn, show_default=True, envvar=ONEDNN_ENV,
+              show_envvar=True,
               help="TensorFlow's oneDNN CPU kernels; off: its Eigen kernels, as in TF Serving's CPU image "
-                   "(faster batches here, see the README).")
-@click.option("--intra-op-threads", type=int, default=0, show_default=True,
+                   "(faster batches here, see docs/serving.md).")
+@click.option("--intra-op-threads", type=int, default=ServerConfig.intra_op_threads, show_default=True,
               help="Threads one op may use (TF Serving's --tensorflow_intra_op_parallelism); 0: TensorFlow's choice.")
-@click.option("--inter-op-threads", type=int, default=0, show_default=True,
+@click.option("--inter-op-threads", type=int, default=ServerConfig.inter_op_threads, show_default=True,
               help="Ops run at once (TF Serving's --tensorflow_inter_op_parallelism); 0: TensorFlow's choice.")
 def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_versions, labels, poll_interval, batching,
                   max_batch_size, batch_timeout_micros, batch_wait, batching_parameters_file, max_body_bytes,
@@ -95,6 +99,13 @@ def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_version
     if not model_dir.is_dir():
         raise click.ClickException(f"no model directory at {model_dir}: run `digits pipeline run` first, "
                                    f"or point --model-dir at a directory of numbered SavedModel versions")
+    # The ports before anything slow: a taken port is one line now, not a traceback after ~30 s of
+    # importing TensorFlow and loading the model. Bound, not listening, until the versions are loaded.
+    try:
+        sockets = tuple(reserve_all([Port(host, rest_port, "REST", "--rest-port"),
+                                     Port(host, grpc_port, "gRPC", "--grpc-port")]))
+    except PortError as error:
+        raise click.ClickException(f"cannot start the server: {error}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # From here on a stop signal ends the command quietly with 0, even while TensorFlow is still
     # being imported (the server installs its own handlers once its event loop runs).
@@ -115,7 +126,7 @@ def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_version
     try:
         from serving.server import serve  # TensorFlow: only once the arguments are known to be good
 
-        serve(config, on_ready=ready)
+        serve(config, on_ready=ready, sockets=sockets)
     except _StoppedBeforeServing:
         logging.getLogger(__name__).info("stopped during start-up")
     except OSError as error:

@@ -26,6 +26,7 @@ from tensorflow_serving.apis import (
 from serving.batching import Caller
 from serving.config import ServerConfig
 from serving.errors import ServingError, invalid_argument
+from serving.ports import Port, PortError
 from serving.service import ModelRequest, PredictionService
 from serving.signature import Signature
 
@@ -38,8 +39,8 @@ STATUS_THREADS = 8
 NO_DEADLINE_S = 1e8  # grpc reports "no deadline" as a deadline centuries away
 
 
-def make_server(config: ServerConfig, service: PredictionService) -> tuple[grpc.Server, int]:
-    """A started-ready (not started) server and the port it bound.
+def make_server(config: ServerConfig, service: PredictionService, port: int | None = None) -> tuple[grpc.Server, int]:
+    """A started-ready (not started) server and the port it bound (`port`, else the config's).
 
     No `maximum_concurrent_rpcs`: it would count health checks against the limit and refuse them
     under load. Predicts are limited by the service's admission (shared with REST) instead, and
@@ -53,10 +54,15 @@ def make_server(config: ServerConfig, service: PredictionService) -> tuple[grpc.
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         _PredictionServicer(service, max_elements=config.max_body_bytes), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(_ModelServicer(service), server)
-    port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
-    if port == 0:
-        raise OSError(f"cannot listen for gRPC on {config.host}:{config.grpc_port}")
-    return server, port
+    wanted = Port(config.host, config.grpc_port if port is None else port, "gRPC", "--grpc-port")
+    try:
+        bound = server.add_insecure_port(wanted.address)
+    except RuntimeError:  # grpcio's "Failed to bind to address": taken since the reservation, or never had
+        bound = 0
+    if bound == 0:
+        raise PortError(f"cannot listen on {wanted.address} ({wanted.what}): the address is in use or not "
+                        f"this machine's; pick another with {wanted.option}")
+    return server, bound
 
 
 def _model_request(spec) -> ModelRequest:

@@ -17,9 +17,10 @@ from pathlib import Path
 class ChildProcess:
     """A `digits` subcommand running as a child: its output so far, and a stop by PID."""
 
-    def __init__(self, process: subprocess.Popen, output: list[str]):
+    def __init__(self, process: subprocess.Popen, output: list[str], errors: list[str] | None = None):
         self.process = process
-        self.output = output  # its stdout and stderr lines so far (a thread keeps reading)
+        self.output = output  # its stdout and stderr lines so far, as they came (threads keep reading)
+        self.errors = errors if errors is not None else []  # its stderr lines alone
 
     @property
     def pid(self) -> int:
@@ -34,6 +35,8 @@ class ChildProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
+        for reader in getattr(self.process, "readers", ()):  # until they have taken everything it wrote
+            reader.join(timeout=30)
         return self.process.returncode
 
     def __enter__(self):
@@ -46,36 +49,57 @@ class ChildProcess:
 class ServerProcess(ChildProcess):
     """A running `digits serve`, on ports the OS picked."""
 
-    def __init__(self, process: subprocess.Popen, rest_port: int, grpc_port: int, output: list[str]):
-        super().__init__(process, output)
+    def __init__(self, process: subprocess.Popen, rest_port: int, grpc_port: int, output: list[str],
+                 errors: list[str] | None = None):
+        super().__init__(process, output, errors)
         self.rest_url = f"http://127.0.0.1:{rest_port}"
         self.grpc_target = f"127.0.0.1:{grpc_port}"
+
+
+def spawn_digits(*args: str, cwd: Path | None = None) -> tuple[subprocess.Popen, list[str], list[str]]:
+    """Starts `python -m digits ARGS...` without waiting.
+
+    Returns the process, the list its stdout and stderr lines are appended to as they come, and the
+    list of its stderr lines alone (each filled by a reader thread).
+    """
+    process = subprocess.Popen([sys.executable, "-m", "digits", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, bufsize=1)
+    output: list[str] = []
+    errors: list[str] = []
+
+    def read(stream, *into: list[str]) -> None:
+        for line in iter(stream.readline, ""):
+            for lines in into:
+                lines.append(line)
+
+    process.readers = [threading.Thread(target=read, args=(stream, *into), daemon=True)
+                       for stream, into in ((process.stdout, (output,)), (process.stderr, (output, errors)))]
+    for reader in process.readers:
+        reader.start()
+    return process, output, errors
 
 
 def spawn_server(model_dir: Path, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen, list[str]]:
     """Starts `digits serve --model-dir MODEL_DIR --rest-port 0 --grpc-port 0 EXTRA...` without waiting.
 
-    Returns the process and the list its stdout and stderr lines are appended to (by a thread).
+    Returns the process and the list its stdout and stderr lines are appended to (by threads).
     """
-    process = subprocess.Popen(
-        [sys.executable, "-m", "digits", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-         "--rest-port", "0", "--grpc-port", "0", *map(str, extra)],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    output: list[str] = []
-    threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    process, output, _ = spawn_digits("serve", "--model-dir", model_dir, "--host", "127.0.0.1", "--rest-port", "0",
+                                      "--grpc-port", "0", *extra, cwd=cwd)
     return process, output
 
 
 def start_server(model_dir: Path, *extra: str, timeout: float = 180, cwd: Path | None = None) -> ServerProcess:
     """Starts `digits serve` as `spawn_server` does and waits until it is ready."""
-    process, output = spawn_server(model_dir, *extra, cwd=cwd)
+    process, output, errors = spawn_digits("serve", "--model-dir", model_dir, "--host", "127.0.0.1",
+                                           "--rest-port", "0", "--grpc-port", "0", *extra, cwd=cwd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = "".join(output)
         if "ready (" in text:
             rest = re.search(r"REST\s+http://127\.0\.0\.1:(\d+)/", text)
             grpc_port = re.search(r"gRPC\s+127\.0\.0\.1:(\d+)", text)
-            return ServerProcess(process, int(rest.group(1)), int(grpc_port.group(1)), output)
+            return ServerProcess(process, int(rest.group(1)), int(grpc_port.group(1)), output, errors)
         if process.poll() is not None:
             break
         time.sleep(0.2)

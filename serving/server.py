@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from serving.config import ServerConfig
 from serving.grpc_service import make_server
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager, freeze_startup_heap
+from serving.ports import Port, bound_port, reserve_all
 from serving.rest import make_app
 from serving.service import PredictionService
 from serving.workers import Workers
@@ -38,9 +40,22 @@ class Endpoints:
     versions: list[int]
 
 
-def serve(config: ServerConfig, on_ready: Callable[[Endpoints], None] | None = None) -> None:
-    """Runs until SIGTERM/SIGINT. `on_ready` is called once both ports accept requests."""
-    asyncio.run(_serve(config, on_ready))
+def serve(config: ServerConfig, on_ready: Callable[[Endpoints], None] | None = None,
+          sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
+    """Runs until SIGTERM/SIGINT. `on_ready` is called once both ports accept requests.
+
+    `sockets`: the REST and gRPC sockets, bound and not listening (`serving.ports.reserve_all`), as
+    `digits serve` claims them before importing TensorFlow; reserved here if not given.
+    """
+    if sockets is None:
+        sockets = tuple(reserve_all([Port(config.host, config.rest_port, "REST", "--rest-port"),
+                                     Port(config.host, config.grpc_port, "gRPC", "--grpc-port")]))
+    rest_socket, grpc_socket = sockets
+    try:
+        asyncio.run(_serve(config, on_ready, rest_socket, grpc_socket))
+    finally:
+        rest_socket.close()
+        grpc_socket.close()
 
 
 class _Stop:
@@ -72,7 +87,7 @@ class _Stop:
         return True
 
 
-async def _serve(config: ServerConfig, on_ready) -> None:
+async def _serve(config: ServerConfig, on_ready, rest_socket: socket.socket, grpc_socket: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     stop = _Stop(loop, config.shutdown_grace_s)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -86,19 +101,22 @@ async def _serve(config: ServerConfig, on_ready) -> None:
         return
     service = PredictionService(manager, metrics, config.max_concurrent_requests)
     workers = Workers(config.max_concurrent_requests, "rest")  # one per admitted predict: none ever waits for one
-    grpc_server, grpc_port = make_server(config, service)
+    # gRPC binds the reserved port while the reservation still holds it (both set SO_REUSEADDR and
+    # the reservation never listens), so no other process can take it in between.
+    grpc_server, grpc_port = make_server(config, service, port=bound_port(grpc_socket))
+    grpc_socket.close()
     runner = web.AppRunner(make_app(config, service, workers), access_log=None,
                            shutdown_timeout=config.shutdown_grace_s, handle_signals=False)
     grpc_server.start()
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.rest_port, reuse_address=True)
+    site = web.SockSite(runner, rest_socket)
     try:
-        await site.start()
+        await site.start()  # listens on the reserved socket
     except OSError:
         grpc_server.stop(None)
         raise
     manager.start_polling()
-    rest_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
+    rest_port = bound_port(rest_socket)  # the real port when 0 was asked for
     if on_ready is not None:
         on_ready(Endpoints(rest_port, grpc_port, manager.available_versions()))
     await stop.requested.wait()

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import secrets
+import socket
 import time
 from importlib import resources
 from pathlib import Path
@@ -348,13 +349,19 @@ async def _json_errors(request: web.Request, handler):
         return _json({"error": f"{error.reason}: {request.method} {request.path}"}, error.status)
 
 
-async def serve(config: WebConfig, on_ready=None, stop: asyncio.Event | None = None) -> None:
-    """Runs the app until `stop` is set (or the task is cancelled); `on_ready(port)` once it listens."""
+async def serve(config: WebConfig, on_ready=None, stop: asyncio.Event | None = None,
+                sock: socket.socket | None = None) -> None:
+    """Runs the app until `stop` is set (or the task is cancelled); `on_ready(port)` once it listens.
+
+    `sock`: the page's socket, bound and not listening (`serving.ports.reserve`), as `digits web`
+    claims it before anything else; bound here if not given.
+    """
     app = WebApp(config).application()
     runner = web.AppRunner(app, access_log_format='%a "%r" %s %b %Tfs')
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = (web.SockSite(runner, sock) if sock is not None
+                else web.TCPSite(runner, config.host, config.port))
         await site.start()
         port = runner.addresses[0][1]
         if on_ready is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from serving.ports import Port, PortError, reserve
 from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, WebConfig
 
 
@@ -19,7 +20,7 @@ from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, 
 @click.option("--grpc", "grpc_target", default=None, metavar="HOST:PORT",
               help="Talk to the model server's gRPC API instead of REST.")
 @click.option("--model-name", default="digits", show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--host", default=WebConfig.host, show_default=True, help="Interface to listen on.")
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port (0: any free port).")
 @click.option("--feedback-dir", type=click.Path(path_type=Path), default=DEFAULT_FEEDBACK_DIR, show_default=True,
               help="Where corrections are stored (mnist-png layout + feedback.jsonl); "
@@ -44,6 +45,14 @@ def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, 
         raise click.UsageError(str(error)) from None
     if config.feedback_dir.exists() and not config.feedback_dir.is_dir():
         raise click.ClickException(f"--feedback-dir {config.feedback_dir} exists and is not a directory")
+    if config.model_dir is not None and not config.model_dir.is_dir():
+        raise click.ClickException(f"--model-dir {config.model_dir} is not a directory: give the model server's "
+                                   "base path (e.g. serving_model/digits), or leave the option out")
+    # The port before anything else, so a taken one is one line; bound, not listening until the app is.
+    try:
+        sock = reserve(Port(config.host, config.port, "the web page", "--port"))
+    except PortError as error:
+        raise click.ClickException(str(error)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from web.app import serve
 
@@ -59,11 +68,13 @@ def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, 
         # Both stop it, also when started with SIGINT ignored (a background job of a script).
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve(config, on_ready=ready, stop=stop)
+        await serve(config, on_ready=ready, stop=stop, sock=sock)
 
     try:
         asyncio.run(main())
-    except OSError as error:  # the port is taken, the host is not ours
+    except OSError as error:  # listening failed after all (another process bound the port meanwhile)
         raise click.ClickException(f"cannot listen on {config.host}:{config.port}: {error.strerror or error}") \
             from None
+    finally:
+        sock.close()
     click.echo("stopped")

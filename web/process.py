@@ -8,35 +8,29 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
-from serving.process import ChildProcess
+from serving.process import ChildProcess, spawn_digits
 
 
 class WebProcess(ChildProcess):
     """A running `digits web` on a port the OS picked."""
 
-    def __init__(self, process: subprocess.Popen, port: int, output: list[str]):
-        super().__init__(process, output)
+    def __init__(self, process: subprocess.Popen, port: int, output: list[str], errors: list[str] | None = None):
+        super().__init__(process, output, errors)
         self.url = f"http://127.0.0.1:{port}"
 
 
 def start_web(*args: str, timeout: float = 60, cwd: Path | None = None) -> WebProcess:
     """Starts `digits web --host 127.0.0.1 --port 0 ARGS...` and waits until it listens."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "digits", "web", "--host", "127.0.0.1", "--port", "0", *map(str, args)],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    output: list[str] = []
-    threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    process, output, errors = spawn_digits("web", "--host", "127.0.0.1", "--port", "0", *args, cwd=cwd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = "".join(output)
         found = re.search(r"on http://127\.0\.0\.1:(\d+)/", text)
         if found and "ready (" in text:
-            return WebProcess(process, int(found.group(1)), output)
+            return WebProcess(process, int(found.group(1)), output, errors)
         if process.poll() is not None:
             break
         time.sleep(0.1)

@@ -1,0 +1,101 @@
+"""TensorFlow's import without the start-up lines that look like failures and are not.
+
+Loading TensorFlow 2.16's native library prints three error-level lines on every machine without
+a GPU (`E ... cuda_fft.cc ...] Unable to register cuFFT factory: Attempting to register factory
+for plugin cuFFT when one has already been registered`, and the same for cuDNN and cuBLAS): two
+copies of its CUDA plugins register at load time. `TF_CPP_MIN_LOG_LEVEL=3` would hide them, and
+every real error with them. Instead, while the `tensorflow` package itself is first imported, the
+process's stderr goes through a filter that drops exactly those lines and passes everything else
+on unchanged. Installed by the `digits` command's entry point; a command that never imports
+TensorFlow never pays for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import os
+import re
+import sys
+import threading
+
+# The whole line, as TensorFlow's logger prints it (timestamp, level E, the XLA source, the message).
+HARMLESS_STARTUP_LINES = re.compile(
+    rb"^\S+ \S+: E external/local_xla/xla/stream_executor/cuda/cuda_(?:fft|dnn|blas)\.cc:\d+\] "
+    rb"Unable to register cu(?:FFT|DNN|BLAS) factory: Attempting to register factory for plugin "
+    rb"cu(?:FFT|DNN|BLAS) when one has already been registered\r?\n?$")
+
+
+@contextlib.contextmanager
+def stderr_without(pattern: re.Pattern[bytes]):
+    """Lines written to file descriptor 2 (by C++ or Python) that match `pattern` are dropped."""
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as lines:
+            pending = b""
+            while chunk := lines.read(65536):
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    if not pattern.match(line + b"\n"):
+                        os.write(original, line + b"\n")
+            if pending and not pattern.match(pending):
+                os.write(original, pending)
+
+    forwarder = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes the pipe's last write end: the forwarder sees EOF and drains
+        forwarder.join(timeout=10)
+        os.close(original)
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """The package's own loader, its `exec_module` run through the filter; afterwards the module
+    names its own loader again, so nothing downstream sees this one."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self._loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__spec__.loader = module.__loader__ = self._loader
+        with stderr_without(HARMLESS_STARTUP_LINES):
+            self._loader.exec_module(module)
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` as the normal path finder does, and runs its `__init__` through the filter."""
+
+    def __init__(self) -> None:
+        self.used = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow" or self.used:
+            return None
+        self.used = True  # once: the first import is the one that loads the native library
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+def quiet_tensorflow_import() -> None:
+    """From now on, the first `import tensorflow` (direct or through TFX, TFT, ...) drops those lines."""
+    if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _QuietTensorFlowFinder())
