@@ -20,12 +20,24 @@ LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
+# How the run report groups the settings a model was trained with. Every field of TrainerConfig is in
+# exactly one group, or in NOT_SHOWN_AS_SETTINGS (tested), so a new setting cannot go unreported.
+SETTING_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("batch_size", "steps_per_epoch", "shuffle_buffer", "seed"),
+    "model": ("base_weights", "base_weights_sha256", "dense_units", "dropout", "batchnorm_momentum", "precision"),
+    "optimiser": ("optimizer", "learning_rate", "lr_schedule", "warmup_epochs", "epochs", "frozen_epochs",
+                  "fine_tune_learning_rate", "early_stopping_patience", "early_stopping_start_epoch"),
+    "augmentation": ("max_translation", "max_rotation_degrees", "stroke_probability", "blur_probability"),
+}
+NOT_SHOWN_AS_SETTINGS = ("base_weights_warning",)  # the report shows it as a warning of its own
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     # The measured recipe for InceptionV3 from random weights on the 3,600 training digits
-    # (README, "Training recipe"): Adam at 1e-3 with warm-up and cosine decay; the original
+    # (docs/training.md): Adam at 1e-3 with warm-up and cosine decay; the original
     # project's RMSprop at 1e-4 (constant) reaches 0.918 held-out accuracy. 20 epochs since the
-    # inputs are normalised: 0.987-0.990 held-out in three fresh runs (26 before; README, "Faster training").
+    # inputs are normalised: 0.987-0.990 held-out in three fresh runs (26 before; docs/training.md, "Faster training").
     epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -58,7 +70,7 @@ class TrainerConfig:
     # What training computes in (components/precision.py); auto: mixed_bfloat16 where the CPU has
     # bfloat16 instructions, decided before the pipeline is built. The exported model is float32 always.
     # float32 by default: bfloat16 epochs were ~10 % faster here but both bfloat16 runs landed at
-    # exactly 0.985 held-out, float32 runs at 0.987-0.990 (README, "Faster training").
+    # exactly 0.985 held-out, float32 runs at 0.987-0.990 (docs/training.md, "Faster training").
     precision: str = "float32"
     shuffle_buffer: int = 4096
     seed: int = 42

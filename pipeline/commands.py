@@ -28,19 +28,23 @@ class _ConsoleFilter(logging.Filter):
         return record.levelno >= (logging.WARNING if ours else logging.ERROR)
 
 
-def _setup_logging(log_dir: Path) -> Path:
-    """Console: progress lines and real problems. File: everything, for when something fails."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = log_dir / time.strftime("run-%Y%m%d-%H%M%S.log")
+def _setup_logging(log_dir: Path | None) -> Path | None:
+    """Console: progress lines and real problems. File (when `log_dir` is given): everything, for when
+    something fails."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     console.addFilter(_ConsoleFilter())
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    to_file = logging.FileHandler(log_file)
-    to_file.setLevel(logging.INFO)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.handlers[:] = [console, to_file]
+    root.handlers[:] = [console]
+    log_file = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = log_dir / time.strftime("run-%Y%m%d-%H%M%S.log")
+        to_file = logging.FileHandler(log_file)
+        to_file.setLevel(logging.INFO)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.handlers.append(to_file)
     # TensorFlow gives its logger a handler of its own; send its records through ours instead.
     tf_logger = logging.getLogger("tensorflow")
     tf_logger.handlers[:] = []
@@ -272,4 +276,5 @@ def report_command(pipeline_root, pipeline_name):
     if not (pipeline_root / "metadata.sqlite").exists():
         click.echo(f"error: {pipeline_root} has no metadata.sqlite; run `digits pipeline run` first", err=True)
         sys.exit(1)
+    _setup_logging(None)  # libraries' deprecation notices stay off the console, as during a run
     _write_report(pipeline_root, pipeline_name)

@@ -139,6 +139,29 @@ def label_slice(digit: int) -> tfma.SlicingSpec:
     return tfma.SlicingSpec(feature_values={contract.LABEL_KEY: str(digit)})
 
 
+def gates_from_eval_config(config: tfma.EvalConfig) -> BlessingGates | None:
+    """The gates an EvalConfig made by `eval_config` carries (the run report reads them back from
+    the Evaluator's configuration in MLMD); None if it has no accuracy thresholds."""
+    overall, per_digit = None, None
+    for spec in config.metrics_specs:
+        for metric in spec.metrics:
+            if metric.class_name != "SparseCategoricalAccuracy":
+                continue
+            for gate in metric.per_slice_thresholds:
+                bar = gate.threshold.value_threshold.lower_bound.value
+                # eval_config floors an allowed drop of 0 at 1e-10 (see _gate); read it back as 0.
+                drop = -gate.threshold.change_threshold.absolute.value
+                drop = 0.0 if drop <= 1e-9 else drop
+                if any(not s.feature_keys and not s.feature_values for s in gate.slicing_specs):
+                    overall = (bar, drop)
+                elif per_digit is None:
+                    per_digit = (bar, drop)
+    if overall is None or per_digit is None:
+        return None
+    return BlessingGates(min_accuracy=overall[0], max_accuracy_drop=overall[1],
+                         min_class_recall=per_digit[0], max_class_recall_drop=per_digit[1])
+
+
 def eval_config(gates: BlessingGates) -> tfma.EvalConfig:
     """Held-out metrics: accuracy overall and per digit (the blessing gates), per-class precision,
     recall and F1, and the confusion matrix."""

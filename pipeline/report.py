@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from data import contract
+from components.config import CODE_FINGERPRINT_KEY
 from components.history import read_history
 from pipeline import uri
-from pipeline.run_history import ComponentRun, latest_run_outputs
+from pipeline.config import BlessingGates
+from pipeline.run_history import ComponentRun, latest_run_outputs, latest_run_properties
 
 
 class ReportError(Exception):
@@ -219,6 +220,67 @@ def describe_failure(metric: str, is_diff: bool, value: float, threshold, digit:
                 f"{allowed:.4g} allowed")
     return f"{what} {value:.4f}, below the bar of {threshold.value_threshold.lower_bound.value:.4g}"
 
+def _gates(evaluator_properties: dict) -> BlessingGates | None:
+    """The gates the run's Evaluator was configured with (None if it did not run)."""
+    text = evaluator_properties.get("eval_config")
+    if not text:
+        return None
+    import tensorflow_model_analysis as tfma
+    from google.protobuf import json_format
+
+    from pipeline.pipeline import gates_from_eval_config
+
+    return gates_from_eval_config(json_format.Parse(text, tfma.EvalConfig()))
+
+
+_GATE_LABELS = {
+    "min_accuracy": "held-out accuracy at least",
+    "max_accuracy_drop": "accuracy drop against the latest blessed model at most",
+    "min_class_recall": "every digit's recall at least",
+    "max_class_recall_drop": "any digit's recall drop against the latest blessed model at most",
+}
+
+
+def _setting_value(name: str, value) -> str:
+    if value is None:
+        return "one pass over the train split" if name == "steps_per_epoch" else "default"
+    if value == "":
+        return "none"
+    if name == "base_weights_sha256":
+        return f"{value[:12]}..."
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_setting_value(name, item) for item in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def settings_table(config: dict, gates: BlessingGates | None) -> str:
+    """The training settings (`history.json`'s `config`) and the gates: a small table per group.
+
+    A setting no group names (a history written by other code) is shown under "other", not dropped.
+    """
+    from components.config import NOT_SHOWN_AS_SETTINGS, SETTING_GROUPS
+
+    groups = {group: [(name.replace("_", " "), _setting_value(name, config[name])) for name in names
+                      if name in config]
+              for group, names in SETTING_GROUPS.items()}
+    grouped = {name for names in SETTING_GROUPS.values() for name in names} | set(NOT_SHOWN_AS_SETTINGS)
+    other = [(name.replace("_", " "), _setting_value(name, value)) for name, value in sorted(config.items())
+             if name not in grouped and name != CODE_FINGERPRINT_KEY]
+    if other:
+        groups["other"] = other
+    if gates is not None:
+        groups["gates"] = [(label, _setting_value(field, getattr(gates, field)))
+                           for field, label in _GATE_LABELS.items()]
+    return "<div class='row settings'>" + "".join(
+        f"<table><caption>{html.escape(group)}</caption>"
+        + "".join(f"<tr><td>{html.escape(label, quote=False)}</td>"
+                  f"<td class=n>{html.escape(value, quote=False)}</td></tr>" for label, value in rows)
+        + "</table>"
+        for group, rows in groups.items() if rows) + "</div>"
+
+
 def latest_results(pipeline_root: Path, pipeline_name: str = "digits") -> tuple[list[ComponentRun], Evaluation | None]:
     """The latest run's components (state, wall time) and what its Evaluator and Pusher decided."""
     run = _run_artifacts(Path(pipeline_root).resolve() / "metadata.sqlite", pipeline_name)
@@ -235,6 +297,7 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
     pipeline_root = Path(pipeline_root).resolve()
     run = _run_artifacts(pipeline_root / "metadata.sqlite", pipeline_name)
     outputs = run.outputs
+    run_props = latest_run_properties(pipeline_root / "metadata.sqlite", pipeline_name, "Evaluator")
     sections = []
 
     # Components and times.
@@ -286,9 +349,9 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
             "<h2>Training</h2>"
             f"<p>base weights: <b>{html.escape(history['base_weights'])}</b></p>"
             + (f"<p class=bad>{html.escape(warning)}</p>" if warning else "")
-            + f"<p>{history['epochs_run']} epochs x {history['steps_per_epoch']} steps; settings: "
-            f"<code>{html.escape(json.dumps(history['config']))}</code></p>"
-            f"<img alt='training curves' src='data:image/png;base64,{_training_curves(history)}'>"
+            + f"<p>{history['epochs_run']} epochs x {history['steps_per_epoch']} steps</p>"
+            + "<h3>Settings</h3>" + settings_table(history["config"], _gates(run_props))
+            + f"<img alt='training curves' src='data:image/png;base64,{_training_curves(history)}'>"
         )
 
     # Evaluation, blessing and push.
@@ -353,6 +416,8 @@ td.n, th.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 .good {{ color: #1a7f37; }} .bad {{ color: #b42318; }}
 .row {{ display: flex; align-items: flex-start; flex-wrap: wrap; }}
 code {{ font-size: 0.85em; }}
+.settings table {{ display: table; }}
+.settings caption {{ text-align: left; font-weight: 600; text-transform: capitalize; padding: 0 0 3px; }}
 </style></head>
 <body><h1>{title}</h1><p>pipeline root: <code>{root}</code></p>
 {body}

@@ -71,6 +71,20 @@ def latest_run_outputs(metadata_path: Path, pipeline_name: str) -> tuple[list[Co
     return _components(executions), outputs
 
 
+def latest_run_properties(metadata_path: Path, pipeline_name: str, node_id: str) -> dict[str, object]:
+    """What one component of the newest run was configured with (its TFX exec properties), or {}."""
+    if not Path(metadata_path).exists():
+        return {}
+    store = open_store(metadata_path)
+    run = _latest_run_context(store, pipeline_name, 0)
+    execution = _executions_by_node(store, run, pipeline_name).get(node_id) if run is not None else None
+    if execution is None:
+        return {}
+    properties = {**execution.properties, **execution.custom_properties}
+    return {name: getattr(value, value.WhichOneof("value")) for name, value in properties.items()
+            if value.WhichOneof("value") is not None}
+
+
 def _latest_run_context(store, pipeline_name: str, since_ms: int):
     runs = [
         context for context in store.get_contexts_by_type("pipeline_run")
