@@ -3,7 +3,7 @@
 `mixed_bfloat16` keeps the weights in float32 and computes convolutions in bfloat16. On CPUs with
 bfloat16 instructions (AVX512_BF16 or AMX) it trains InceptionV3 1.36x faster on the real input
 pipeline alone (benchmarks/training_throughput.py: 191 vs 140 images/s here), ~10 % faster per
-epoch inside the pipeline, at some held-out accuracy (README, "Faster training"), so float32 stays
+epoch inside the pipeline, at some held-out accuracy (docs/training.md, "Faster training"), so float32 stays
 the default; elsewhere bfloat16 is emulated and slower, so `auto` takes it only where the CPU has
 the instructions. After training, the
 weights are copied into a float32 copy of the model, which is what gets exported: the served graph,

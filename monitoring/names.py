@@ -81,7 +81,7 @@ WEB_LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WEB_PREDICT_ENDPOINT = "predict"
 WEB_FEEDBACK_ENDPOINT = "feedback"
 
-# -- Service level objectives (monitoring/RUNBOOK.md states them; the rules and dashboard use them) --
+# -- Service level objectives (docs/runbook.md states them; the rules and dashboard use them) --
 SLO_WINDOW = "30d"
 AVAILABILITY_OBJECTIVE = 0.995  # predicts without a server-side error
 LATENCY_OBJECTIVE = 0.99  # successful predicts faster than LATENCY_THRESHOLD_US

@@ -34,7 +34,7 @@ class BeamProfile:
 # Beam's FnApiRunner in this process. Plain DirectRunner in Beam 2.74 first tries to download the
 # Prism runner binary, so the runner is named.
 LOCAL = BeamProfile(
-    "local", "in this process, one worker (the default: fastest on small data, see README)",
+    "local", "in this process, one worker (the default: fastest on small data, see docs/scale-out.md)",
     ("--runner=FnApiRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1"),
     executed_here=True)
 LOCAL_MP = BeamProfile(

@@ -16,7 +16,7 @@ SCHEMA_FILE = str(Path(__file__).resolve().parent / "schema" / "schema.pbtxt")
 class BlessingGates:
     """What the Evaluator requires of a model on the held-out test split before Pusher ships it.
 
-    Sized from measurement (README, "The gates"): runs of the recipe scored 0.984-0.988 on the
+    Sized from measurement (docs/pipeline.md, "The gates"): runs of the recipe scored 0.984-0.988 on the
     1,000 test digits, so a retrain within 0.005 of the blessed model is as good as it (5 digits
     of 1,000, just above that spread); per digit (100 each), two runs had their weakest digit at
     0.96 and 0.95 and differed by at most 0.02 on any digit.

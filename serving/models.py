@@ -87,7 +87,7 @@ class Servable:
     run through a Session (the `TF1` runtime of TF Serving's metrics), not rebuilt as TF2 Python
     objects. Measured on this project's model: 2.3 s instead of 6.2 s to load, 21 thousand
     Python objects instead of 448 thousand, identical outputs and call times; so a load or an
-    unload stalls the server's other threads far less (README, Performance).
+    unload stalls the server's other threads far less (docs/performance.md).
     """
 
     def __init__(self, config: ServerConfig, version: int, path: Path, metrics: ServingMetrics):
@@ -436,7 +436,7 @@ def freeze_startup_heap() -> None:
 
 def _free_memory() -> None:
     """After an unload: collect the model's Python objects (its graph holds reference cycles) and
-    hand the freed heap back to the OS (glibc keeps it mapped otherwise; README, Performance).
+    hand the freed heap back to the OS (glibc keeps it mapped otherwise; docs/performance.md).
 
     Cheap, because what the imports made is frozen (`freeze_startup_heap`): a collection walks
     the loaded models' objects and what requests left, not TensorFlow's modules.

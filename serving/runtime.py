@@ -3,7 +3,7 @@
 The tensorflow wheel turns oneDNN's kernels on by default on x86; TF Serving's
 official CPU image runs TensorFlow's Eigen kernels (oneDNN builds are separate,
 Intel-published images). The server follows the image: measured on this project's
-model (benchmarks/serving_latency.py, README), Eigen runs a batch of 16 digits in
+model (benchmarks/serving_latency.py, docs/performance.md), Eigen runs a batch of 16 digits in
 0.7-0.75x oneDNN's time and a single digit in 1.2x, so batching pays off under load.
 TensorFlow reads the choice once, when it loads, hence `select_kernels` before
 anything imports it. The thread pools are TF Serving's
@@ -20,12 +20,12 @@ ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 # How long a Python thread may hold the GIL while others wait for it (Python's default: 5 ms). The
 # server's threads each need it only briefly (parse a request, hand a batch to TensorFlow, which
 # releases it); with the default, a request waits up to 5 ms behind each thread ahead of it, so
-# a stream of cheap hostile requests doubled the p99 of everyone else (README, Performance).
+# a stream of cheap hostile requests doubled the p99 of everyone else (docs/performance.md).
 GIL_SWITCH_INTERVAL_S = 0.001
 # How much lower than the rest of the server TensorFlow's compute threads run (a nice increment).
 # On a saturated machine the model's compute would otherwise take the cores from the threads that
 # accept, parse and answer requests, health checks included; this way those short bursts go first
-# and the model gets every cycle they leave (README, Performance).
+# and the model gets every cycle they leave (docs/performance.md).
 COMPUTE_NICE_INCREMENT = 10
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", 
 # PNG and JPEG images up to this many pixels are decoded by Pillow before they join a batch (about
 # 25 us for a digit), so a corrupt one is refused on its own instead of failing a model call for its
 # batch-mates. No TensorFlow here: measured, even a small TensorFlow call beside the model's doubled
-# the p99 of the requests in it (README, Performance). Pillow decodes PNG with zlib and JPEG with
+# the p99 of the requests in it (docs/performance.md). Pillow decodes PNG with zlib and JPEG with
 # libjpeg(-turbo), as TensorFlow's decoders do; larger images (decoding twice would double their
 # cost) and GIF/BMP (decoders that differ) are left to the batch's isolation (serving/batching.py).
 DECODE_CHECK_MAX_PIXELS = 1 << 20

@@ -56,7 +56,7 @@ def test_dashboard_basics(dashboard):
     assert dashboard["refresh"] == "30s"
     assert dashboard["time"] == {"from": "now-6h", "to": "now"}
     assert dashboard["tags"]
-    # The rows monitoring/RUNBOOK.md sends the on-call engineer to.
+    # The rows docs/runbook.md sends the on-call engineer to.
     assert [row["title"] for row in lint.rows(dashboard)] == [
         "SLOs", "Traffic", "Latency", "Batching", "Model versions", "Predictions & drift", "Web app & feedback",
         "Scrape health"]

@@ -40,7 +40,7 @@ RULE_FIELDS = {"record", "alert", "expr", "for", "keep_firing_for", "labels", "a
 OPERATOR_DURATION = re.compile(
     r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
 
-# The server's resident memory in the serving soak test (README, "Performance > Serving"), and the
+# The server's resident memory in the serving soak test (docs/performance.md, "Serving"), and the
 # headroom the memory limit must leave above it.
 MEASURED_RSS_MB = 1301
 MEMORY_HEADROOM = 1.5
@@ -438,7 +438,7 @@ def test_the_namespace_is_the_kustomizations_and_admits_only_restricted_pods():
 
 
 def test_image_is_the_one_docker_readme_tells_operators_to_build():
-    built_as = re.findall(r"docker build -t ([\w./-]+):(\w+) build/docker", (DOCKER / "README.md").read_text())
+    built_as = re.findall(r"docker build -t ([\w./-]+):(\w+) build/docker", (REPO / "docs" / "docker.md").read_text())
     assert built_as and {name for name, _ in built_as} == {IMAGE_NAME}
     assert container(the(base_objects(), "Deployment"))["image"] == IMAGE_NAME
     [image] = kustomization(PRODUCTION)["images"]
@@ -511,7 +511,7 @@ def test_promtool_accepts_the_groups_of_the_prometheus_rule(tmp_path):
 
 
 def test_readme_names_the_pinned_kubernetes_release():
-    assert f"Kubernetes {KUBERNETES_VERSION}" in (K8S / "README.md").read_text()
+    assert f"Kubernetes {KUBERNETES_VERSION}" in (REPO / "docs" / "kubernetes.md").read_text()
 
 
 # --- The overlays as kubectl would apply them (`kubectl kustomize`, no cluster needed) ------------

@@ -17,6 +17,7 @@ import yaml
 
 from monitoring import local, names, rules
 from conftest import REPO, run_digits
+from log_lines import error_lines
 from prometheus_api import free_port
 
 MONITORING = REPO / "monitoring"
@@ -24,7 +25,7 @@ PROMETHEUS_YML = MONITORING / "prometheus" / "prometheus.yml"
 ALERTMANAGER_YML = MONITORING / "alertmanager" / "alertmanager.yml"
 RULE_FILES = sorted((MONITORING / "prometheus" / "rules").glob("*.yml"))
 PROMTOOL_TESTS = sorted((MONITORING / "prometheus" / "tests").glob("*.yml"))
-RUNBOOK = MONITORING / "RUNBOOK.md"
+RUNBOOK = REPO / "docs" / "runbook.md"
 
 
 def tool(name: str) -> str:
@@ -90,8 +91,8 @@ def test_every_alert_carries_what_on_call_needs():
         assert "{{ $labels." in annotations["description"], name
         assert "model" in annotations["description"] or "instance" in annotations["description"], name
         url = annotations["runbook_url"]
-        assert url.startswith("monitoring/RUNBOOK.md#"), url
-        assert url.split("#", 1)[1] in anchors, f"{name}: no section {url} in monitoring/RUNBOOK.md"
+        assert url.startswith("docs/runbook.md#"), url
+        assert url.split("#", 1)[1] in anchors, f"{name}: no section {url} in docs/runbook.md"
 
 
 def test_drift_is_a_warning_held_for_an_hour_never_a_page():
@@ -233,7 +234,7 @@ def test_alert_receiver_prints_each_alert_and_logs_the_payload(alert_receiver):
         "status": "firing",
         "labels": {"alertname": "DigitsModelServerDown", "severity": "critical", "instance": "127.0.0.1:1",
                    "job": names.SERVING_JOB},
-        "annotations": {"description": "down", "runbook_url": "monitoring/RUNBOOK.md#digitsmodelserverdown"}}]}
+        "annotations": {"description": "down", "runbook_url": "docs/runbook.md#digitsmodelserverdown"}}]}
     assert _post(f"{url}/pager", json.dumps(payload).encode()) == (200, "ok\n")
     assert _post(f"{url}/pager", b"not json")[0] == 400
     assert _post(f"{url}/pager", b'{"alerts": 3}')[0] == 400
@@ -243,7 +244,7 @@ def test_alert_receiver_prints_each_alert_and_logs_the_payload(alert_receiver):
     out, _ = process.communicate(timeout=30)
     assert process.returncode == 0
     assert ("[pager] FIRING critical DigitsModelServerDown instance=127.0.0.1:1 job=digits-serving: down "
-            "(runbook: monitoring/RUNBOOK.md#digitsmodelserverdown)") in out.splitlines()
+            "(runbook: docs/runbook.md#digitsmodelserverdown)") in out.splitlines()
 
 
 def test_monitor_starts_both_and_ctrl_c_stops_everything(tmp_path):
@@ -290,6 +291,7 @@ def test_monitor_starts_both_and_ctrl_c_stops_everything(tmp_path):
                 os.kill(int(pid), signal.SIGKILL)
     assert process.returncode == 0, err
     assert out.strip().endswith("stopped") and "Traceback" not in err
+    assert error_lines(err) == [], err  # a successful run is quiet
     still = subprocess.run(["pgrep", "-f", str(tmp_path / "m")], capture_output=True, text=True, check=False)
     assert still.stdout.split() == []
     for port in ports.values():

@@ -219,5 +219,5 @@ def test_a_stopped_server_pages_through_alertmanager(monitored):
     assert receiver == "pager"
     assert alert["labels"] == {"alertname": "DigitsModelServerDown", "severity": "critical",
                                "job": names.SERVING_JOB, "instance": f"{host}:{port}", "monitor": "digits"}
-    assert alert["annotations"]["runbook_url"] == "monitoring/RUNBOOK.md#digitsmodelserverdown"
+    assert alert["annotations"]["runbook_url"] == "docs/runbook.md#digitsmodelserverdown"
     assert f"{host}:{port}" in alert["annotations"]["description"]

@@ -56,7 +56,7 @@ def test_a_request_over_max_batch_size_is_refused_with_tf_servings_message(conta
 
 
 def test_digits_predict_sends_many_files_in_requests_the_container_accepts(container_server, sample_tree):
-    # The README's `digits predict data/mnist-png/testing/7/*.png`: 100 files, in requests of at most 32.
+    # The docs' `digits predict data/mnist-png/testing/7/*.png`: 100 files, in requests of at most 32.
     files = sorted((sample_tree / "testing" / "7").iterdir())[:100]
     assert len(files) == 100
     for transport in (["--rest", container_server.rest_url], ["--grpc", container_server.grpc_target]):

@@ -441,7 +441,7 @@ def web_panels() -> list:
                 "sort": [{"field": "per day", "desc": True}]})),
             "Top corrections",
             f"The most frequent (answer, correction) pairs per day over the last {r.ONLINE_WINDOW}: a weak digit "
-            "shows as one pair on top. The corrected images are training data (README: closing the loop).",
+            "shows as one pair on top. The corrected images are training data (docs/web.md: closing the loop).",
             units.Short,
             [query(f"topk(10, sum by ({n.CLASS_LABEL}, {n.CORRECTED_CLASS_LABEL}) "
                    f"({recorded(r.CORRECTIONS_RATE)}) * {day}) > 0",
@@ -493,7 +493,7 @@ def scrape_panels() -> list:
 
 
 ROWS = (
-    # (title, collapsed, panels), as monitoring/RUNBOOK.md lists them. Open rows answer "is it healthy,
+    # (title, collapsed, panels), as docs/runbook.md lists them. Open rows answer "is it healthy,
     # and is the model still right?"; collapsed ones, one click away, "why not?".
     ("SLOs", False, slo_panels),
     ("Traffic", False, traffic_panels),
