@@ -75,17 +75,23 @@ def pipeline_run_args(records: Path, root: Path, serving: Path, *extra: str) -> 
 
 
 @pytest.fixture(scope="session")
-def pushed_model(tiny_records, tmp_path_factory) -> Path:
-    """The model directory (serving_model/digits) after one real, tiny pipeline run pushed a version.
-
-    Read-only for tests: copy it before adding or removing versions.
-    """
+def pushed_run(tiny_records, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One real, tiny `digits pipeline run` that pushed a version: its model directory and what it printed."""
     work = tmp_path_factory.mktemp("pushed")
     result = run_digits(*pipeline_run_args(tiny_records, work / "root", work / "serving"), timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     model_dir = work / "serving" / "digits"
     assert [path.name.isdigit() for path in model_dir.iterdir()] == [True]
-    return model_dir
+    return model_dir, result
+
+
+@pytest.fixture(scope="session")
+def pushed_model(pushed_run) -> Path:
+    """The model directory (serving_model/digits) after one real, tiny pipeline run pushed a version.
+
+    Read-only for tests: copy it before adding or removing versions.
+    """
+    return pushed_run[0]
 
 
 def start_server(model_dir: Path, *extra: str, timeout: float = 180):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -124,3 +125,40 @@ def test_failures_are_described_in_words(digit, is_diff, value, expected):
     threshold = SimpleNamespace(value_threshold=SimpleNamespace(lower_bound=SimpleNamespace(value=bound)),
                                 change_threshold=SimpleNamespace(absolute=SimpleNamespace(value=-drop)))
     assert describe_failure(contract.ACCURACY_METRIC, is_diff, value, threshold, digit) == expected
+
+
+def test_the_gates_read_back_from_the_evaluators_configuration_are_the_ones_it_was_given():
+    from pipeline.pipeline import eval_config, gates_from_eval_config
+
+    for gates in (BlessingGates(), BlessingGates(min_accuracy=0.9, max_accuracy_drop=0.0, min_class_recall=0.8,
+                                                 max_class_recall_drop=0.1)):
+        assert gates_from_eval_config(eval_config(gates)) == gates
+    import tensorflow_model_analysis as tfma
+
+    assert gates_from_eval_config(tfma.EvalConfig()) is None
+
+
+def test_the_report_shows_every_training_setting_in_a_group_and_the_gates():
+    import dataclasses
+
+    from components.config import NOT_SHOWN_AS_SETTINGS, SETTING_GROUPS, TrainerConfig
+    from pipeline.report import settings_table
+
+    fields = [field.name for field in dataclasses.fields(TrainerConfig)]
+    grouped = [name for names in SETTING_GROUPS.values() for name in names] + list(NOT_SHOWN_AS_SETTINGS)
+    assert sorted(grouped) == sorted(fields), "every setting in exactly one group"
+
+    config = {**TrainerConfig(steps_per_epoch=None).to_custom_config(), "code_fingerprint": "abc",
+              "a_setting_from_newer_code": 3}
+    page = settings_table(config, BlessingGates())
+    captions = re.findall(r"<caption>(\w+)</caption>", page)
+    assert captions == ["data", "model", "optimiser", "augmentation", "other", "gates"]
+    for row in ("<td>learning rate</td><td class=n>0.001</td>", "<td>dense units</td><td class=n>64, 64</td>",
+                "<td>steps per epoch</td><td class=n>one pass over the train split</td>",
+                "<td>base weights sha256</td><td class=n>none</td>",
+                "<td>a setting from newer code</td><td class=n>3</td>",
+                "<td>held-out accuracy at least</td><td class=n>0.985</td>",
+                "<td>any digit's recall drop against the latest blessed model at most</td><td class=n>0.05</td>"):
+        assert row in page, row
+    assert "code fingerprint" not in page and "base weights warning" not in page
+    assert "<caption>gates</caption>" not in settings_table(config, None)  # the Evaluator did not run

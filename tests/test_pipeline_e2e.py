@@ -73,7 +73,10 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
     assert f"report: {root / 'report' / 'index.html'}" in result.stdout
     for expected in ("Components", "Trainer", "Anomalies", "none: every split matches", "base weights",
                      "random initialisation", "alt='training curves'", "alt='confusion matrix'",
-                     "examples: <b>50</b>", "<b>BLESSED</b>", "pushed version"):
+                     "examples: <b>50</b>", "<b>BLESSED</b>", "pushed version",
+                     # the settings in groups, the gates read back from the Evaluator this run configured
+                     "<caption>optimiser</caption>", "<tr><td>epochs</td><td class=n>1</td></tr>",
+                     "<caption>gates</caption>", "<tr><td>every digit's recall at least</td><td class=n>0</td></tr>"):
         assert expected in report, expected
 
     # Every component left its artifact; the data had no anomalies; the model was blessed.
