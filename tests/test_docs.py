@@ -44,6 +44,7 @@ FOREIGN_OPTIONS = {
     "python -m venv": {"--system-site-packages"},
     "Beam's Dataflow options": {"--project", "--region"},
     "prometheus": {"--query.max-samples", "--storage.tsdb.retention.time"},
+    "mkdocs": {"--strict"},
 }
 # The project's own scripts with options, as the pages invoke them (`python X` or `python -m Y`).
 SCRIPTS = {
