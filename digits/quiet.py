@@ -63,8 +63,9 @@ class _QuietLoader(importlib.abc.Loader):
     """The package's own loader, its `exec_module` run through the filter; afterwards the module
     names its own loader again, so nothing downstream sees this one."""
 
-    def __init__(self, loader: importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader, finder: "_QuietTensorFlowFinder"):
         self._loader = loader
+        self._finder = finder
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -73,6 +74,7 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        self._finder.used = True  # once: the first import is the one that loads the native library
         module.__spec__.loader = module.__loader__ = self._loader
         with stderr_without(HARMLESS_STARTUP_LINES):
             self._loader.exec_module(module)
@@ -85,12 +87,13 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
         self.used = False
 
     def find_spec(self, name, path=None, target=None):
+        # Not only on the first call: a library may look the package up (importlib.util.find_spec)
+        # before anything imports it.
         if name != "tensorflow" or self.used:
             return None
-        self.used = True  # once: the first import is the one that loads the native library
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
+            spec.loader = _QuietLoader(spec.loader, self)
         return spec
 
 

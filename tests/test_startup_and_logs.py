@@ -76,6 +76,8 @@ def test_tensorflow_prints_its_cuda_lines_and_the_digits_command_drops_exactly_t
         from digits.quiet import quiet_tensorflow_import
         quiet_tensorflow_import()
         sys.stderr.write("before\\n")
+        import importlib.util
+        assert importlib.util.find_spec("tensorflow") is not None  # a look-up first, as libraries do
         import tensorflow
         sys.stderr.write("after\\n")
         os.write(2, b"2026-12-04 19:21:54.870243: E external/local_xla/xla/stream_executor/cuda/cuda_fft.cc:479] "
