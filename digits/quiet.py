@@ -17,8 +17,8 @@ import importlib.abc
 import importlib.machinery
 import os
 import re
+import subprocess
 import sys
-import threading
 
 # The whole line, as TensorFlow's logger prints it (timestamp, level E, the XLA source, the message).
 HARMLESS_STARTUP_LINES = re.compile(
@@ -27,36 +27,50 @@ HARMLESS_STARTUP_LINES = re.compile(
     rb"cu(?:FFT|DNN|BLAS) when one has already been registered\r?\n?$")
 
 
+# The filter runs in a child process of its own: a thread of this process would need the GIL to
+# drain the pipe, which the importing thread holds while the native library's initialisers write,
+# so more than a pipe's worth of output there would block both for ever; and a child outlives a
+# crash of this process, so whatever was written before the crash still reaches the terminal.
+_FILTER = """
+import re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the command; this drains until the pipe closes
+pattern = re.compile(sys.argv[1].encode("latin-1"))
+out = sys.stdout.buffer
+for line in sys.stdin.buffer:
+    if not pattern.match(line):
+        out.write(line)
+        out.flush()
+"""
+
+
 @contextlib.contextmanager
 def stderr_without(pattern: re.Pattern[bytes]):
-    """Lines written to file descriptor 2 (by C++ or Python) that match `pattern` are dropped."""
+    """Lines written to file descriptor 2 (by C++ or Python) that match `pattern` are dropped.
+
+    Everything else reaches the original stderr unchanged and in order. If the filter cannot be
+    started, stderr is left as it is (nothing is dropped, nothing is lost).
+    """
     sys.stderr.flush()
     original = os.dup(2)
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-
-    def forward() -> None:
-        with os.fdopen(read_end, "rb", buffering=0) as lines:
-            pending = b""
-            while chunk := lines.read(65536):
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                for line in complete:
-                    if not pattern.match(line + b"\n"):
-                        os.write(original, line + b"\n")
-            if pending and not pattern.match(pending):
-                os.write(original, pending)
-
-    forwarder = threading.Thread(target=forward, name="stderr-filter", daemon=True)
-    forwarder.start()
+    try:
+        child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, pattern.pattern.decode("latin-1")],
+                                 stdin=subprocess.PIPE, stdout=original, stderr=subprocess.DEVNULL)
+    except OSError:
+        os.close(original)
+        yield
+        return
+    os.dup2(child.stdin.fileno(), 2)
+    child.stdin.close()  # fd 2 is now the pipe's only write end here
     try:
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(original, 2)  # closes the pipe's last write end: the forwarder sees EOF and drains
-        forwarder.join(timeout=10)
+        os.dup2(original, 2)  # the pipe's write end closes: the filter drains it and exits
         os.close(original)
+        try:  # so that what comes next is printed after what was filtered
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # a process started meanwhile holds the pipe open; the filter serves it until it exits
 
 
 class _QuietLoader(importlib.abc.Loader):

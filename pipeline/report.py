@@ -230,7 +230,7 @@ def _gates(evaluator_properties: dict) -> BlessingGates | None:
 
     from pipeline.pipeline import gates_from_eval_config
 
-    return gates_from_eval_config(json_format.Parse(text, tfma.EvalConfig()))
+    return gates_from_eval_config(json_format.Parse(text, tfma.EvalConfig(), ignore_unknown_fields=True))
 
 
 _GATE_LABELS = {

@@ -35,8 +35,11 @@ class Port:
 def reserve(wanted: Port) -> socket.socket:
     """A TCP socket bound to the address, not listening yet (the caller listens, or hands it on).
 
-    SO_REUSEADDR as aiohttp and gRPC set it: a port whose old connections are in TIME_WAIT (a
-    server restarted a moment ago) is free, one another process listens on is not.
+    Bound without SO_REUSEADDR, so that no other socket can bind the port while this one holds it
+    (on Linux two sockets that both set it may share a port as long as neither listens, and aiohttp,
+    gRPC and Prometheus all set it). Only if that fails is it bound with SO_REUSEADDR, as servers
+    bind: then the port is held by old connections in TIME_WAIT (a server restarted a moment ago) or
+    by a socket nobody listens on, and is usable; one another process listens on is refused either way.
     """
     try:
         infos = socket.getaddrinfo(wanted.host, wanted.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -44,14 +47,18 @@ def reserve(wanted: Port) -> socket.socket:
         raise PortError(f"cannot listen on {wanted.address} ({wanted.what}): unknown host {wanted.host!r} "
                         f"({error.strerror})") from None
     family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as error:
-        sock.close()
-        raise PortError(_reason(wanted, error)) from None
-    return sock
+    for reuse in (False, True):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if reuse:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            return sock
+        except OSError as error:
+            sock.close()
+            if reuse or error.errno != errno.EADDRINUSE:
+                raise PortError(_reason(wanted, error)) from None
+    raise AssertionError("unreachable")
 
 
 def reserve_all(wanted: list[Port]) -> list[socket.socket]:

@@ -24,7 +24,7 @@ from serving.config import ServerConfig
 from serving.grpc_service import make_server
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager, freeze_startup_heap
-from serving.ports import Port, bound_port, reserve_all
+from serving.ports import Port, PortError, bound_port, reserve_all
 from serving.rest import make_app
 from serving.service import PredictionService
 from serving.workers import Workers
@@ -101,10 +101,12 @@ async def _serve(config: ServerConfig, on_ready, rest_socket: socket.socket, grp
         return
     service = PredictionService(manager, metrics, config.max_concurrent_requests)
     workers = Workers(config.max_concurrent_requests, "rest")  # one per admitted predict: none ever waits for one
-    # gRPC binds the reserved port while the reservation still holds it (both set SO_REUSEADDR and
-    # the reservation never listens), so no other process can take it in between.
-    grpc_server, grpc_port = make_server(config, service, port=bound_port(grpc_socket))
+    # The reservation holds the gRPC port exclusively until gRPC binds it itself: it is released just
+    # before, a window of microseconds (should another process bind the port in it, gRPC's bind fails
+    # and the server ends with one line, after grpcio's own log line).
+    grpc_port = bound_port(grpc_socket)
     grpc_socket.close()
+    grpc_server, grpc_port = make_server(config, service, port=grpc_port)
     runner = web.AppRunner(make_app(config, service, workers), access_log=None,
                            shutdown_timeout=config.shutdown_grace_s, handle_signals=False)
     grpc_server.start()
@@ -112,9 +114,10 @@ async def _serve(config: ServerConfig, on_ready, rest_socket: socket.socket, grp
     site = web.SockSite(runner, rest_socket)
     try:
         await site.start()  # listens on the reserved socket
-    except OSError:
+    except OSError as error:
         grpc_server.stop(None)
-        raise
+        raise PortError(f"cannot listen on {config.host}:{bound_port(rest_socket)} (REST): "
+                        f"{error.strerror or error}") from None
     manager.start_polling()
     rest_port = bound_port(rest_socket)  # the real port when 0 was asked for
     if on_ready is not None:

@@ -54,7 +54,7 @@ SCRIPTS = {
     "monitoring/alert_receiver.py": REPO / "monitoring" / "alert_receiver.py",
     "docs/architecture.py": DOCS / "architecture.py",
 }
-OPTION = re.compile(r"(?<![\w./-])(--[a-z][a-z0-9]*(?:[-.][a-z0-9]+)*)(?![\w])")
+OPTION = re.compile(r"(?<![\w.-])(--[a-z][a-z0-9]*(?:[-.][a-z0-9]+)*)(?![\w])")
 
 
 # --- the site ------------------------------------------------------------------------------------
@@ -195,6 +195,8 @@ def _invocations(text: str):
             continue
         if tokens[0] == "digits" or tokens[0].endswith("/bin/digits"):
             yield "digits", tokens[1:]
+        elif re.search(r"(^|/)python[0-9.]*$", tokens[0]) and tokens[1:3] == ["-m", "digits"]:
+            yield "digits", tokens[3:]
         elif re.search(r"(^|/)python[0-9.]*$", tokens[0]) and len(tokens) > 1:
             module = tokens[2] if tokens[1] == "-m" and len(tokens) > 2 else None
             script = module or tokens[1]
@@ -302,6 +304,7 @@ def test_the_command_check_catches_what_does_not_exist(tmp_path):
         ".venv/bin/python benchmarks/robustness.py --modle DIR",
         "```",
         "The gate is `--min-acuracy`; `--min-accuracy` is fine, as is `digits serve --onednn/--no-onednn`.",
+        "`python -m digits web --prot 1`, and in prose `--warmup/--no-warmpu`.",
     ]))
     problems = documentation_problems([page])
     assert [problem.rsplit(": ", 1)[1] for problem in problems] == [
@@ -310,6 +313,8 @@ def test_the_command_check_catches_what_does_not_exist(tmp_path):
         "digits predict has no option --lable",
         "benchmarks/robustness.py has no option --modle",
         "no command or script of the project has --min-acuracy",
+        "digits web has no option --prot",
+        "no command or script of the project has --no-warmpu",
     ], problems
 
 
