@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from monitoring.local import MonitoringError, MonitoringStack, StackConfig, find_binary
+from monitoring.local import MonitoringError, MonitoringStack, StackConfig
 
 
 def _target(value: str) -> str:
@@ -50,10 +50,7 @@ def monitor_command(serving_targets, web_targets, data_dir, prometheus_port, ale
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        find_binary("prometheus"), find_binary("alertmanager")
-        stack.check_ports()
-        click.echo(f"starting Prometheus and Alertmanager (data in {data_dir})...")
-        stack.start()
+        stack.start(on_starting=lambda: click.echo(f"starting Prometheus and Alertmanager (data in {data_dir})..."))
         click.echo(f"Prometheus    {config.prometheus_url}  (alerts: {config.prometheus_url}/alerts)")
         click.echo(f"Alertmanager  {config.alertmanager_url}")
         click.echo(f"scraping      {', '.join(serving_targets + web_targets)}")

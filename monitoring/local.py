@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -144,11 +145,14 @@ class MonitoringStack:
         except PortError as error:
             raise MonitoringError(str(error)) from None
 
-    def start(self) -> MonitoringStack:
+    def start(self, on_starting: Callable[[], None] | None = None) -> MonitoringStack:
+        """Checks the binaries and ports (one-line MonitoringErrors), calls `on_starting`, starts all three."""
         import yaml
 
         prometheus, alertmanager = find_binary("prometheus"), find_binary("alertmanager")
         self.check_ports()
+        if on_starting is not None:
+            on_starting()
         data = self.config.data_dir.resolve()
         try:
             for sub in ("prometheus", "alertmanager"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from serving.config import BATCH_WAITS, BatchingConfig, ServerConfig, batching_from_file
-from serving.ports import Port, PortError, reserve_all
+from serving.ports import PortError, reserve_all
 from serving.runtime import ONEDNN_ENV, select_kernels
 
 DEFAULT_MODEL_DIR = Path("serving_model") / "digits"  # where `digits pipeline run` pushes
@@ -102,8 +102,7 @@ def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_version
     # The ports before anything slow: a taken port is one line now, not a traceback after ~30 s of
     # importing TensorFlow and loading the model. Bound, not listening, until the versions are loaded.
     try:
-        sockets = tuple(reserve_all([Port(host, rest_port, "REST", "--rest-port"),
-                                     Port(host, grpc_port, "gRPC", "--grpc-port")]))
+        sockets = tuple(reserve_all(config.ports()))
     except PortError as error:
         raise click.ClickException(f"cannot start the server: {error}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import contract
+from serving.ports import Port
 
 
 BATCH_WAITS = ("arriving", "always")
@@ -184,3 +185,8 @@ class ServerConfig:
     @property
     def label_map(self) -> dict[str, int]:
         return dict(self.labels)
+
+    def ports(self) -> list[Port]:
+        """Where it listens, in the order they are claimed (and a taken one is reported)."""
+        return [Port(self.host, self.rest_port, "REST", "--rest-port"),
+                Port(self.host, self.grpc_port, "gRPC", "--grpc-port")]

@@ -84,15 +84,18 @@ def spawn_server(model_dir: Path, *extra: str, cwd: Path | None = None) -> tuple
 
     Returns the process and the list its stdout and stderr lines are appended to (by threads).
     """
-    process, output, _ = spawn_digits("serve", "--model-dir", model_dir, "--host", "127.0.0.1", "--rest-port", "0",
-                                      "--grpc-port", "0", *extra, cwd=cwd)
+    process, output, _ = _spawn_serve(model_dir, extra, cwd)
     return process, output
+
+
+def _spawn_serve(model_dir: Path, extra: tuple[str, ...], cwd: Path | None):
+    return spawn_digits("serve", "--model-dir", model_dir, "--host", "127.0.0.1", "--rest-port", "0",
+                        "--grpc-port", "0", *extra, cwd=cwd)
 
 
 def start_server(model_dir: Path, *extra: str, timeout: float = 180, cwd: Path | None = None) -> ServerProcess:
     """Starts `digits serve` as `spawn_server` does and waits until it is ready."""
-    process, output, errors = spawn_digits("serve", "--model-dir", model_dir, "--host", "127.0.0.1",
-                                           "--rest-port", "0", "--grpc-port", "0", *extra, cwd=cwd)
+    process, output, errors = _spawn_serve(model_dir, extra, cwd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = "".join(output)

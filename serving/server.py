@@ -24,7 +24,7 @@ from serving.config import ServerConfig
 from serving.grpc_service import make_server
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager, freeze_startup_heap
-from serving.ports import Port, PortError, bound_port, reserve_all
+from serving.ports import PortError, bound_port, reserve_all
 from serving.rest import make_app
 from serving.service import PredictionService
 from serving.workers import Workers
@@ -48,8 +48,7 @@ def serve(config: ServerConfig, on_ready: Callable[[Endpoints], None] | None = N
     `digits serve` claims them before importing TensorFlow; reserved here if not given.
     """
     if sockets is None:
-        sockets = tuple(reserve_all([Port(config.host, config.rest_port, "REST", "--rest-port"),
-                                     Port(config.host, config.grpc_port, "gRPC", "--grpc-port")]))
+        sockets = tuple(reserve_all(config.ports()))
     rest_socket, grpc_socket = sockets
     try:
         asyncio.run(_serve(config, on_ready, rest_socket, grpc_socket))

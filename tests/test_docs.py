@@ -430,6 +430,12 @@ def test_the_home_page_renders_offline_with_its_picture_and_search(browser, site
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
         nav = page.locator("nav.md-nav--primary").inner_text()
+        page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen
+        phone = page.evaluate("""() => ({page: document.documentElement.scrollWidth,
+            picture: document.querySelector("article img[src$='architecture.svg']").getBoundingClientRect().right,
+            link: document.querySelector("article img[src$='architecture.svg']").closest('a')?.getAttribute('href')})""")
+        page.screenshot(path=str(ARTIFACTS / "home-phone.png"))
+        page.set_viewport_size({"width": 1280, "height": 900})
         page.keyboard.press("s")  # Material's search shortcut; the offline index is the site's own
         page.keyboard.type("DigitsModelServerDown", delay=20)
         page.locator(".md-search-result__item").first.wait_for(timeout=30_000)
@@ -440,6 +446,8 @@ def test_the_home_page_renders_offline_with_its_picture_and_search(browser, site
     assert not errors, errors
     assert geometry["natural"] > 0, "the architecture picture did not load"
     assert geometry["width"] >= 600, geometry
+    assert phone["page"] <= 390 and phone["picture"] <= 390, phone
+    assert phone["link"].endswith("architecture.svg"), phone  # full size, a tap away
     for section in ("Getting started", "Build a model", "Serve", "Operate", "Scale out", "Measure",
                     "Troubleshooting"):
         assert section in nav, nav
