@@ -307,9 +307,15 @@ def _locked() -> dict[str, str]:
     return pins
 
 
-def test_the_web_image_installs_exactly_the_locked_versions():
+def _web_image_install() -> str:
+    """The arguments of the web image's one `pip install`."""
     [install] = [arguments for name, arguments in instructions(WEB_DOCKERFILE)
                  if name == "RUN" and "pip install" in arguments]
+    return install
+
+
+def test_the_web_image_installs_exactly_the_locked_versions():
+    install = _web_image_install()
     assert "--no-deps" in install  # nothing unpinned comes in as a dependency
     pins = dict(word.split("==") for word in install.split() if "==" in word)
     locked = _locked()
@@ -317,10 +323,24 @@ def test_the_web_image_installs_exactly_the_locked_versions():
     assert {"aiohttp", "pillow", "prometheus-client", "click", "numpy"} <= set(pins)
 
 
-def test_the_web_image_has_every_module_the_app_imports(tmp_path):
-    """What the Dockerfile copies is enough to run `python -m web`, and none of it imports TensorFlow."""
+def _web_image_outside_docker(root: Path) -> tuple[Path, Path]:
+    """The web image's Python environment without Docker: a fresh virtual environment holding only the
+    Dockerfile's pins, installed as it installs them (`--no-deps`) by uv from its local cache (offline:
+    `bash .ci/tasks.sh setup` put every locked wheel there), and what the Dockerfile copies, in a
+    directory of its own. Returns (the environment's python, that directory)."""
+    uv = Path(sys.executable).with_name("uv")
+    assert uv.exists(), f"no {uv}: `bash .ci/tasks.sh setup` installs it"
+    venv, app = root / "venv", root / "app"
+    python = venv / "bin" / "python"
+    made = subprocess.run([str(uv), "venv", "--quiet", "--no-config", "--python", sys.executable, str(venv)],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert made.returncode == 0, made.stderr
+    pins = [word for word in _web_image_install().split() if "==" in word]
+    installed = subprocess.run([str(uv), "pip", "install", "--quiet", "--no-config", "--offline", "--no-deps",
+                                "--python", str(python), *pins], capture_output=True, text=True, timeout=300, cwd=root)
+    assert installed.returncode == 0, f"not in uv's cache (offline)? {installed.stderr[-2000:]}"
     for sources, destination in copies(WEB_DOCKERFILE):
-        target = tmp_path / destination.removeprefix("/app/").lstrip("/")
+        target = app / destination.removeprefix("/app/").lstrip("/")
         for source in sources:
             path = REPO / source
             if path.is_dir():
@@ -329,18 +349,39 @@ def test_the_web_image_has_every_module_the_app_imports(tmp_path):
             else:
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, target / path.name)
-    probe = ("import sys, web.app, web.cli, web.metrics, web.feedback, web.model_server\n"
-             f"outside = [n for n, m in sys.modules.items() if getattr(m, '__file__', None) and "
-             f"m.__file__.startswith({str(REPO)!r}) and '.venv' not in m.__file__]\n"
+    return python, app
+
+
+def test_the_web_image_runs_on_its_pins_alone(tmp_path):
+    """Every dependency of every pinned package is pinned too (a missing one would be missing from the
+    image, since it installs with --no-deps), and the app imports and runs in an environment that holds
+    only the pins and what the Dockerfile copies, without TensorFlow."""
+    python, app = _web_image_outside_docker(tmp_path)
+    uv = Path(sys.executable).with_name("uv")
+    check = subprocess.run([str(uv), "pip", "check", "--no-config", "--python", str(python)],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # The app's modules, and what its request handlers import on first use (Pillow, NumPy): a corrected
+    # digit made into a PNG and that PNG checked as an upload.
+    probe = ("import sys\n"
+             "import web.app, web.cli, web.metrics, web.feedback, web.model_server\n"
+             "from web.config import WebConfig\n"
+             "png = web.feedback.digit_png([[x / 27 for x in range(28)]] * 28)\n"
+             "assert web.app.check_image(png, WebConfig()) == 'png'\n"
+             "places = (sys.prefix, sys.base_prefix, sys.argv[1])\n"
+             "stray = [n for n, m in sys.modules.items() if getattr(m, '__file__', None) and "
+             "not m.__file__.startswith(places)]\n"
              "heavy = [n for n in sys.modules if n.split('.')[0] in ('tensorflow', 'tfx', 'grpc')]\n"
-             "print(outside, heavy)")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+             "print(stray, heavy)")
+    environment = {**os.environ, "PYTHONPATH": str(app)}
+    environment.pop("VIRTUAL_ENV", None)
+    result = subprocess.run([str(python), "-c", probe, str(app)], cwd=app, capture_output=True, text=True,
+                            timeout=120, env=environment)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[] []"
-    help_text = subprocess.run([sys.executable, "-m", "web", "--help"], cwd=tmp_path, capture_output=True,
-                               text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert help_text.returncode == 0 and "--serving-url" in help_text.stdout
+    help_text = subprocess.run([str(python), "-m", "web", "--help"], cwd=app, capture_output=True, text=True,
+                               timeout=120, env=environment)
+    assert help_text.returncode == 0 and "--serving-url" in help_text.stdout, help_text.stderr[-2000:]
 
 
 def test_the_web_image_runs_as_nobody_and_checks_its_health():

@@ -1,10 +1,14 @@
-"""`digits web`'s backend over real HTTP on loopback, in front of a real `digits serve` (REST and gRPC)."""
+"""`digits web`'s backend over real HTTP on loopback, in front of a real `digits serve` (REST and gRPC),
+and of scripted model servers for the answers a real one does not give (malformed, a version gone)."""
 
 from __future__ import annotations
 
 import hashlib
+import http.server
 import io
 import json
+import math
+import re
 import socket
 import threading
 import time
@@ -223,6 +227,304 @@ def test_grpc_mode_answers_as_rest_does(model_server, digits_by_class, tmp_path,
         assert by_grpc["normalized_image"] == by_rest["normalized_image"]
         assert by_grpc["model_version"] == by_rest["model_version"]
         assert requests.get(f"{grpc_app.url}/api/model", timeout=30).json()["versions"]
+
+
+# -- a model server that answers wrongly, or unloads the version meanwhile --------------------------------
+
+STATUS_PATH = "/v1/models/digits"
+WELL_FORMED_ROW = {contract.PROBABILITIES_OUTPUT: [0.02] * 9 + [0.82], contract.INK_FRACTION_OUTPUT: 0.1,
+                   contract.NORMALIZED_IMAGE_OUTPUT: [[0.0] * 28] * 28}
+WELL_FORMED_ANSWER = (200, json.dumps({"predictions": [WELL_FORMED_ROW]}))
+
+
+def _predict_path(version: int) -> str:
+    return f"POST {STATUS_PATH}/versions/{version}:predict"
+
+
+class ScriptedModelServer:
+    """TF Serving's REST API played from a script, on loopback in a thread; every request is kept, in order.
+
+    Each model status read gets the next of `statuses` (the last one repeats): a list of AVAILABLE
+    versions, or a body sent as it is. A predict of a version in `loaded` gets `answer` (HTTP status,
+    body); of any other version, TF Serving's 404 for a version it does not have.
+    """
+
+    def __init__(self, statuses: list[list[int] | str], loaded: set[int],
+                 answer: tuple[int, str] = WELL_FORMED_ANSWER):
+        self.statuses, self.loaded, self.answer = list(statuses), set(loaded), answer
+        self.requests: list[str] = []
+        script = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # the test reads `requests`, not stderr
+                pass
+
+            def _send(self, status: int, body: str) -> None:
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                script.requests.append(f"GET {self.path}")
+                versions = script.statuses.pop(0) if len(script.statuses) > 1 else script.statuses[0]
+                self._send(200, versions if isinstance(versions, str) else json.dumps({"model_version_status": [
+                    {"version": str(v), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+                    for v in sorted(versions, reverse=True)]}))
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                script.requests.append(f"POST {self.path}")
+                found = re.fullmatch(rf"{STATUS_PATH}/versions/(\d+):predict", self.path)
+                if found and int(found.group(1)) in script.loaded:
+                    self._send(*script.answer)
+                else:
+                    version = found.group(1) if found else "?"
+                    self._send(404, json.dumps(
+                        {"error": f"Servable not found for request: Specific(digits, {version})"}))
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> ScriptedModelServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def scripted_server():
+    with ScriptedModelServer([[1]], {1}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def scripted_app(scripted_server, tmp_path_factory):
+    """`digits web` in front of the scripted model server (REST)."""
+    with start_web("--serving-url", scripted_server.url, "--feedback-dir", tmp_path_factory.mktemp("scripted")) as app:
+        yield app
+
+
+@pytest.fixture
+def scripted(scripted_server):
+    """The scripted model server, reset: version 1 loaded and answering well."""
+    scripted_server.statuses, scripted_server.loaded, scripted_server.answer = [[1]], {1}, WELL_FORMED_ANSWER
+    return scripted_server
+
+
+def _check_counted_as_the_model_servers(before: dict, after: dict, reason: str) -> None:
+    """One more model-server failure of `reason`, one more predict with its outcome, and no prediction counted."""
+    for key in ((n.WEB_MODEL_SERVER_ERRORS, (("reason", reason),)),
+                (n.WEB_REQUESTS, (("endpoint", "predict"), ("outcome", f"model_{reason}")))):
+        assert after.get(key, 0) - before.get(key, 0) == 1, key
+    predictions = [{key: value for key, value in metrics.items() if key[0] == n.PREDICTIONS}
+                   for metrics in (before, after)]
+    assert predictions[0] == predictions[1]
+
+
+NOT_A_DIGITS_ANSWER = "has no probabilities, ink fraction and normalised image"
+# What a model server may answer instead of a digits model's answer: (HTTP status, body, reason, words).
+MALFORMED_REST_ANSWERS = {
+    "no predictions": (200, {"outputs": [WELL_FORMED_ROW]}, "bad_answer", NOT_A_DIGITS_ANSWER),
+    "no rows": (200, {"predictions": []}, "bad_answer", NOT_A_DIGITS_ANSWER),
+    "two rows for one image": (200, {"predictions": [WELL_FORMED_ROW] * 2}, "bad_answer", NOT_A_DIGITS_ANSWER),
+    "a row of numbers": (200, {"predictions": [[0.1] * 10]}, "bad_answer", NOT_A_DIGITS_ANSWER),
+    "nine probabilities": (200, {"predictions": [{**WELL_FORMED_ROW, contract.PROBABILITIES_OUTPUT: [0.1] * 9}]},
+                           "bad_answer", "9 probabilities and a 28-row image; expected 10 and 28"),
+    "a 27-row image": (200, {"predictions": [{**WELL_FORMED_ROW, contract.NORMALIZED_IMAGE_OUTPUT: [[0.0] * 28] * 27}]},
+                       "bad_answer", "10 probabilities and a 27-row image"),
+    "text for numbers": (200, {"predictions": [{**WELL_FORMED_ROW, contract.PROBABILITIES_OUTPUT: ["high"] * 10}]},
+                         "bad_answer", "is not a digits model's"),
+    # TF Serving writes a broken model's NaN as it is: valid to Python's json, not to the page's JSON.parse.
+    "NaN probabilities": (200, {"predictions": [{**WELL_FORMED_ROW, contract.PROBABILITIES_OUTPUT: [math.nan] * 10}]},
+                          "bad_answer", "not numbers (NaN or infinity)"),
+    "not JSON": (200, "<html><body>It works!</body></html>", "bad_answer", "HTTP 200 with a body that is not JSON"),
+    "an empty body": (200, "", "bad_answer", "HTTP 200 with a body that is not JSON"),
+    "a JSON list": (200, "[0.1, 0.9]", "bad_answer", "HTTP 200 with a JSON list, not an object"),
+    "an error page": (500, "<html><body>Internal Server Error</body></html>", "error", "answered HTTP 500"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_REST_ANSWERS))
+def test_a_malformed_model_answer_is_a_502_with_one_line(scripted_app, scripted, digits_by_class, case):
+    """Whatever a model server answers that is not a digits model's answer, the page gets a 502 and one
+    line that says so, counted as the model server's failure, and nothing is counted as a prediction."""
+    status, body, reason, words = MALFORMED_REST_ANSWERS[case]
+    scripted.answer = (status, body if isinstance(body, str) else json.dumps(body))
+    before = _metrics(scripted_app)
+    response = _predict(scripted_app, digits_by_class[2][0])
+    assert response.status_code == 502, response.text
+    message = response.json()["error"]
+    assert message.startswith("the model server") and words in message, message
+    assert "\n" not in message and "Traceback" not in message
+    assert scripted.requests[-1] == _predict_path(1)  # the model server was asked, and this is its answer
+    _check_counted_as_the_model_servers(before, _metrics(scripted_app), reason)
+
+
+@pytest.mark.parametrize("body", ['{"model_version_status": ["1"]}', '{"model_version_status": 1}',
+                                  '{"model_version_status": [{"version": "one", "state": "AVAILABLE"}]}',
+                                  "<html><body>It works!</body></html>"])
+def test_a_malformed_model_status_is_a_502_and_not_ready(scripted_app, scripted, body):
+    scripted.statuses = [body]
+    response = requests.get(f"{scripted_app.url}/api/model", timeout=30)
+    assert response.status_code == 502, response.text
+    message = response.json()["error"]
+    assert message in ("the model status is not TF Serving's",
+                       "the model server answered HTTP 200 with a body that is not JSON")
+    ready = requests.get(f"{scripted_app.url}/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.text == f"not ready: {message}\n"
+
+
+def test_a_well_formed_scripted_answer_is_shown(scripted_app, scripted, digits_by_class):
+    """The scripted model server answers as TF Serving does: the 502s above are the malformation's."""
+    response = _predict(scripted_app, digits_by_class[2][0])
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["digit"], answer["model_version"]) == (9, 1)
+    assert answer["probabilities"] == pytest.approx(WELL_FORMED_ROW[contract.PROBABILITIES_OUTPUT])
+
+
+def test_a_version_unloaded_meanwhile_is_read_again_once(digits_by_class, tmp_path):
+    """REST predicts name their version (the newest AVAILABLE one, from the model status); when it was
+    unloaded since (TF Serving's 404), the app reads the status again and retries once, with what it reads now."""
+    with ScriptedModelServer([[2], [3]], loaded={3}) as server, \
+            start_web("--serving-url", server.url, "--feedback-dir", tmp_path) as app:
+        response = _predict(app, digits_by_class[1][0])
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == 3
+        assert server.requests == [f"GET {STATUS_PATH}", _predict_path(2), f"GET {STATUS_PATH}", _predict_path(3)]
+
+
+def test_a_version_missing_again_after_the_reread_is_a_503_without_another_retry(digits_by_class, tmp_path):
+    """The retry is once: the newly read version missing too is reported, not chased."""
+    with ScriptedModelServer([[2], [3], [4]], loaded=set()) as server, \
+            start_web("--serving-url", server.url, "--feedback-dir", tmp_path) as app:
+        response = _predict(app, digits_by_class[1][0])
+        assert server.requests == [f"GET {STATUS_PATH}", _predict_path(2), f"GET {STATUS_PATH}", _predict_path(3)]
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == ("the model server is unavailable: "
+                                            "Servable not found for request: Specific(digits, 3)")
+        assert _metrics(app)[(n.WEB_MODEL_SERVER_ERRORS, (("reason", "unavailable"),))] == 1
+
+
+
+class ScriptedGrpcModelServer:
+    """TF Serving's gRPC PredictionService played from a script, on loopback: each Predict gets the
+    outputs in `answer` ({name: (values, shape)}, bytes values as a string tensor), or, when `answer`
+    is a status code's name, fails with it. `predicts` counts the calls."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+        self.answer: dict | str = GRPC_WELL_FORMED
+        self.predicts = 0
+        script = self
+
+        class Service(prediction_service_pb2_grpc.PredictionServiceServicer):
+            def Predict(self, request, context):
+                script.predicts += 1
+                if isinstance(script.answer, str):
+                    context.abort(getattr(grpc.StatusCode, script.answer), "scripted failure")
+                response = predict_pb2.PredictResponse()
+                response.model_spec.name = request.model_spec.name
+                response.model_spec.version.value = 1
+                for name, (values, shape) in script.answer.items():
+                    response.outputs[name].CopyFrom(_tensor(values, shape))
+                return response
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Service(), self._server)
+        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+
+    def __enter__(self) -> ScriptedGrpcModelServer:
+        self._server.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._server.stop(grace=None).wait(10)
+
+
+def _tensor(values: list, shape: list[int]):
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    dims = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in shape])
+    if values and isinstance(values[0], bytes):
+        return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=values, tensor_shape=dims)
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=values, tensor_shape=dims)
+
+
+GRPC_WELL_FORMED = {contract.PROBABILITIES_OUTPUT: (WELL_FORMED_ROW[contract.PROBABILITIES_OUTPUT], [1, 10]),
+                    contract.INK_FRACTION_OUTPUT: ([0.1], [1]),
+                    contract.NORMALIZED_IMAGE_OUTPUT: ([0.0] * 28 * 28, [1, 28, 28])}
+# What a model server may answer over gRPC instead of a digits model's answer: (outputs, reason, words).
+MALFORMED_GRPC_ANSWERS = {
+    "no outputs": ({}, "bad_answer", NOT_A_DIGITS_ANSWER),
+    "no normalised image": ({name: GRPC_WELL_FORMED[name] for name in (contract.PROBABILITIES_OUTPUT,
+                                                                        contract.INK_FRACTION_OUTPUT)},
+                            "bad_answer", NOT_A_DIGITS_ANSWER),
+    "nine probabilities": ({**GRPC_WELL_FORMED, contract.PROBABILITIES_OUTPUT: ([0.1] * 9, [1, 9])},
+                           "bad_answer", "9 probabilities and a 28-row image; expected 10 and 28"),
+    "a 27-row image": ({**GRPC_WELL_FORMED, contract.NORMALIZED_IMAGE_OUTPUT: ([0.0] * 27 * 28, [1, 27, 28])},
+                       "bad_answer", "10 probabilities and a 27-row image"),
+    "values that do not fill the shape": ({**GRPC_WELL_FORMED, contract.PROBABILITIES_OUTPUT: ([0.1] * 10, [1, 12])},
+                                          "bad_answer", NOT_A_DIGITS_ANSWER),
+    "strings for numbers": ({**GRPC_WELL_FORMED, contract.PROBABILITIES_OUTPUT: ([b"high"] * 10, [1, 10])},
+                            "bad_answer", NOT_A_DIGITS_ANSWER),
+    "NaN probabilities": ({**GRPC_WELL_FORMED, contract.PROBABILITIES_OUTPUT: ([math.nan] * 10, [1, 10])},
+                          "bad_answer", "not numbers (NaN or infinity)"),
+    "an internal error": ("INTERNAL", "error", "answered INTERNAL: scripted failure"),
+}
+
+
+@pytest.fixture(scope="module")
+def scripted_grpc():
+    with ScriptedGrpcModelServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def scripted_grpc_app(scripted_grpc, tmp_path_factory):
+    """`digits web --grpc` in front of the scripted gRPC model server."""
+    with start_web("--grpc", scripted_grpc.target, "--feedback-dir", tmp_path_factory.mktemp("scripted-grpc"),
+                   timeout=120) as app:
+        yield app
+
+
+def test_a_well_formed_scripted_grpc_answer_is_shown(scripted_grpc_app, scripted_grpc, digits_by_class):
+    """The scripted gRPC model server answers as TF Serving does: the 502s below are the malformation's."""
+    scripted_grpc.answer = GRPC_WELL_FORMED
+    response = _predict(scripted_grpc_app, digits_by_class[2][0])
+    assert response.status_code == 200, response.text
+    assert (response.json()["digit"], response.json()["model_version"]) == (9, 1)
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_GRPC_ANSWERS))
+def test_a_malformed_grpc_answer_is_a_502_with_one_line(scripted_grpc_app, scripted_grpc, digits_by_class, case):
+    """As over REST: in gRPC mode an answer that is not a digits model's is a 502 and one line, counted
+    as the model server's failure, and nothing is counted as a prediction."""
+    scripted_grpc.answer, reason, words = MALFORMED_GRPC_ANSWERS[case]
+    predicts = scripted_grpc.predicts
+    before = _metrics(scripted_grpc_app)
+    response = _predict(scripted_grpc_app, digits_by_class[2][0])
+    assert response.status_code == 502, response.text
+    message = response.json()["error"]
+    assert message.startswith("the model server") and words in message, message
+    assert "\n" not in message and "Traceback" not in message
+    assert scripted_grpc.predicts == predicts + 1
+    _check_counted_as_the_model_servers(before, _metrics(scripted_grpc_app), reason)
 
 
 # -- feedback ---------------------------------------------------------------------------------------------

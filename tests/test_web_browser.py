@@ -7,6 +7,7 @@ Screenshots go to build/test-artifacts/web/ (or $DIGITS_TEST_ARTIFACTS): look at
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -15,9 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from playwright.sync_api import Error as PlaywrightError
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO
+from monitoring import names as n
 from serving.client import RestClient
 from web.browser import CSP_RECORDER, LoopbackGuard, draw, touch
 from web.config import WebConfig
@@ -69,9 +73,12 @@ def open_page(browser):
         context.close()
         assert guard.blocked == [], f"requests that left loopback: {guard.blocked}"
         assert violations == [], f"Content-Security-Policy violations: {violations}"
-        # The model server being down is reported by the page itself; the browser logs the 503 too.
-        # Policy violations are in `violations` (the policy test clears the one it provokes).
-        unexpected = [e for e in errors if "503" not in e and "Content Security Policy" not in e]
+        # The model server being down and a drawing without ink are reported by the page itself; the
+        # browser logs their 503 and 422 too. Policy violations are in `violations` (the policy test
+        # clears the one it provokes).
+        refused = ("the server responded with a status of 503", "the server responded with a status of 422")
+        unexpected = [e for e in errors if not any(status in e for status in refused)
+                      and "Content Security Policy" not in e]
         assert unexpected == [], f"errors on the page: {errors}"
 
 
@@ -205,13 +212,80 @@ def test_uploading_a_real_mnist_png(app, open_page, sample_tree, model_server):
     _check_page_shows(page, sent, answer, model_server)
 
 
+def _app_metrics(app) -> dict[tuple[str, tuple], float]:
+    text = requests.get(f"{app.url}/metrics", timeout=10).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def _painted(page, selector: str) -> dict:
+    """Where an element is drawn once scrolled to: its box, whether it is what the screen shows at its
+    centre (nothing covers it), and its colours."""
+    return page.locator(selector).evaluate("""(element) => {
+        element.scrollIntoView({block: 'center'});
+        const box = element.getBoundingClientRect(), style = getComputedStyle(element);
+        const top = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2);
+        return {left: box.left, top: box.top, right: box.right, bottom: box.bottom, width: box.width,
+                height: box.height, screenWidth: window.innerWidth, screenHeight: window.innerHeight,
+                onTop: element.contains(top), visibility: style.visibility, opacity: style.opacity,
+                color: style.color, background: style.backgroundColor};
+    }""")
+
+
 def test_a_blank_drawing_and_a_non_image_upload_are_explained(app, open_page, tmp_path):
+    """The drawing pad exported untouched (by the browser itself) goes to the model, which finds no ink;
+    the page says so in words one can see, and shows no answer. A file that is not an image is refused
+    by the page itself. (A tap is not a blank drawing: see the next test.)"""
     page = open_page(app.url)
+    blank = tmp_path / "blank-drawing.png"
+    blank.write_bytes(base64.b64decode(page.evaluate("document.querySelector('#pad').toDataURL('image/png')")
+                                       .removeprefix("data:image/png;base64,")))
+    before = _app_metrics(app)
+    sent, answer = _answer(page, lambda: page.locator("#upload").set_input_files(str(blank)))
+    assert sent == blank.read_bytes()
+    assert answer == {"error": "there is no digit in the image (no ink found): draw or upload a digit"}
+    assert page.evaluate("document.body.dataset.state") == "error"
+    assert page.locator("#error").text_content() == (
+        "There is no digit to read: the image has no ink. Draw or upload a digit.")
+    painted = _painted(page, "#error")
+    assert painted["width"] > 100 and painted["height"] > 10, painted
+    assert 0 <= painted["left"] and painted["right"] <= painted["screenWidth"], painted
+    assert 0 <= painted["top"] and painted["bottom"] <= painted["screenHeight"], painted
+    assert painted["onTop"] and painted["visibility"] == "visible" and painted["opacity"] == "1", painted
+    assert painted["color"] != painted["background"], painted
+    # No answer shown, and none counted: the app refused it as having no ink.
+    assert page.locator("#details").is_hidden() and page.locator("#announce").text_content() == "No answer."
+    assert page.evaluate("document.body.dataset.answerId") is None
+    after = _app_metrics(app)
+    for outcome, more in (("no_ink", 1), ("ok", 0)):
+        key = (n.WEB_REQUESTS, (("endpoint", "predict"), ("outcome", outcome)))
+        assert after.get(key, 0) - before.get(key, 0) == more, outcome
+    assert {k: v for k, v in after.items() if k[0] == n.PREDICTIONS} == \
+        {k: v for k, v in before.items() if k[0] == n.PREDICTIONS}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "blank-drawing.png"), full_page=True)
+
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     page.locator("#upload").set_input_files(str(text))
-    page.wait_for_function("() => document.body.dataset.state === 'error'")
-    assert "cannot be read as an image" in page.locator("#error").text_content()
+    # The page is already in its error state: wait for the new words (the file is read asynchronously).
+    page.wait_for_function("() => document.querySelector('#error').textContent.includes('cannot be read as an image')")
+    assert page.evaluate("document.body.dataset.state") == "error" and page.locator("#error").is_visible()
+
+
+def test_a_tap_without_moving_is_a_dot_not_a_blank_drawing(app, open_page, model_server):
+    """A tap leaves a dot of the pen's width where it landed, so drawing cannot make a blank image: the
+    dot is sent and answered like any drawing."""
+    page = open_page(app.url)
+    sent, answer = _answer(page, lambda: draw(page, [[(0.5, 0.5)]]))
+    ink = _ink(sent)
+    rows, columns = ink.any(axis=1).nonzero()[0], ink.any(axis=0).nonzero()[0]
+    # A disk about the pen's width (7.5 % of 280 = 21 px) around the middle of the pad, and nothing else.
+    for found in (rows, columns):
+        assert 15 <= found.max() - found.min() <= 25 and abs((found.min() + found.max()) / 2 - 140) <= 3
+    assert answer["ink_fraction"] > 0
+    _check_page_shows(page, sent, answer, model_server)
+    assert page.locator("#error").is_hidden()
 
 
 def test_model_server_down_is_said_clearly(open_page, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,9 @@ def _prediction(probabilities, ink_fraction, image, version: int) -> Prediction:
     if len(row) != contract.NUM_CLASSES or len(picture) != size or any(len(line) != size for line in picture):
         raise ModelServerError(BAD_ANSWER, f"the model server's answer has {len(row)} probabilities and a "
                                            f"{len(picture)}-row image; expected {contract.NUM_CLASSES} and {size}")
+    if not all(math.isfinite(value) for value in (*row, ink, *(value for line in picture for value in line))):
+        raise ModelServerError(BAD_ANSWER, "the model server's answer has values that are not numbers (NaN or "
+                                           "infinity): is the model broken?")
     digit = max(range(len(row)), key=row.__getitem__)
     return Prediction(digit, row[digit], row, ink, picture, version)
 
@@ -104,6 +108,9 @@ class RestModelServer:
 
             document = json.loads(text)
         except ValueError:
+            if status == 200:
+                raise ModelServerError(BAD_ANSWER, "the model server answered HTTP 200 with a body that is not "
+                                                   "JSON") from None
             document = {"error": text[:200] or f"HTTP {status} with an empty body"}
         if not isinstance(document, dict):
             raise ModelServerError(BAD_ANSWER, f"the model server answered HTTP {status} with a JSON "
@@ -118,11 +125,13 @@ class RestModelServer:
                                                 f"{document.get('error', '')}".rstrip(": "))
         if status != 200:
             raise _http_error(status, document)
-        try:
-            return sorted(int(entry["version"]) for entry in document.get("model_version_status", [])
-                          if entry.get("state") == "AVAILABLE")
-        except (TypeError, ValueError, KeyError):
-            raise ModelServerError(BAD_ANSWER, "the model status is not TF Serving's") from None
+        entries = document.get("model_version_status", [])  # TF Serving's JSON leaves an empty list out
+        if isinstance(entries, list) and all(isinstance(entry, dict) for entry in entries):
+            try:
+                return sorted(int(entry["version"]) for entry in entries if entry.get("state") == "AVAILABLE")
+            except (TypeError, ValueError, KeyError):
+                pass
+        raise ModelServerError(BAD_ANSWER, "the model status is not TF Serving's")
 
     async def _current_version(self, refresh: bool) -> int:
         now = time.monotonic()
