@@ -47,6 +47,18 @@ def small_tree(sample_tree, tmp_path):
     return make
 
 
+def require_tool(name: str, why: str) -> str:
+    """The path of a program a test needs. Missing, the test is skipped with `why`, except under CI=true,
+    where it fails: CI must never pass a check that did not run."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed: {why}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true: a missing tool fails)", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
 def run_digits(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     """Runs the real `digits` command line in a subprocess (bounded in time)."""
     return subprocess.run(

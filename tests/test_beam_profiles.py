@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import multiprocessing
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+
 import pytest
 
 from pipeline import beam
+from pipeline.beam_components import BeamRun
 
 IMAGE = "europe-west4-docker.pkg.dev/my-project/digits/digits-pipeline:0.1.0"
 # What a user adds for the profiles that run elsewhere.
@@ -88,9 +97,76 @@ STAGES = {"local": ("statistics", "transform", "evaluate"), "portable": ("statis
           "local-mp": ("statistics", "transform")}
 
 
+SDK_WORKER = "apache_beam.runners.worker.sdk_worker_main"  # the command of Beam's worker processes
+
+
+@dataclass
+class BeamSeen:
+    """What Beam did while one profile ran, seen from this process: no profile can pass for another."""
+
+    runners: list[tuple[str, str]] = field(default_factory=list)  # (runner class, direct_running_mode) per pipeline
+    processes: list[tuple[int, subprocess.Popen]] = field(default_factory=list, repr=False)  # (pipeline, process)
+    log: list[str] = field(default_factory=list, repr=False)  # Beam's own log messages
+
+    def workers(self) -> list[tuple[int, subprocess.Popen]]:
+        return [(pipeline, process) for pipeline, process in self.processes if SDK_WORKER in str(process.args)]
+
+    def logged(self, pattern: str) -> list[str]:
+        return [match[1] for message in self.log if (match := re.fullmatch(pattern, message, re.DOTALL))]
+
+
+@dataclass(frozen=True)
+class ProfileRun:
+    run: BeamRun
+    seen: BeamSeen
+
+
+class _BeamLog(logging.Handler):
+    def __init__(self, seen: BeamSeen):
+        super().__init__(logging.INFO)
+        self.seen = seen
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.log.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def watching_beam():
+    """Records the runner of every Beam pipeline run, every process started, and Beam's log (INFO and up)."""
+    import apache_beam
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    seen = BeamSeen()
+    run_pipeline = apache_beam.Pipeline.run
+
+    def run(pipeline, *args, **kwargs):
+        mode = pipeline._options.view_as(DirectOptions).direct_running_mode
+        seen.runners.append((type(pipeline.runner).__name__, mode))
+        return run_pipeline(pipeline, *args, **kwargs)
+
+    class RecordedPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.processes.append((len(seen.runners) - 1, self))
+
+    handler, logger = _BeamLog(seen), logging.getLogger("apache_beam")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(apache_beam.Pipeline, "run", run)
+            patch.setattr(subprocess, "Popen", RecordedPopen)
+            yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
-def beam_runs(tiny_records, pushed_model, tmp_path_factory):
-    """The Beam components on the tiny data with each profile executed here, the same model evaluated."""
+def beam_runs(tiny_records, pushed_model, tmp_path_factory) -> dict[str, ProfileRun]:
+    """The Beam components on the tiny data with each profile executed here, the same model evaluated,
+    with what Beam was seen doing during each run."""
     from pipeline.beam_components import run_beam_components
     from pipeline.config import PipelineConfig
 
@@ -100,8 +176,53 @@ def beam_runs(tiny_records, pushed_model, tmp_path_factory):
     for profile, stages in STAGES.items():
         config = PipelineConfig(data_root=tiny_records, train_examples=180, pipeline_root=work / profile,
                                 beam_pipeline_args=beam.profile_args(profile))
-        runs[profile] = run_beam_components(config, stages, str(model))
+        with watching_beam() as seen:
+            run = run_beam_components(config, stages, str(model))
+        runs[profile] = ProfileRun(run, seen)
     return runs
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_the_in_process_profile_runs_every_pipeline_in_this_process(beam_runs):
+    """The baseline of the comparison: FnApiRunner in memory, no worker process, no job service."""
+    seen = beam_runs["local"].seen
+    assert seen.runners
+    assert set(seen.runners) == {("FnApiRunner", "in_memory")}
+    assert seen.workers() == [] and seen.logged(r"Running job '(.+)'") == []
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_the_multi_process_profile_runs_every_pipeline_on_worker_processes_one_per_core(beam_runs):
+    """Beam's SDK workers were separate processes that started and exited cleanly, for every pipeline."""
+    seen = beam_runs["local-mp"].seen
+    assert seen.runners
+    assert set(seen.runners) == {("FnApiRunner", "multi_processing")}
+    workers = seen.workers()
+    per_pipeline = {pipeline: 0 for pipeline in range(len(seen.runners))}
+    for pipeline, _ in workers:
+        per_pipeline[pipeline] += 1
+    assert set(per_pipeline.values()) == {multiprocessing.cpu_count()}, per_pipeline
+    assert all(process.pid != os.getpid() and process.returncode == 0 for _, process in workers), \
+        [(process.pid, process.returncode) for _, process in workers]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_the_portable_profile_submits_every_pipeline_as_a_job_whose_worker_comes_from_the_loopback_pool(beam_runs):
+    """Each pipeline went through the Job API (a job that reached DONE), and the job's runner asked the
+    LOOPBACK worker pool this process started for its SDK worker: no worker process, no in-process runner."""
+    seen = beam_runs["portable"].seen
+    assert seen.runners
+    assert {runner for runner, _ in seen.runners} == {"PortableRunner"}
+    assert seen.workers() == []
+    jobs = seen.logged(r"Running job '(job-[-0-9a-f]+)'")
+    assert len(set(jobs)) == len(seen.runners), jobs
+    assert seen.logged(r"Job state changed to (DONE)") == ["DONE"] * len(seen.runners)
+    pools = seen.logged(r"Listening for workers at (localhost:\d+)")
+    requested = seen.logged(r"Requesting worker at (localhost:\d+)")
+    assert len(requested) == len(seen.runners) and set(requested) <= set(pools), (requested, pools)
 
 
 @pytest.mark.slow
@@ -110,7 +231,7 @@ def beam_runs(tiny_records, pushed_model, tmp_path_factory):
 def test_other_runners_produce_what_the_in_process_runner_does(beam_runs, profile):
     from pipeline import beam_components as read
 
-    local, other = beam_runs["local"].outputs, beam_runs[profile].outputs
+    local, other = beam_runs["local"].run.outputs, beam_runs[profile].run.outputs
     counts = read.example_counts(local["ImportExampleGen.examples"])
     assert counts == {"train": 180, "eval": 20, "test": 50}
     assert read.example_counts(other["ImportExampleGen.examples"]) == counts

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
-from conftest import REPO
+from conftest import REPO, require_tool
 from monitoring import names
 from serving.docker_context import IMAGE_NAME, parse_batching_parameters
 from test_docker import DOCKER, DOCKERFILE, entrypoint_flags, instructions
@@ -113,10 +113,7 @@ def memory_bytes(quantity: str) -> int:
 
 
 def kubectl() -> str:
-    path = shutil.which("kubectl")
-    if path is None:
-        pytest.skip("kubectl is not installed: the overlays are checked file by file only (no `kubectl kustomize`)")
-    return path
+    return require_tool("kubectl", "the overlays are checked file by file only (no `kubectl kustomize`)")
 
 
 def built(directory: Path) -> list[dict]:
@@ -514,7 +511,35 @@ def test_readme_names_the_pinned_kubernetes_release():
     assert f"Kubernetes {KUBERNETES_VERSION}" in (REPO / "docs" / "kubernetes.md").read_text()
 
 
+def documented_replicas() -> dict[str, tuple[int, int]]:
+    """The autoscaler's (min, max) pods that docs/kubernetes.md promises, for the base and production."""
+    text = " ".join((REPO / "docs" / "kubernetes.md").read_text().split())
+    match = re.search(r"between (\d+) and (\d+) pods \(production: (\d+) and (\d+)\)", text)
+    assert match, "docs/kubernetes.md (Scale) no longer says `between N and M pods (production: N and M)`"
+    base_min, base_max, production_min, production_max = map(int, match.groups())
+    return {"base": (base_min, base_max), "production": (production_min, production_max)}
+
+
+def test_the_base_autoscaler_keeps_the_documented_replica_range():
+    hpa = the(base_objects(), "HorizontalPodAutoscaler")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == documented_replicas()["base"]
+
+
 # --- The overlays as kubectl would apply them (`kubectl kustomize`, no cluster needed) ------------
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), (None, pytest.skip.Exception)],
+                         ids=["CI=true", "local"])
+def test_without_kubectl_the_render_tests_skip_locally_and_fail_under_ci(monkeypatch, tmp_path, ci, outcome):
+    """So that no CI run passes with the overlays unrendered."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no kubectl
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception)) as stopped:
+        built(PRODUCTION)
+    assert stopped.type is outcome and "kubectl is not installed" in str(stopped.value)
+
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda path: str(path.relative_to(K8S)))
 def test_kustomize_build_is_valid_and_keeps_every_promise(directory):
@@ -534,8 +559,7 @@ def test_production_overlay_runs_the_registry_image_of_a_model_version_with_more
     [image] = kustomization(PRODUCTION)["images"]
     assert container(the(objects, "Deployment"))["image"] == f"{image['newName']}:{image['newTag']}"
     hpa = the(objects, "HorizontalPodAutoscaler")["spec"]
-    [patch] = documents(PRODUCTION / "horizontalpodautoscaler.yaml")
-    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (patch["spec"]["minReplicas"], patch["spec"]["maxReplicas"])
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == documented_replicas()["production"]
     assert hpa["minReplicas"] >= the(base_objects(), "HorizontalPodAutoscaler")["spec"]["minReplicas"]
     # patched, not replaced
     assert hpa["behavior"] == the(base_objects(), "HorizontalPodAutoscaler")["spec"]["behavior"]
