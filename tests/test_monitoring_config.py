@@ -68,15 +68,40 @@ def test_promtool_unit_tests_pass():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_alert_is_unit_tested_firing():
-    """Each alert name appears in a promtool test with a non-empty exp_alerts (it was seen to fire)."""
-    fired = set()
-    for path in PROMTOOL_TESTS:
-        for case in yaml.safe_load(path.read_text())["tests"]:
-            for check in case.get("alert_rule_test", []):
-                if check.get("exp_alerts"):
-                    fired.add(check["alertname"])
-    assert {alert["alert"] for alert in all_alerts()} <= fired
+def promtool_cases() -> list[dict]:
+    return [case for path in PROMTOOL_TESTS for case in yaml.safe_load(path.read_text())["tests"]]
+
+
+def alerts_without_both_cases(alert_names: set[str], cases: list[dict]) -> dict[str, list[str]]:
+    """Alert name -> what its promtool cases lack: a case that expects it firing, and a case that
+    checks it and never expects it (it stays silent there, not merely pending in a firing case)."""
+    fired, silent = set(), set()
+    for case in cases:
+        expected: dict[str, bool] = {}
+        for check in case.get("alert_rule_test", []):
+            expected[check["alertname"]] = expected.get(check["alertname"], False) or bool(check.get("exp_alerts"))
+        fired |= {name for name, fires in expected.items() if fires}
+        silent |= {name for name, fires in expected.items() if not fires}
+    lacking = {name: [what for what, seen in (("a firing case", fired), ("a stays-silent case", silent))
+                      if name not in seen] for name in alert_names}
+    return {name: what for name, what in sorted(lacking.items()) if what}
+
+
+def test_every_alert_has_a_firing_and_a_stays_silent_promtool_case():
+    """What docs/monitoring.md promises: every alert fires on a series that should page or ticket, and
+    some case checks it on series that should not and expects nothing. A new alert without both fails."""
+    assert alerts_without_both_cases({alert["alert"] for alert in all_alerts()}, promtool_cases()) == {}
+
+
+def test_the_case_check_names_an_alert_without_a_silent_case_or_without_any():
+    """The check above on a broken copy of the cases: DigitsModelServerAbsent's only stays-silent case
+    taken out, and an alert that no case mentions."""
+    cases = [case for case in promtool_cases() if case["name"] != "a present server is not absent"]
+    alert_names = {alert["alert"] for alert in all_alerts()} | {"DigitsSomethingNew"}
+    assert alerts_without_both_cases(alert_names, cases) == {
+        "DigitsModelServerAbsent": ["a stays-silent case"],
+        "DigitsSomethingNew": ["a firing case", "a stays-silent case"],
+    }
 
 
 def test_every_alert_carries_what_on_call_needs():

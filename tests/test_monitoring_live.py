@@ -3,15 +3,25 @@ real `digits serve` that gets real REST and gRPC traffic, good and bad, all on l
 
 One stack and one dedicated server are shared by the module (the shared `model_server` must keep
 running, and the last test here stops this one). Scrape and evaluation run every second and
-Alertmanager groups for a second: for the test only. The rules are the committed ones, but for the
-`for:` of DigitsModelServerDown, shortened from 2 minutes to SERVER_DOWN_FOR in a copy: that wait
-exists for production, and promtool's unit tests check the committed one.
+Alertmanager groups for a second: for the test only. The rules are the committed ones, but in a copy
+the `for:` of DigitsModelServerDown is shortened from 2 minutes to SERVER_DOWN_FOR and the SLO-budget
+group is evaluated at the global interval instead of every 5 minutes: those waits exist for
+production, and promtool's unit tests check the committed rules.
+
+The server serves the pushed model through links, with a reference profile of ten equal shares (as
+the MNIST eval split has) in place of the tiny test model's own, which puts every example in one class:
+the few answers sent here can then never match the reference, and PSI has a value to check.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -20,7 +30,9 @@ import requests
 import yaml
 
 import grafana_lint
+from components.reference import CLASS_SHARE_KEY, profile_path, read_reference_profile, to_json
 from conftest import REPO, start_server
+from data.contract import CLASS_NAMES
 from grafana_lint import selectors
 from monitoring import local, names, rules
 from prometheus_api import free_port, result, wait_for
@@ -31,28 +43,49 @@ pytestmark = pytest.mark.slow
 
 RULE_FILES = sorted((REPO / "monitoring" / "prometheus" / "rules").glob("*.yml"))
 SERVER_DOWN_FOR = "5s"
+BUDGET_GROUP = "digits-slo-budget"
 
 
-def rules_with_a_short_server_down_wait(directory: Path) -> Path:
-    """A copy of the committed rule files in which only DigitsModelServerDown's `for` is shorter."""
+def rules_without_production_waits(directory: Path) -> Path:
+    """A copy of the committed rule files in which DigitsModelServerDown's `for` is shorter and the
+    SLO-budget group runs at the global evaluation interval; nothing else changes."""
     directory.mkdir()
-    changed = 0
+    changed = []
     for path in RULE_FILES:
         document = yaml.safe_load(path.read_text())
         for group in document["groups"]:
+            if group["name"] == BUDGET_GROUP:
+                assert group.pop("interval") == "5m", group["name"]  # what the copy drops
+                changed.append(group["name"])
             for rule in group["rules"]:
                 if rule.get("alert") == "DigitsModelServerDown":
                     assert rule["for"] == "2m", rule  # what the copy shortens
                     rule["for"] = SERVER_DOWN_FOR
-                    changed += 1
+                    changed.append(rule["alert"])
         (directory / path.name).write_text(yaml.safe_dump(document, sort_keys=False))
-    assert changed == 1
+    assert sorted(changed) == sorted([BUDGET_GROUP, "DigitsModelServerDown"])
     return directory
 
 
+def served_copy_with_an_even_reference(pushed_model: Path, directory: Path) -> Path:
+    """The pushed model's versions as symbolic links, each with a reference profile of ten equal shares."""
+    shutil.copytree(pushed_model, directory, copy_function=os.symlink)
+    for version in directory.iterdir():
+        profile = read_reference_profile(str(version))
+        path = Path(profile_path(str(version)))
+        path.unlink()  # a link to the pushed model's file, which stays as it is
+        path.write_text(to_json({**profile, CLASS_SHARE_KEY: dict.fromkeys(CLASS_NAMES, 1 / len(CLASS_NAMES))}))
+    return directory
+
+
+def rules_by_name() -> list[tuple[str, str]]:
+    """(recorded series or alert name, expression) of every rule, in file order."""
+    return [(rule.get("record") or rule["alert"], rule["expr"]) for path in RULE_FILES
+            for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+
+
 def rule_exprs() -> list[str]:
-    return [rule["expr"] for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
-            for rule in group["rules"]]
+    return [expr for _, expr in rules_by_name()]
 
 
 def recorded_names() -> set[str]:
@@ -65,23 +98,30 @@ def metric_names(expr: str) -> set[str]:
     return {selector.metric for selector in selectors(expr) if selector.metric}
 
 
-def dashboard_exprs() -> list[str]:
-    return grafana_lint.dashboard_exprs(grafana_lint.DASHBOARD)
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """(panel title, query refId, query ready for Prometheus) of every query of the dashboard."""
+    return [(panel["title"], target["refId"], grafana_lint.substitute(target["expr"]))
+            for panel in grafana_lint.panels(grafana_lint.load()) for target in panel.get("targets") or []]
 
 
 @pytest.fixture(scope="module")
-def monitored(pushed_model, tmp_path_factory, sample_tree):
+def served_model(pushed_model, tmp_path_factory) -> Path:
+    return served_copy_with_an_even_reference(pushed_model, tmp_path_factory.mktemp("served") / "digits")
+
+
+@pytest.fixture(scope="module")
+def monitored(served_model, tmp_path_factory, sample_tree):
     """(server, stack config, stack) with traffic sent and scraped at least twice."""
-    server = start_server(pushed_model)
+    server = start_server(served_model)
     data = tmp_path_factory.mktemp("monitoring")
     web_app = start_web("--serving-url", server.rest_url, "--feedback-dir", data / "feedback",
-                        "--model-dir", pushed_model)
+                        "--model-dir", served_model)
     host, port = server.rest_url.removeprefix("http://").split(":")
     config = local.StackConfig(
         data_dir=data, serving_targets=(f"{host}:{port}",), web_targets=(web_app.url.removeprefix("http://"),),
         prometheus_port=free_port(),
         alertmanager_port=free_port(), receiver_port=free_port(), scrape_interval="1s", evaluation_interval="1s",
-        group_wait="1s", group_interval="1s", rules_dir=rules_with_a_short_server_down_wait(data / "rules"))
+        group_wait="1s", group_interval="1s", rules_dir=rules_without_production_waits(data / "rules"))
     receiver_log = (data / "receiver-stdout.log").open("wb")
     stack = local.MonitoringStack(config, receiver_output=receiver_log.fileno())
     try:
@@ -120,11 +160,150 @@ def _sleep_scrapes(config: local.StackConfig, count: int) -> None:
     time.sleep(count * float(config.scrape_interval.removesuffix("s")))
 
 
-def test_every_rule_expression_evaluates(monitored):
+@dataclass(frozen=True)
+class Series:
+    """After the traffic: at least one series, each with exactly these labels (its name aside), the
+    `job` labels together exactly `jobs`, and `model_name` (where there is one) the served model."""
+    labels: frozenset[str]
+    jobs: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Empty:
+    """No series, for this reason. `unless`: the series it returns where a loaded machine can break
+    `reason` (then their labels are checked instead)."""
+    reason: str
+    unless: Series | None = None
+
+
+def series(*labels: str, jobs: tuple[str, ...] = (names.SERVING_JOB,)) -> Series:
+    return Series(frozenset(labels), frozenset(jobs) if "job" in labels else frozenset())
+
+
+JOB_MODEL = ("job", "model_name")
+VERSION = ("job", "model_name", "model_version")
+ANSWERING = (names.SERVING_JOB, names.WEB_JOB)  # the model server and the web app both count answers
+WEB = (names.WEB_JOB,)
+FEW_PREDICTS = f"fewer than {rules.MIN_REQUESTS_IN_WINDOW} predicts in every window"
+FEW_PREDICTIONS = f"fewer than {rules.MIN_PREDICTIONS_FOR_DRIFT} predictions in the hour"
+
+# What each rule's expression returns once the fixture's traffic is recorded, by recorded series or
+# alert name. Nothing is wrong, so every alert's expression is empty, each for its own reason.
+RULE_RESULTS: dict[str, Series | Empty] = {
+    rules.REQUESTS_BY_STATUS: series(*JOB_MODEL, "status"),
+    rules.PREDICTS_OK_BY_API: series(*JOB_MODEL, "API"),
+    **{sli(window): series(*JOB_MODEL) for window in (*rules.SLI_WINDOWS, names.SLO_WINDOW)
+       for sli in (rules.predicts, rules.error_ratio, rules.slow_ratio)},
+    rules.AVAILABILITY_BUDGET_REMAINING: series(*JOB_MODEL),
+    rules.LATENCY_BUDGET_REMAINING: series(*JOB_MODEL),
+    rules.PREDICTIONS_RATE: series(*VERSION, jobs=ANSWERING),
+    rules.CLASS_SHARE: series(*VERSION, "predicted_class", jobs=ANSWERING),
+    rules.CONFIDENCE_MEAN: series(*VERSION, jobs=ANSWERING),
+    rules.REFERENCE_SHARE: series(*VERSION, "predicted_class", jobs=ANSWERING),
+    rules.REFERENCE_CONFIDENCE: series(*VERSION, jobs=ANSWERING),
+    rules.PSI: series(*VERSION, jobs=ANSWERING),
+    rules.WEB_REQUESTS_RATE: series("job", "endpoint", "outcome", jobs=WEB),
+    **{rules.web_latency(q): series("job", "endpoint", jobs=WEB) for q in rules.WEB_QUANTILES},
+    rules.WEB_MODEL_ERROR_RATIO: series("job", jobs=WEB),
+    rules.FEEDBACK_RATE: series(*VERSION, jobs=WEB),
+    rules.ONLINE_ACCURACY: series(*VERSION, jobs=WEB),
+    rules.CORRECTIONS_RATE: series(*VERSION, "predicted_class", "corrected_class", jobs=WEB),
+    "DigitsModelServerDown": Empty("the model server answers every scrape"),
+    "DigitsModelServerAbsent": Empty("the model server is a scrape target"),
+    "DigitsAvailabilityBudgetBurn": Empty(f"no server error, and {FEW_PREDICTS}"),
+    "DigitsLatencyBudgetBurn": Empty(f"{FEW_PREDICTS}, however slow this machine made them"),
+    "DigitsModelLoadFailed": Empty("the one version loaded"),
+    "DigitsNoModelVersionLoaded": Empty("the version is loaded"),
+    "DigitsBatchQueueingSlow": Empty(
+        f"requests come one at a time and wait the 2 ms batch timeout, far under the "
+        f"{rules.QUEUING_P99_THRESHOLD_US} us threshold", unless=series("job", "instance")),
+    "DigitsPredictTrafficStopped": Empty("predicts were answered in the last 30 minutes, and no day before exists"),
+    "DigitsPredictionDrift": Empty(FEW_PREDICTIONS),
+    "DigitsConfidenceDrop": Empty(FEW_PREDICTIONS),
+    "DigitsReferenceProfileMissing": Empty("the version has its reference profile"),
+    "DigitsOnlineAccuracyLow": Empty(f"fewer than {rules.MIN_FEEDBACK_FOR_ACCURACY} judgements in the day "
+                                     "(the accuracy itself, 0.5, is below the threshold)"),
+    "DigitsWebAppDown": Empty("the web app answers every scrape"),
+    "DigitsWebModelServerErrors": Empty("no predict of the page failed at the model server"),
+    "DigitsMonitoringTargetDown": Empty("Prometheus and Alertmanager answer their scrapes"),
+    "DigitsAlertNotificationsFailing": Empty("no notification failed"),
+    "DigitsRuleEvaluationFailing": Empty("every rule evaluates"),
+}
+
+# The same for every dashboard query, by panel title (and refId where a panel's queries differ).
+# $model and $instance stand for every value (grafana_lint.LIVE_VALUES).
+NO_SERVER_ERROR = "no request failed for the server's reasons: the fixture's errors are all the client's"
+DASHBOARD_RESULTS: dict[str, Series | Empty | dict[str, Series | Empty]] = {
+    "Availability (30d)": series(*JOB_MODEL),
+    "Availability error budget left": series(*JOB_MODEL),
+    "Predicts under 121 ms (30d)": series(*JOB_MODEL),
+    "Latency error budget left": series(*JOB_MODEL),
+    "Server error ratio by window": series(*JOB_MODEL),
+    "Predicts slower than 121 ms by window": series(*JOB_MODEL),
+    "Requests by status": series(*JOB_MODEL, "status"),
+    "Predicts by transport": {"A": series(*JOB_MODEL, "API", "transport"), "B": series(*JOB_MODEL)},
+    "Failed requests, share of all": {"A": Empty(NO_SERVER_ERROR), "B": series(*JOB_MODEL, "status")},
+    "Predict latency by transport": series("API", "transport"),
+    "Request vs model run latency": series(),
+    "Processed batch size": series("le"),
+    "Batch queueing latency": series("instance"),
+    "Batched model calls": series("instance"),
+    "Mean batch and padding size": series("instance"),
+    "Loaded versions": series("model_version"),
+    "Model loads": series("model_path", "status"),
+    # `> 0` keeps only a load seen in the range: the counters of a load that happened before the first
+    # scrape are born with their value, so increase() sees none (and 0 / 0 is no point to draw).
+    "Load and warmup time": Empty("the only load happened before Prometheus first scraped the server"),
+    "Predicted digits vs reference": series("predicted_class"),
+    "Prediction drift (PSI)": series(*VERSION, jobs=ANSWERING),
+    "Predictions per second": series(*VERSION, jobs=ANSWERING),
+    "Top-class confidence": series("le"),
+    "Mean confidence vs reference": series(*VERSION, jobs=ANSWERING),
+    "Online accuracy (people's judgements)": series(*VERSION, jobs=WEB),
+    "Judgements per day": series(*VERSION, jobs=WEB),
+    "Top corrections": series("predicted_class", "corrected_class"),
+    "Web requests by outcome": series("job", "endpoint", "outcome", jobs=WEB),
+    "Web API latency": series("job", "endpoint", jobs=WEB),
+    "Page predicts failing at the model server": series("job", jobs=WEB),
+    "Model servers up": series("job", "instance"),
+    "Scrape duration": series("job", "instance"),
+}
+
+
+def dashboard_result(title: str, ref: str) -> Series | Empty:
+    expected = DASHBOARD_RESULTS[title]
+    return expected[ref] if isinstance(expected, dict) else expected
+
+
+def check_result(url: str, what: str, expr: str, expected: Series | Empty) -> None:
+    """Fails, naming `what`, unless `expr` returns what `expected` says; waits (bounded) for series
+    that a rule evaluation has yet to write."""
+    if isinstance(expected, Empty):
+        found = result(url, expr)
+        if found and expected.unless:
+            check_series(what, found, expected.unless)
+        else:
+            assert found == [], f"{what}: expected nothing ({expected.reason}), got {found}"
+        return
+    check_series(what, wait_for(lambda: result(url, expr), timeout=60, what=f"a result of {what}"), expected)
+
+
+def check_series(what: str, found: list[dict], expected: Series) -> None:
+    labels = [set(sample["metric"]) - {"__name__"} for sample in found]
+    assert all(each == expected.labels for each in labels), f"{what}: labels {labels}, expected {set(expected.labels)}"
+    assert {sample["metric"].get("job") for sample in found} - {None} == expected.jobs, f"{what}: {found}"
+    assert {sample["metric"].get("model_name", names.DEFAULT_MODEL_NAME) for sample in found} == \
+           {names.DEFAULT_MODEL_NAME}, f"{what}: {found}"
+
+
+def test_every_rule_expression_returns_the_series_it_should(monitored):
+    """Each recording rule's expression returns series with its aggregation's labels, from the jobs it
+    reads; each alert's expression is empty, for the reason RULE_RESULTS states."""
     _, config, _ = monitored
-    for expr in rule_exprs():
-        answer = result(config.prometheus_url, expr)
-        assert isinstance(answer, list)
+    named = rules_by_name()
+    assert {name for name, _ in named} == set(RULE_RESULTS)  # a new rule needs its expectation written
+    for name, expr in named:
+        check_result(config.prometheus_url, name, expr, RULE_RESULTS[name])
 
 
 def test_prometheus_loaded_every_rule_without_error(monitored):
@@ -135,12 +314,15 @@ def test_prometheus_loaded_every_rule_without_error(monitored):
     assert [rule["name"] for rule in loaded if rule.get("health") == "err"] == []
 
 
-def test_every_dashboard_expression_evaluates(monitored):
+def test_every_dashboard_query_returns_the_series_it_should(monitored):
+    """Each panel's queries return series with the labels its legend and grouping need, or are empty
+    for the reason DASHBOARD_RESULTS states."""
     _, config, _ = monitored
-    exprs = dashboard_exprs()
-    assert len(exprs) >= 20
-    for expr in exprs:
-        result(config.prometheus_url, expr)
+    queries = dashboard_queries()
+    assert len(queries) >= 20
+    assert {title for title, _, _ in queries} == set(DASHBOARD_RESULTS)  # a new panel needs its expectation
+    for title, ref, expr in queries:
+        check_result(config.prometheus_url, f"{title!r} {ref}", expr, dashboard_result(title, ref))
 
 
 def test_the_slis_see_rest_and_grpc_and_ignore_client_errors(monitored):
@@ -179,20 +361,49 @@ def test_latency_quantiles_and_prediction_statistics_have_data(monitored):
     assert all(0 < float(sample["value"][1]) <= 1 for sample in confidences)
 
 
-def test_drift_is_computed_against_the_served_versions_reference(monitored, pushed_model):
+def population_stability_index(live: dict[str, float], reference: dict[str, float], floor: float) -> float:
+    """PSI as docs/monitoring.md defines it, written here apart from the rule: the sum over the classes
+    of (live - reference) * ln(live / reference), shares floored at `floor`, a class never answered 0."""
+    index = 0.0
+    for name, reference_share in reference.items():
+        live_share, reference_share = max(live.get(name, 0.0), floor), max(reference_share, floor)
+        index += (live_share - reference_share) * math.log(live_share / reference_share)
+    return index
+
+
+def one_evaluation(url: str, job: str, *recorded: str) -> dict[str, list[tuple[dict, float]]]:
+    """Recorded series name -> (labels, value) of `job`, as the newest rule evaluation that wrote every
+    one of them left them: one group's rules share its evaluation's timestamp, and separate instant
+    queries could straddle two evaluations."""
+    window = result(url, f'{{__name__=~"{"|".join(recorded)}", job="{job}"}}[30s]')
+    newest = max(set.intersection(*({stamp for stamp, _ in series["values"]} for series in window)))
+    found: dict[str, list[tuple[dict, float]]] = {name: [] for name in recorded}
+    for series in window:
+        found[series["metric"]["__name__"]].append((series["metric"], float(dict(series["values"])[newest])))
+    return found
+
+
+def test_drift_is_the_psi_of_the_live_shares_against_the_served_versions_reference(monitored, served_model):
+    """Per job (the model server's answers, and the web app's: with --model-dir it exports the reference
+    too, as it must in front of the TF Serving container), the PSI Prometheus recorded is the one
+    computed here from the class shares it recorded in the same evaluation and the served version's
+    reference_profile.json."""
     _, config, _ = monitored
     url = config.prometheus_url
-    [version] = [path.name for path in pushed_model.iterdir()]
-    reference = result(url, rules.REFERENCE_SHARE)
-    assert {sample["metric"]["model_version"] for sample in reference} == {version}
-    for job in (names.SERVING_JOB, names.WEB_JOB):  # the web app exports it too (--model-dir)
-        assert sorted(sample["metric"]["predicted_class"] for sample in reference
-                      if sample["metric"]["job"] == job) == [str(k) for k in range(10)]
-    # Per job: the model server's own answers, and the web app's (with --model-dir it exports the
-    # reference too, as it must in front of the TF Serving container).
-    psis = result(url, rules.PSI)
-    assert sorted(psi["metric"]["job"] for psi in psis) == sorted([names.SERVING_JOB, names.WEB_JOB])
-    assert all(psi["metric"]["model_version"] == version and float(psi["value"][1]) >= 0 for psi in psis)
+    [version] = [path.name for path in served_model.iterdir()]
+    reference = read_reference_profile(str(served_model / version))[CLASS_SHARE_KEY]
+    exported = result(url, rules.REFERENCE_SHARE)
+    assert {sample["metric"]["model_version"] for sample in exported} == {version}
+    for job in ANSWERING:
+        assert {sample["metric"]["predicted_class"]: float(sample["value"][1]) for sample in exported
+                if sample["metric"]["job"] == job} == reference
+        recorded = one_evaluation(url, job, rules.CLASS_SHARE, rules.PSI)
+        live = {labels["predicted_class"]: share for labels, share in recorded[rules.CLASS_SHARE]}
+        [(labels, psi)] = recorded[rules.PSI]
+        assert labels["model_version"] == version
+        assert psi == pytest.approx(population_stability_index(live, reference, rules.PSI_FLOOR), rel=1e-9), job
+        # Answers to 16 images a round (the web app's to 3) cannot fall into ten classes in equal shares.
+        assert psi > 0, (job, live)
     assert len(result(url, rules.REFERENCE_CONFIDENCE)) == 2
 
 
@@ -214,10 +425,109 @@ def test_every_metric_in_rules_and_dashboards_is_in_a_live_scrape(monitored):
     """Catches a `_total` too many, a TF Serving name misspelt, a metric that only exists in a test."""
     _, config, _ = monitored
     scraped = set(requests.get(f"{config.prometheus_url}/api/v1/label/__name__/values", timeout=30).json()["data"])
-    used = set().union(*map(metric_names, rule_exprs() + dashboard_exprs())) - recorded_names()
+    used = set().union(*map(metric_names, rule_exprs() + [expr for *_, expr in dashboard_queries()])) - recorded_names()
     assert used, "no metric names found: the parser is broken"
     assert {names.REQUEST_COUNT, f"{names.REQUEST_LATENCY}_bucket", names.PREDICTIONS, "up"} <= used
     assert sorted(used - scraped) == []
+
+
+def firing(name: str, **labels: str) -> dict[str, str]:
+    """The labels Prometheus would send for alert `name`: the rule's own (severity, and the windows of a
+    burn-rate alert, picked by `long_window`) and the labels its expression keeps, given here."""
+    [rule] = [rule for rule in rules.alerting_rules() if rule["alert"] == name
+              and rule["labels"].get("long_window") == labels.get("long_window")]
+    return {"alertname": name, **rule["labels"], **labels}
+
+
+@dataclass(frozen=True)
+class Posted:
+    labels: dict[str, str]
+    held_back_by: str | None = None  # the key of the alert that inhibits it, per alertmanager.yml
+
+
+SERVING, SERVER, OTHER_SERVER = names.SERVING_JOB, "serving-1:8501", "serving-2:8501"
+MODEL = {"model_name": names.DEFAULT_MODEL_NAME}
+VERSION_7 = {**MODEL, "model_version": "7"}
+# What docs/runbook.md says the inhibit rules do, one situation each (their alerts are posted together).
+# Inhibition matches on `job` only today: a down server holds back the queueing alert of every instance
+# of its job. Matching on `instance` as well flips that case (and any whose labels have no instance).
+INHIBITION_SITUATIONS: dict[str, dict[str, Posted]] = {
+    "a server down": {
+        "down": Posted(firing("DigitsModelServerDown", job=SERVING, instance=SERVER)),
+        "latency page": Posted(firing("DigitsLatencyBudgetBurn", job=SERVING, long_window="1h", **MODEL), "down"),
+        "drift": Posted(firing("DigitsPredictionDrift", job=SERVING, **VERSION_7), "down"),
+        "confidence": Posted(firing("DigitsConfidenceDrop", job=SERVING, **VERSION_7), "down"),
+        "traffic stopped": Posted(firing("DigitsPredictTrafficStopped", job=SERVING, **MODEL), "down"),
+        "queueing": Posted(firing("DigitsBatchQueueingSlow", job=SERVING, instance=SERVER), "down"),
+        "queueing elsewhere": Posted(firing("DigitsBatchQueueingSlow", job=SERVING, instance=OTHER_SERVER), "down"),
+        # The failures themselves are news, and so is another job's drift.
+        "availability page": Posted(firing("DigitsAvailabilityBudgetBurn", job=SERVING, long_window="1h", **MODEL)),
+        "load failed": Posted(firing("DigitsModelLoadFailed", job=SERVING, instance=SERVER,
+                                    model_path="/models/digits/7", status="fail")),
+        "web drift": Posted(firing("DigitsPredictionDrift", job=names.WEB_JOB, **VERSION_7)),
+    },
+    "no server at all": {
+        "absent": Posted(firing("DigitsModelServerAbsent", job=SERVING)),
+        "latency page": Posted(firing("DigitsLatencyBudgetBurn", job=SERVING, long_window="1h", **MODEL), "absent"),
+        "drift": Posted(firing("DigitsPredictionDrift", job=SERVING, **VERSION_7), "absent"),
+        "traffic stopped": Posted(firing("DigitsPredictTrafficStopped", job=SERVING, **MODEL), "absent"),
+        "web app down": Posted(firing("DigitsWebAppDown", job=names.WEB_JOB, instance="web:8080")),
+    },
+    "a page and tickets": {
+        "page": Posted(firing("DigitsAvailabilityBudgetBurn", job=SERVING, long_window="1h", **MODEL)),
+        "its ticket": Posted(firing("DigitsAvailabilityBudgetBurn", job=SERVING, long_window="1d", **MODEL), "page"),
+        "slow-burn ticket": Posted(firing("DigitsAvailabilityBudgetBurn", job=SERVING, long_window="3d", **MODEL),
+                                   "page"),
+        "another model's ticket": Posted(firing("DigitsAvailabilityBudgetBurn", job=SERVING, long_window="1d",
+                                               model_name="letters")),
+        "another alert's ticket": Posted(firing("DigitsLatencyBudgetBurn", job=SERVING, long_window="1d", **MODEL)),
+        "a ticket alone": Posted(firing("DigitsPredictionDrift", job=SERVING, **VERSION_7)),
+    },
+}
+
+
+def post_alerts(alertmanager_url: str, alerts: list[dict[str, str]], starts: datetime, ends: datetime) -> None:
+    """Sends alerts as Prometheus does: POST /api/v2/alerts (an `endsAt` in the past resolves them)."""
+    body = [{"labels": labels, "annotations": {}, "startsAt": _rfc3339(starts), "endsAt": _rfc3339(ends)}
+            for labels in alerts]
+    response = requests.post(f"{alertmanager_url}/api/v2/alerts", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def alert_states(alertmanager_url: str, posted: dict[str, Posted]) -> dict[str, tuple[str, list[str]]]:
+    """Key -> (status.state, the keys of its status.inhibitedBy) for every posted alert Alertmanager lists."""
+    listed = requests.get(f"{alertmanager_url}/api/v2/alerts", timeout=30).json()
+    keys = {alert["fingerprint"]: key for alert in listed for key, sent in posted.items()
+            if alert["labels"] == sent.labels}
+    return {keys[alert["fingerprint"]]: (alert["status"]["state"],
+                                         [keys.get(source, source) for source in alert["status"]["inhibitedBy"]])
+            for alert in listed if alert["fingerprint"] in keys}
+
+
+@pytest.mark.parametrize("situation", INHIBITION_SITUATIONS)
+def test_alertmanager_holds_back_what_the_inhibit_rules_say(monitored, situation):
+    """Alerts posted to the real Alertmanager as Prometheus sends them: those the inhibit rules name are
+    `suppressed`, `inhibitedBy` the alert that holds them back; the others stay `active`. The alerts are
+    resolved afterwards, so that each situation is judged alone."""
+    _, config, _ = monitored
+    posted = INHIBITION_SITUATIONS[situation]
+    expected = {key: ("suppressed", [sent.held_back_by]) if sent.held_back_by else ("active", [])
+                for key, sent in posted.items()}
+    now = datetime.now(timezone.utc)
+    post_alerts(config.alertmanager_url, [sent.labels for sent in posted.values()], now, now + timedelta(minutes=10))
+    try:
+        # Inhibition is judged on the sources Alertmanager has taken in: wait (bounded) until it agrees.
+        deadline = time.monotonic() + 30
+        while (states := alert_states(config.alertmanager_url, posted)) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert states == expected
+    finally:
+        post_alerts(config.alertmanager_url, [sent.labels for sent in posted.values()], now,
+                    datetime.now(timezone.utc))
 
 
 def test_a_stopped_server_pages_through_alertmanager(monitored):
@@ -226,18 +536,20 @@ def test_a_stopped_server_pages_through_alertmanager(monitored):
     server.stop()
     log = Path(config.data_dir) / "alerts.jsonl"
 
+    host, port = config.serving_targets[0].split(":")
+
     def delivered():
         if not log.exists():
             return None
         for line in log.read_text().splitlines():
             record = json.loads(line)
-            for alert in record["payload"]["alerts"]:
-                if alert["labels"]["alertname"] == "DigitsModelServerDown" and alert["status"] == "firing":
+            for alert in record["payload"]["alerts"]:  # the inhibition tests' alerts name other instances
+                if (alert["labels"]["alertname"] == "DigitsModelServerDown" and alert["status"] == "firing"
+                        and alert["labels"]["instance"] == f"{host}:{port}"):
                     return record["receiver"], alert
         return None
 
     receiver, alert = wait_for(delivered, timeout=120, interval=1, what="DigitsModelServerDown at the webhook")
-    host, port = config.serving_targets[0].split(":")
     assert receiver == "pager"
     assert alert["labels"] == {"alertname": "DigitsModelServerDown", "severity": "critical",
                                "job": names.SERVING_JOB, "instance": f"{host}:{port}", "monitor": "digits"}
