@@ -35,6 +35,7 @@ from serving.config import ServerConfig
 from serving.errors import first_line, invalid_argument, not_found
 from serving.metrics import ServingMetrics
 from serving.signature import Limits, Signature
+from serving.version_policy import LOAD, Versions, next_action, wanted_versions
 
 log = logging.getLogger(__name__)
 
@@ -255,28 +256,33 @@ class ModelManager:
                 log.exception("polling %s failed", self._config.model_base_path)
 
     def poll(self, settle: bool = True) -> None:
-        """One pass: load the versions the policy wants, then unload the ones it no longer wants.
+        """One pass: scan the base path, then load and unload as the version policy says
+        (serving/version_policy.py), one action at a time, until it has nothing more to do.
 
         With `settle`, a version directory is loaded only once it looks the same on two
         polls in a row, so a version still being copied in (the Pusher copies file by
         file) is not loaded half-written.
         """
         on_disk = self._versions_on_disk()
-        wanted = sorted(on_disk, reverse=True)[: self._config.num_versions]
-        for version in sorted(wanted):
-            if self._stop.is_set():
-                return  # shutting down: load nothing more
-            if version in self._servables:
-                continue
-            fingerprint = _fingerprint(on_disk[version])
+        # Only the wanted versions not loaded yet are fingerprinted: loaded ones are not walked on every poll.
+        fingerprints = {version: _fingerprint(on_disk[version])
+                        for version in wanted_versions(on_disk, self._config.num_versions)
+                        if version not in self._servables}
+        unsettled = set()
+        for version, fingerprint in fingerprints.items():
             previous, self._seen[version] = self._seen.get(version), fingerprint
-            if self._failed.get(version) == fingerprint or (settle and previous != fingerprint):
-                continue
-            self._load(version, on_disk[version], fingerprint)
-        available = [version for version in wanted if version in self._servables]
-        if available:  # never unload the last good version for a newer one that does not load
-            for version in sorted(set(self._servables) - set(wanted)):
-                self._unload(version)
+            if settle and previous != fingerprint:
+                unsettled.add(version)
+        while not self._stop.is_set():  # shutting down: load and unload nothing more
+            failed = {version for version, fingerprint in fingerprints.items()
+                      if self._failed.get(version) == fingerprint}
+            action = next_action(Versions.of(on_disk, self._servables, failed, unsettled), self._config.num_versions)
+            if action is None:
+                break
+            if action.kind == LOAD:
+                self._load(action.version, on_disk[action.version], fingerprints[action.version])
+            else:
+                self._unload(action.version)
         for version in list(self._status):
             if version not in on_disk and version not in self._servables and self._status[version].state != END:
                 self._set_status(VersionStatus(version, END))

@@ -35,8 +35,13 @@ class ChildProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
-        for reader in getattr(self.process, "readers", ()):  # until they have taken everything it wrote
+        readers = getattr(self.process, "readers", ())
+        for reader in readers:  # until they have taken everything it wrote
             reader.join(timeout=30)
+        if not any(reader.is_alive() for reader in readers):  # its pipes, now, not whenever it is collected
+            for stream in (self.process.stdout, self.process.stderr):
+                if stream is not None:
+                    stream.close()
         return self.process.returncode
 
     def __enter__(self):

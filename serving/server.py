@@ -123,15 +123,20 @@ async def _serve(config: ServerConfig, on_ready, rest_socket: socket.socket, grp
         on_ready(Endpoints(rest_port, grpc_port, manager.available_versions()))
     await stop.requested.wait()
 
-    log.info("shutting down: finishing in-flight requests (up to %.1f s)", stop.remaining())
+    log.info("shutting down: finishing %d in-flight predict requests (up to %.1f s)",
+             service.admission.in_flight, stop.remaining())
     grpc_done = grpc_server.stop(stop.remaining())  # refuses new calls now; cancels the rest when the grace ends
     await site.stop()  # the REST port stops accepting connections
     manager.stop(timeout=0)  # no new loads; one under way is not waited for
     drained = await stop.wait_until(lambda: service.admission.in_flight == 0)
-    try:  # answers already computed are written out, idle keep-alive connections closed
-        await asyncio.wait_for(runner.cleanup(), timeout=max(stop.remaining(), _POLL_S))
-    except asyncio.TimeoutError:
+    # Answers already computed are written out, idle keep-alive connections closed; waited for here, not
+    # by aiohttp's own timeout (the whole grace, fixed at its start), so that a second signal ends it too.
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    if await stop.wait_until(cleanup.done):
+        cleanup.result()  # re-raises a failed cleanup
+    else:
         drained = False
+        await _cancel(cleanup)
     if not await stop.wait_until(grpc_done.is_set):
         drained = False
     workers.stop()
@@ -140,6 +145,14 @@ async def _serve(config: ServerConfig, on_ready, rest_socket: socket.socket, grp
     else:
         log.warning("stopped at the end of the grace period with %d predict requests unanswered",
                     service.admission.in_flight)
+
+
+async def _cancel(task: asyncio.Future) -> None:
+    """Cancels `task` and waits until it has ended. aiohttp's connection shutdown swallows a cancellation
+    at each of its waits (on Python 3.10), so it is cancelled again until it ends."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_POLL_S)
 
 
 async def _load_existing(manager: ModelManager, stop: _Stop) -> bool:

@@ -104,12 +104,14 @@ def test_runtime_latency_times_the_model_call_not_the_input_checks():
 # -- unloading waits for the requests that hold a version -------------------------------------------------------
 
 class _Held:
-    """Stands in for a Servable in the manager's table: counts requests, frees nothing."""
+    """Stands in for a Servable in the manager's table: counts requests, frees nothing, and tells when
+    someone starts waiting for its requests to finish."""
 
     def __init__(self, version: int):
         self.version = version
         self._in_flight = 0
         self._idle = threading.Condition()
+        self.waited_for = threading.Event()
         self.released = False
 
     def enter(self):
@@ -123,6 +125,7 @@ class _Held:
 
     def wait_idle(self, timeout=None):
         with self._idle:
+            self.waited_for.set()
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout)
 
     def release(self):
@@ -141,7 +144,8 @@ def test_a_version_is_not_ended_while_a_request_holds_it(tmp_path):
         assert servable is held
         unloading = threading.Thread(target=manager._unload, args=(1,))
         unloading.start()
-        time.sleep(0.2)
+        # The unload is held where it waits for this request: whenever it gets there, the state is the same.
+        assert held.waited_for.wait(timeout=30), "the unload did not wait for the request holding the version"
         assert unloading.is_alive() and manager.statuses("digits")[0].state == UNLOADING
         assert not held.released
         with pytest.raises(Exception, match="Servable not found for request: Latest\\(digits\\)"):

@@ -1,8 +1,10 @@
 """`digits serve` under overload and at its edges in time: health checks while saturated, deadlines and
-disconnects while queued, and stopping at any moment within --shutdown-grace.
+disconnects while queued, stopping at any moment within --shutdown-grace, and a version that fails to load.
 
 A batch queue that waits 4 s (`--batch-wait always`, TF Serving's behaviour) holds a request
-in flight for as long as a test needs, without relying on the machine's speed.
+in flight for as long as a test needs, without relying on the machine's speed; the shutdown
+tests hold theirs for 600 s, with graces of 1 s or 600 s, so that a server that exits at all
+within their bound (60 s) did not wait for the request, or for the grace.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import pytest
 import requests
 
 from conftest import REPO, start_server
-from serving_clients import MetricsDelta, grpc_predict, grpc_status, predict_rest
+from serving_clients import MetricsDelta, grpc_predict, grpc_status, predict_rest, scrape
 
 pytestmark = [pytest.mark.slow]
 
 HOLD_S = 4.0  # how long the held server's batches wait for company
+LONG_HOLD_MICROS = 600_000_000  # a batch the shutdown tests' requests never leave before the process ends
+EXIT_BOUND_S = 60  # how long a stopping server may take here: far inside the waits it must not make
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +155,8 @@ def _stopped_within(process: subprocess.Popen, output: list[str], seconds: float
         process.kill()
         process.wait(30)
         raise AssertionError(f"still running {seconds:.0f} s after the signal:\n" + "".join(output)[-3000:])
-    time.sleep(0.2)  # the reader thread drains the pipe
+    for reader in process.readers:  # until they have taken everything it wrote
+        reader.join(timeout=30)
     text = "".join(output)
     assert process.returncode == 0, text[-3000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
@@ -160,28 +165,53 @@ def _stopped_within(process: subprocess.Popen, output: list[str], seconds: float
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("moment", ["importing TensorFlow", "loading the first version"])
 def test_a_stop_signal_during_start_up_exits_0_at_once(pushed_model, signum, moment):
-    process, output = _spawn(pushed_model, "--shutdown-grace", 2)
+    """Nothing is in flight before the ports open: the signal ends the start-up at once, and a 600 s grace
+    is not waited out (the process is gone within EXIT_BOUND_S)."""
+    process, output = _spawn(pushed_model, "--shutdown-grace", 600)
     if moment == "importing TensorFlow":
         _wait_for_line(output, "starting: importing TensorFlow", process)
     else:
         _wait_for_line(output, "loading digits version", process)
     process.send_signal(signum)
-    _stopped_within(process, output, 2 + 10)  # the grace, and room for a loaded machine
+    _stopped_within(process, output, EXIT_BOUND_S)
     assert "ready (" not in "".join(output)
 
 
 def test_sigterm_ends_within_the_grace_even_with_a_request_that_would_take_longer(pushed_model, png):
-    process, output = _spawn(pushed_model, "--shutdown-grace", 1, "--batch-wait", "always",
-                             "--batch-timeout-micros", 60_000_000)
-    _wait_for_line(output, "ready (", process)
-    rest_url = "http://127.0.0.1:" + "".join(output).split("REST    http://127.0.0.1:")[1].split("/")[0]
-    stuck = _in_background(predict_rest, rest_url, [png], "", 120)  # its batch would wait 60 s
-    time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    _stopped_within(process, output, 1 + 10)
+    """A request held in its batch for 600 s when SIGTERM comes: the 1 s grace ends the wait, the request
+    is abandoned, and the log says so."""
+    with start_server(pushed_model, "--shutdown-grace", 1, "--batch-wait", "always",
+                      "--batch-timeout-micros", LONG_HOLD_MICROS) as server:
+        before = _queued_so_far(server)
+        stuck = _in_background(predict_rest, server.rest_url, [png], "", 900)
+        _wait_until_queued(server, before + 1)  # in flight when the signal comes
+        server.process.send_signal(signal.SIGTERM)
+        _stopped_within(server.process, server.output, EXIT_BOUND_S)
     stuck["thread"].join(30)
     assert "error" in stuck  # the connection was closed under it: the grace was over
-    assert "stopped at the end of the grace period with 1 predict requests unanswered" in "".join(output)
+    text = "".join(server.output)
+    assert "shutting down: finishing 1 in-flight predict requests (up to 1.0 s)" in text
+    assert "stopped at the end of the grace period with 1 predict requests unanswered" in text
+
+
+def test_a_second_signal_stops_the_wait_at_once(pushed_model, png):
+    """SIGTERM starts a drain that would wait up to 600 s for a request held for 600 s; a second signal
+    (Ctrl-C here) ends it at once: the process exits 0 within EXIT_BOUND_S, the request abandoned."""
+    with start_server(pushed_model, "--shutdown-grace", 600, "--batch-wait", "always",
+                      "--batch-timeout-micros", LONG_HOLD_MICROS) as server:
+        before = _queued_so_far(server)
+        held = _in_background(predict_rest, server.rest_url, [png], "", 900)
+        _wait_until_queued(server, before + 1)
+        server.process.send_signal(signal.SIGTERM)
+        _wait_for_line(server.output, "shutting down: finishing 1 in-flight predict requests", server.process)
+        assert server.process.poll() is None and "value" not in held  # waiting for it
+        server.process.send_signal(signal.SIGINT)
+        _stopped_within(server.process, server.output, EXIT_BOUND_S)
+    held["thread"].join(30)
+    assert "error" in held
+    text = "".join(server.output)
+    assert "second stop signal: not waiting any longer" in text
+    assert "stopped at the end of the grace period with 1 predict requests unanswered" in text
 
 
 def test_sigterm_during_a_version_load_ends_within_the_grace(pushed_model, tmp_path):
@@ -194,3 +224,45 @@ def test_sigterm_during_a_version_load_ends_within_the_grace(pushed_model, tmp_p
     _wait_for_line(output, "loading digits version 2", process)
     process.send_signal(signal.SIGTERM)
     _stopped_within(process, output, 1 + 10)
+
+
+# -- a version that fails to load ----------------------------------------------------------------------------------
+
+def _version_statuses(server) -> list[dict]:
+    response = requests.get(f"{server.rest_url}/v1/models/digits", timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["model_version_status"]
+
+
+def _wait_for_end(server, version: int) -> list[dict]:
+    """The status once `version` is END, newest first."""
+    deadline = time.monotonic() + 120
+    while True:
+        statuses = _version_statuses(server)
+        if statuses[0]["version"] == str(version) and statuses[0]["state"] == "END":
+            return statuses
+        assert time.monotonic() < deadline, f"version {version} never ended: {statuses}"
+        time.sleep(0.1)
+
+
+def test_a_version_that_fails_to_load_shows_end_while_the_previous_one_serves(pushed_model, png, tmp_path):
+    """With `--num-versions 1`, each newer version would replace the only good one, but two pushes in a
+    row fail to load: each shows END with its error, is not tried again, and version 1 keeps answering."""
+    (source,) = pushed_model.iterdir()
+    model_dir = tmp_path / "digits"
+    shutil.copytree(source, model_dir / "1")
+    with start_server(model_dir, "--num-versions", 1) as server:
+        for broken in (2, 3):  # the second failure comes at least one poll after the first one's
+            (model_dir / str(broken)).mkdir()
+            (model_dir / str(broken) / "saved_model.pb").write_bytes(b"not a SavedModel")
+            statuses = _wait_for_end(server, broken)
+        assert [(status["version"], status["state"], status["status"]["error_code"]) for status in statuses] == [
+            ("3", "END", "UNKNOWN"), ("2", "END", "UNKNOWN"), ("1", "AVAILABLE", "OK")]
+        for status in statuses[:2]:
+            assert status["status"]["error_message"].startswith(
+                f"Failed to load servable digits version {status['version']}: "), status
+        assert grpc_predict(server.grpc_target, [png]).model_spec.version.value == 1
+        assert predict_rest(server.rest_url, [png]).status_code == 200
+        attempts = scrape(server.rest_url)[":tensorflow:cc:saved_model:load_attempt_count"]
+        assert {dict(labels)["model_path"]: value for labels, value in attempts.items()
+                if dict(labels)["status"] == "fail"} == {str(model_dir / "2"): 1, str(model_dir / "3"): 1}
