@@ -60,6 +60,8 @@ def _label(value: str) -> tuple[str, int]:
 @click.option("--rest-api-timeout-in-ms", "rest_api_timeout_ms", type=int, default=ServerConfig.rest_api_timeout_ms,
               show_default=True, help="A REST predict still queued after this long is dropped (TF Serving's flag; "
                                       "gRPC calls carry their own deadline).")
+@click.option("--body-timeout", type=float, default=ServerConfig.body_timeout_s, show_default=True,
+              help="Seconds a REST request body may take to arrive after its headers; then 408.")
 @click.option("--shutdown-grace", type=float, default=ServerConfig.shutdown_grace_s, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--warmup/--no-warmup", default=ServerConfig.warmup, show_default=True,
@@ -74,8 +76,8 @@ def _label(value: str) -> tuple[str, int]:
               help="Ops run at once (TF Serving's --tensorflow_inter_op_parallelism); 0: TensorFlow's choice.")
 def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_versions, labels, poll_interval, batching,
                   max_batch_size, batch_timeout_micros, batch_wait, batching_parameters_file, max_body_bytes,
-                  max_instances, max_concurrent_requests, rest_api_timeout_ms, shutdown_grace, warmup, onednn,
-                  intra_op_threads, inter_op_threads):
+                  max_instances, max_concurrent_requests, rest_api_timeout_ms, body_timeout, shutdown_grace, warmup,
+                  onednn, intra_op_threads, inter_op_threads):
     """Serve the pushed model versions over TF Serving's REST and gRPC APIs, with its Prometheus metrics."""
     try:
         if batching_parameters_file:
@@ -92,6 +94,7 @@ def serve_command(model_dir, model_name, host, rest_port, grpc_port, num_version
             batching=batching_config,
             max_body_bytes=max_body_bytes, max_instances=max_instances,
             max_concurrent_requests=max_concurrent_requests, rest_api_timeout_ms=rest_api_timeout_ms,
+            body_timeout_s=body_timeout,
             shutdown_grace_s=shutdown_grace, warmup=warmup,
             onednn=onednn, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
     except ValueError as error:

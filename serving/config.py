@@ -142,6 +142,9 @@ class ServerConfig:
     # TF Serving's --rest_api_timeout_in_ms: a REST predict still queued for the model after this long is
     # dropped (gRPC calls carry their own deadline).
     rest_api_timeout_ms: int = 30_000
+    # A REST request body that has not fully arrived this long after its headers gets 408, so a client that
+    # stops sending mid-body does not hold a connection forever (it holds no predict slot meanwhile).
+    body_timeout_s: float = 30.0
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish
     warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests before a version is AVAILABLE
     onednn: bool = False  # TensorFlow's oneDNN kernels; off: Eigen, as TF Serving's CPU image (serving/runtime.py)
@@ -177,6 +180,8 @@ class ServerConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', ' ')} must be >= 0 (0: TensorFlow's choice), "
                                 f"got {getattr(self, name)}")
+        if not self.body_timeout_s > 0:
+            problems.append(f"body timeout must be positive, got {self.body_timeout_s}")
         if self.shutdown_grace_s < 0:
             problems.append(f"shutdown grace must be >= 0 seconds, got {self.shutdown_grace_s}")
         if problems:

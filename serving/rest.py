@@ -31,7 +31,6 @@ _PREDICT = re.compile(r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels
 _STATUS = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?")
 log = logging.getLogger(__name__)
 _V1 = re.compile(r"(?i)/v1/.*")
-BODY_READ_TIMEOUT_S = 30.0  # a client that stops sending mid-body gets 408, not a connection held forever
 
 
 def make_app(config: ServerConfig, service: PredictionService, workers: Workers) -> web.Application:
@@ -110,12 +109,13 @@ class _Handler:
         if request.content_length is not None and request.content_length > limit:
             raise ServingError("RESOURCE_EXHAUSTED", _too_large(request.content_length, limit)).with_http(413)
         try:
-            return await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT_S)
+            return await asyncio.wait_for(request.read(), self._config.body_timeout_s)
         except web.HTTPRequestEntityTooLarge:  # a chunked body (no Content-Length) passed the limit
             raise ServingError("RESOURCE_EXHAUSTED", _too_large(None, limit)).with_http(413) from None
         except asyncio.TimeoutError:
             raise ServingError("DEADLINE_EXCEEDED", f"the request body did not arrive within "
-                                                    f"{BODY_READ_TIMEOUT_S:.0f} s").with_http(408) from None
+                                                    f"{self._config.body_timeout_s:g} s (--body-timeout)"
+                               ).with_http(408) from None
         except ConnectionError:  # the client closed the connection before sending the whole body
             raise ServingError("CANCELLED", f"the connection closed before the request body ended "
                                             f"(Content-Length {request.content_length})") from None

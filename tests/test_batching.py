@@ -1,6 +1,7 @@
 """The server-side batcher on its own: who waits, what is merged, who runs it, who gets an error, what is dropped.
 
-Each request runs on its own thread, as in the server (a REST worker or a gRPC thread).
+Each request runs on its own thread, as in the server (a REST worker or a gRPC thread). Last, with batching
+off: a request whose deadline passed on its way to the model, through the server's gRPC service.
 """
 
 from __future__ import annotations
@@ -339,3 +340,71 @@ def test_a_deadline_that_passes_while_its_batch_waits_drops_the_request_when_the
             hasty.result(timeout=10)
         assert patient.result(timeout=10)["length"].tolist() == [7]
     assert model.calls == [[b"patient"]]
+
+
+# -- without batching ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_without_batching_an_expired_request_gets_deadline_exceeded_before_the_model_runs(pushed_model, sample_tree,
+                                                                                           monkeypatch):
+    """docs/serving.md: without batching, an expired request is refused with DEADLINE_EXCEEDED before the
+    model runs. A gRPC call to the server's own service, over the pushed model loaded with batching off,
+    is held on its way to the model until its deadline has passed (as a busy server would hold it): the
+    server answers DEADLINE_EXCEEDED without calling the model. The next call, with time left, is answered."""
+    import grpc
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving import runtime
+    from serving.config import ServerConfig
+    from serving.grpc_service import make_server
+    from serving.metrics import ServingMetrics
+    from serving.models import ModelManager
+    from serving.service import PredictionService
+    from serving_clients import grpc_predict
+
+    # TensorFlow's threads here are pytest's own: leave their scheduling priority alone.
+    monkeypatch.setattr(runtime, "lower_compute_priority", lambda: 0)
+    config = ServerConfig(model_base_path=pushed_model, grpc_port=0, batching=BatchingConfig(enabled=False),
+                          warmup=False)
+    metrics = ServingMetrics()
+    manager = ModelManager(config, metrics)
+    manager.load_existing()
+    servable = manager.resolve("digits")
+    signature = servable.signatures["serving_default"]
+    run_model, run_servable = signature.run, servable.run
+    model_calls: list[int] = []
+    held: list[Caller] = []
+
+    def counted(inputs: dict) -> dict:
+        model_calls.append(len(inputs["image_bytes"]))
+        return run_model(inputs)
+
+    def held_until_its_deadline_passed(signature, inputs, size, caller, arrival=None):
+        if not held:  # the first call only
+            held.append(caller)
+            _wait_for(lambda: time.monotonic() >= caller.deadline, timeout=30)
+        return run_servable(signature, inputs, size, caller, arrival)
+
+    def requests_counted(status: str) -> float:
+        return sum(sample.value for family in text_string_to_metric_families(metrics.render())
+                   for sample in family.samples if family.name == ":tensorflow:serving:request_count"
+                   and sample.labels == {"model_name": "digits", "status": status})
+
+    monkeypatch.setattr(signature, "run", counted)
+    monkeypatch.setattr(servable, "run", held_until_its_deadline_passed)
+    png = sorted((sample_tree / "testing" / "3").iterdir())[0].read_bytes()
+    server, port = make_server(config, PredictionService(manager, metrics, config.max_concurrent_requests), port=0)
+    server.start()
+    try:
+        with pytest.raises(grpc.RpcError) as expired:
+            grpc_predict(f"127.0.0.1:{port}", [png], timeout=1)
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # the client's own view
+        _wait_for(lambda: sum(map(requests_counted, ("DEADLINE_EXCEEDED", "OK"))) == 1, timeout=30)
+        assert requests_counted("DEADLINE_EXCEEDED") == 1  # the server's answer
+        assert held[0].deadline is not None and model_calls == []
+        answered = grpc_predict(f"127.0.0.1:{port}", [png], timeout=60)
+        assert answered.outputs["probabilities"].tensor_shape.dim[0].size == 1
+        assert model_calls == [1] and requests_counted("OK") == 1
+    finally:
+        server.stop(None)
+        servable.release()

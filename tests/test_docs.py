@@ -460,3 +460,74 @@ def test_every_test_file_is_described_and_every_one_named_exists():
     assert files <= described, f"not described in docs/tests.md: {sorted(files - described)}"
     named = set().union(*(re.findall(r"(tests/test_\w+\.py)", path.read_text()) for path in documented_files()))
     assert named <= files, f"named in the docs but missing: {sorted(named - files)}"
+
+
+# --- promises and the tests that keep them -------------------------------------------------------
+# A test named in the docs as `tests/test_x.py::test_name` (or `::TestClass::test_name`).
+TEST_NODE = re.compile(r"tests/(test_\w+\.py)::(\w+(?:::\w+)?)")
+PROMISES_HEADING = "## Promises and the tests that keep them"
+
+
+def defined_tests(test_file: Path) -> set[str]:
+    """The test functions pytest collects from a file, as node-id tails (read with `ast`, not imported)."""
+    names: set[str] = set()
+    for node in ast.parse(test_file.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_"):
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            names |= {f"{node.name}::{item.name}" for item in node.body
+                      if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name.startswith("test_")}
+    return names
+
+
+def unknown_tests(documents: list[Path], tests_dir: Path) -> list[str]:
+    """Every `tests/FILE.py::NAME` the documents name that is not a test pytest would collect."""
+    problems = []
+    for document in documents:
+        for file_name, name in TEST_NODE.findall(document.read_text()):
+            path = tests_dir / file_name
+            if not path.is_file():
+                problems.append(f"{document.name}: {file_name} does not exist (named with ::{name})")
+            elif name not in defined_tests(path):
+                problems.append(f"{document.name}: tests/{file_name}::{name} is not a test in that file")
+    return problems
+
+
+def promises(tests_page: str) -> list[tuple[str, str, list[str]]]:
+    """The rows of the promises table in docs/tests.md: (promise, where it is made, tests named)."""
+    section = tests_page.split(PROMISES_HEADING, 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| promise")]
+    table = []
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("| ").split(" | ")]
+        if set(cells[0]) <= {"-", ":", " "}:
+            continue  # the header's separator row
+        assert len(cells) == 3, f"a promises row needs 3 cells: {row}"
+        table.append((cells[0], cells[1], ["::".join(node) for node in TEST_NODE.findall(cells[2])]))
+    return table
+
+
+def test_every_promise_in_the_table_names_a_test_that_exists_where_the_promise_is_made():
+    """docs/tests.md lists the behaviour the README and the pages promise, each with its tests."""
+    table = promises((DOCS / "tests.md").read_text())
+    assert len(table) >= 40, f"the promises table shrank to {len(table)} rows"
+    for promise, where, tests in table:
+        assert tests, f"no test named for: {promise}"
+        link = re.fullmatch(r"\[[^\]]+\]\(([\w-]+\.md)(#[\w-]+)?\)", where)
+        assert link and (DOCS / link.group(1)).is_file(), f"{promise}: where it is made must link a page: {where}"
+    assert not unknown_tests(documented_files(), REPO / "tests")
+
+
+def test_a_page_naming_a_missing_test_is_caught(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Proven by `tests/test_docs.py::test_no_such_thing` and `tests/test_nothing.py::test_x`;\n"
+                    "kept by `tests/test_docs.py::test_a_page_naming_a_missing_test_is_caught`.\n")
+    assert unknown_tests([page], REPO / "tests") == [
+        "page.md: tests/test_docs.py::test_no_such_thing is not a test in that file",
+        "page.md: test_nothing.py does not exist (named with ::test_x)",
+    ]
+    rows = promises(f"{PROMISES_HEADING}\n\n| promise | where | tests |\n|---|---|---|\n"
+                    "| one | [Serving](serving.md#versions) | `tests/test_serving.py::test_a`, `tests/test_web.py::TestX::test_b` |\n"
+                    "\n## Next\n| not | a | row |\n")
+    assert rows == [("one", "[Serving](serving.md#versions)",
+                     ["test_serving.py::test_a", "test_web.py::TestX::test_b"])]

@@ -151,9 +151,40 @@ def test_metrics_use_tf_servings_names_and_move_with_traffic(model_server, pngs)
     assert ":tensorflow:serving:request_count_total" not in page
 
 
-def test_the_models_warmup_requests_run_before_it_serves(model_server):
-    assert "(3 warmup requests)" in "".join(model_server.output)
-    assert ":tensorflow:serving:model_warmup_latency_count" in _metrics(model_server.rest_url)
+def test_the_models_warmup_requests_run_before_it_serves(model_server, pushed_model, tmp_path):
+    """Every request of the Trainer's warmup file is replayed while the version loads: before it is AVAILABLE,
+    hence before the ports open. And replayed for real: a file whose last request the model refuses fails
+    the load (as in TF Serving), and that version is never served."""
+    import re
+
+    import tensorflow as tf
+
+    from components.warmup import read_warmup_requests, write_warmup_requests
+    from serving.config import ServerConfig
+    from serving.metrics import ServingMetrics
+    from serving.models import END, ModelManager
+
+    (version,) = pushed_model.iterdir()
+    trainers = read_warmup_requests(str(version))
+    output = "".join(model_server.output)
+    loaded = re.search(rf"digits version {version.name} AVAILABLE after [\d.]+ s \((\d+) warmup requests\)", output)
+    assert loaded and int(loaded.group(1)) == len(trainers) == 3, output[-3000:]
+    assert loaded.end() < output.index("ready (")
+    # One warmup per load, as TF Serving records model_warmup_latency.
+    assert _metrics(model_server.rest_url)[":tensorflow:serving:model_warmup_latency_count"] == {
+        (("model_path", str(version)), ("status", "OK")): 1}
+
+    copy = shutil.copytree(version, tmp_path / "digits" / version.name)
+    first, second = (tf.make_ndarray(request.inputs[contract.IMAGE_BYTES_INPUT])[0] for request in trainers[:2])
+    write_warmup_requests(str(copy), [first, second, b"not an image"])  # requests of 1, 1 and 8 images
+    assert [len(tf.make_ndarray(request.inputs[contract.IMAGE_BYTES_INPUT]))
+            for request in read_warmup_requests(str(copy))] == [1, 1, 8]
+    manager = ModelManager(ServerConfig(model_base_path=copy.parent), ServingMetrics())
+    manager.load_existing()
+    (status,) = manager.statuses("digits")
+    assert (status.version, status.state, status.error_code) == (int(version.name), END, "UNKNOWN")
+    assert status.error_message.startswith(f"Failed to load servable digits version {version.name}: "), status
+    assert manager.available_versions() == []
 
 
 def test_the_server_runs_eigen_kernels_unless_asked_for_onednn(model_server, pushed_model, pngs):
@@ -180,18 +211,57 @@ def test_concurrent_requests_are_batched(model_server, pngs):
     assert batches < 80, "80 concurrent single-image requests should share model calls"
 
 
-def test_version_labels_and_explicit_versions(pushed_model, pngs, in_process):
-    (version_dir,) = pushed_model.iterdir()
-    version = int(version_dir.name)
-    server = start_server(pushed_model, "--label", f"stable={version}")
+def _copy_version_answering_otherwise(source: Path, target: Path) -> None:
+    """Copies a SavedModel with its output layer's bias for class 0 raised by 5: a version whose answers
+    tell it apart from the source's."""
+    import tensorflow as tf
+
+    shutil.copytree(source, target)
+    prefix = str(target / "variables" / "variables")
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    names = sorted(shapes)
+    (output_bias,) = [name for name in names
+                      if shapes[name] == [contract.NUM_CLASSES] and not name.startswith("optimizer/")]
+    values = [reader.get_tensor(name) for name in names]
+    values[names.index(output_bias)][0] += 5.0
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=values)
+
+
+def test_version_labels_and_explicit_versions(pushed_model, pngs, in_process, tmp_path):
+    """Two versions loaded (`--num-versions 2`), the newer answering otherwise, `stable` on the older:
+    `labels/stable` and gRPC's `version_label` are answered by the older, plain requests by the newer."""
+    import tensorflow as tf
+
+    (source,) = pushed_model.iterdir()
+    older, newer = int(source.name), int(source.name) + 1
+    model_dir = tmp_path / "digits"
+    shutil.copytree(source, model_dir / str(older))
+    _copy_version_answering_otherwise(source, model_dir / str(newer))
+    server = start_server(model_dir, "--num-versions", "2", "--label", f"stable={older}")
     try:
-        image = [pngs[0][1]]
-        for suffix in (f"/versions/{version}", "/labels/stable"):
+        states = requests.get(f"{server.rest_url}/v1/models/digits", timeout=30).json()["model_version_status"]
+        assert [(s["version"], s["state"]) for s in states] == [(str(newer), "AVAILABLE"), (str(older), "AVAILABLE")]
+        image = [pngs[14][1]]  # a 7
+        older_answer = in_process(image)[0]
+
+        def rest(suffix: str) -> np.ndarray:
             response = _predict_rest(server.rest_url, image, suffix)
             assert response.status_code == 200, response.text
-            np.testing.assert_allclose(response.json()["predictions"][0][contract.PROBABILITIES_OUTPUT],
-                                       in_process(image)[0], atol=1e-5)
-        assert _grpc_predict(server.grpc_target, image, label="stable").model_spec.version.value == version
+            return np.array(response.json()["predictions"][0][contract.PROBABILITIES_OUTPUT])
+
+        newer_answer = rest(f"/versions/{newer}")
+        assert newer_answer[0] > older_answer[0] + 0.1  # the two versions are told apart by their answers
+        np.testing.assert_allclose(rest(f"/versions/{older}"), older_answer, atol=1e-5)
+        np.testing.assert_allclose(rest("/labels/stable"), older_answer, atol=1e-5)
+        np.testing.assert_allclose(rest(""), newer_answer, atol=1e-5)
+        for label, version, answered_by, answer in (("stable", None, older, older_answer),
+                                                    (None, None, newer, newer_answer),
+                                                    (None, older, older, older_answer)):
+            response = _grpc_predict(server.grpc_target, image, version=version, label=label)
+            assert response.model_spec.version.value == answered_by
+            np.testing.assert_allclose(tf.make_ndarray(response.outputs[contract.PROBABILITIES_OUTPUT])[0], answer,
+                                       atol=1e-5)
     finally:
         assert server.stop() == 0
 
@@ -248,32 +318,91 @@ def test_a_new_version_is_served_without_restart_or_failed_requests(pushed_model
     assert "Traceback" not in "".join(server.output)
 
 
-def test_sigterm_lets_in_flight_requests_finish(pushed_model, pngs):
-    server = start_server(pushed_model, "--no-batching")
-    images = [png for _, png in pngs] * 6  # 120 images: a request that takes a while on 2 cores
-    with ThreadPoolExecutor(4) as pool:
-        pending = [pool.submit(_predict_rest, server.rest_url, images, "", 120) for _ in range(4)]
-        time.sleep(0.5)
-        os.kill(server.pid, signal.SIGTERM)
-        results = [future.result() for future in pending]
+# How long the SIGTERM test's batch waits for company (`--batch-wait always`): it holds the requests in the
+# queue across the signal, far longer than queueing them and signalling take, even on a loaded machine.
+_HOLD_S = 8.0
+
+
+def _queued(rest_url: str) -> int:
+    """Requests that reached a batch queue so far (input_batch_size is recorded as each is queued)."""
+    return int(sum(_metrics(rest_url).get(":tensorflow:serving:batching_session:input_batch_size_count",
+                                          {}).values()))
+
+
+def test_sigterm_lets_in_flight_requests_finish(pushed_model, pngs, in_process):
+    """Four requests held in a batch queue when SIGTERM comes (the server counts them as it starts shutting
+    down) are all answered, as the model answers them, before the server exits 0 and its ports close."""
+    server = start_server(pushed_model, "--batch-wait", "always", "--batch-timeout-micros", int(_HOLD_S * 1e6),
+                          "--shutdown-grace", 300)
+    images = [png for _, png in pngs[:5]]
+    try:
+        before = _queued(server.rest_url)
+        with ThreadPoolExecutor(4) as pool:
+            pending = [pool.submit(_predict_rest, server.rest_url, images, "", 120) for _ in range(4)]
+            deadline = time.monotonic() + 60
+            while _queued(server.rest_url) < before + 4:
+                assert time.monotonic() < deadline, "the requests never reached the batch queue"
+                time.sleep(0.02)
+            assert not any(future.done() for future in pending)  # held: their batch waits for company
+            os.kill(server.pid, signal.SIGTERM)
+            results = [future.result() for future in pending]
+        assert server.process.wait(timeout=120) == 0
+    finally:
+        server.stop()  # once it has exited, this only waits until its output is read
+    log = "".join(server.output)
+    assert "shutting down: finishing 4 in-flight predict requests" in log, log[-3000:]
+    assert "stopped: every in-flight request was answered" in log, log[-3000:]
     assert [response.status_code for response in results] == [200] * 4
-    assert all(len(response.json()["predictions"]) == 120 for response in results)
-    assert server.process.wait(timeout=60) == 0
+    for response in results:
+        np.testing.assert_allclose([p[contract.PROBABILITIES_OUTPUT] for p in response.json()["predictions"]],
+                                   in_process(images), atol=1e-5)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.rest_url}/v1/models/digits", timeout=5)
 
 
-def test_digits_predict_over_rest_and_grpc(model_server, sample_tree, tmp_path):
-    files = [sorted((sample_tree / "testing" / str(digit)).iterdir())[0] for digit in (3, 8)]
+NO_INK_NOTE = "no ink found: a guess on an empty image"
+
+
+def _predicted_lines(stdout: str) -> list[tuple[str, int, float, bool]]:
+    """`digits predict`'s answer lines (`FILE  DIGIT  (CONFIDENCE)`, then the no-ink note if the model found
+    no ink) as (file, digit, confidence, noted)."""
+    answers = []
+    for line in stdout.splitlines():
+        name, digit, confidence, *note = line.split(maxsplit=3)
+        assert note in ([], [NO_INK_NOTE]), line
+        answers.append((name, int(digit), float(confidence.strip("()")), bool(note)))
+    return answers
+
+
+def _uniform_png(path: Path) -> Path:
+    """A 28x28 PNG of one grey: no ink, which the model reports (its ink_fraction is 0)."""
+    from PIL import Image
+
+    Image.new("L", (28, 28), 128).save(path, format="PNG")
+    return path
+
+
+def test_digits_predict_over_rest_and_grpc(model_server, sample_tree, tmp_path, in_process):
+    """Each line is its own file's answer, in the files' order: the digit and confidence the model gives that
+    file in process (to the three decimals printed), and the no-ink note exactly on the files without ink.
+
+    The tiny pipeline's model gives every image the same probabilities, so the no-ink note (from the
+    model's ink_fraction, which does differ) is what shows a line given another file's answer.
+    """
+    digits = [sorted((sample_tree / "testing" / str(digit)).iterdir())[0] for digit in range(10)]
+    blanks = [_uniform_png(tmp_path / "blank-a.png"), _uniform_png(tmp_path / "blank-b.png")]
+    files = [*digits[:3], blanks[0], *digits[3:8], blanks[1], *digits[8:]]
+    probabilities = in_process([path.read_bytes() for path in files])
+    expected = [(str(path), int(row.argmax()), float(row.max()), path in blanks)
+                for path, row in zip(files, probabilities)]
     for transport in (["--rest", model_server.rest_url], ["--grpc", model_server.grpc_target]):
         result = run_digits("predict", *files, *transport, timeout=120)
         assert result.returncode == 0, result.stderr
-        lines = result.stdout.strip().splitlines()
-        assert len(lines) == 2
-        for line, path in zip(lines, files):
-            name, digit, confidence = line.split()
-            assert name == str(path) and digit in contract.CLASS_NAMES
-            assert 0.0 < float(confidence.strip("()")) <= 1.0
+        answers = _predicted_lines(result.stdout)
+        assert [(name, digit, noted) for name, digit, _, noted in answers] == \
+            [(name, digit, blank) for name, digit, _, blank in expected]
+        np.testing.assert_allclose([answer[2] for answer in answers], [answer[2] for answer in expected],
+                                   rtol=0, atol=5e-4 + 1e-5)
 
     missing = run_digits("predict", tmp_path / "nope.png", "--rest", model_server.rest_url)
     assert missing.returncode == 1 and missing.stderr.strip() == f"Error: cannot read {tmp_path / 'nope.png'}: " \

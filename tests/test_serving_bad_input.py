@@ -11,22 +11,29 @@ import base64
 import io
 import json
 import os
+import select
 import socket
 import struct
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import requests
 from conftest import start_server
+from serving_clients import MetricsDelta, scrape
 
 pytestmark = [pytest.mark.slow]
 
 TIMEOUT_S = 60  # per request: a hang fails the test instead of the session
 # The limited server's flags.
 MAX_INSTANCES, MAX_BODY_BYTES = 8, 6000
+# The one-slot server's: a lone image waits this long for company in its batch queue (holding the one predict
+# slot), and a REST body has this long to arrive.
+HOLD_S, BODY_TIMEOUT_S = 6.0, 3.0
+LIMIT_MESSAGE = "too many requests in flight (limit 1); retry later"
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------------------------
@@ -42,6 +49,19 @@ def limited_server(pushed_model):
     """A server with small limits: 8 examples per request, 6,000-byte bodies and messages, 1 request in flight."""
     server = start_server(pushed_model, "--max-instances", MAX_INSTANCES, "--max-body-bytes", MAX_BODY_BYTES,
                           "--max-concurrent-requests", 1)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(pushed_model):
+    """One predict in flight at most. A request of one image waits HOLD_S in its batch queue for company
+    (`--batch-wait always`), holding the slot all that time; one of two images fills a batch and runs at
+    once. A REST body has BODY_TIMEOUT_S to arrive."""
+    server = start_server(pushed_model, "--max-concurrent-requests", 1, "--max-batch-size", 2, "--batch-wait",
+                          "always", "--batch-timeout-micros", int(HOLD_S * 1e6), "--body-timeout", BODY_TIMEOUT_S)
     try:
         yield server
     finally:
@@ -67,18 +87,29 @@ def assert_error(response: requests.Response, status: int, message: str) -> None
     assert message in response.json()["error"], response.json()["error"]
 
 
-def assert_still_serving(server, png: bytes, since: int = 0) -> None:
-    """A valid predict is answered with 10 probabilities; the process lives and logged no traceback."""
-    response = post(server, {"instances": [b64(png)]})
+def assert_still_serving(server, png: bytes, since: int = 0, images: int = 1) -> None:
+    """A valid predict of `images` images is answered with 10 probabilities each; the process lives and
+    logged no traceback."""
+    response = post(server, {"instances": [b64(png)] * images})
     assert response.status_code == 200, response.text[:500]
-    (prediction,) = response.json()["predictions"]
-    assert len(prediction["probabilities"]) == 10
-    assert sum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+    predictions = response.json()["predictions"]
+    assert len(predictions) == images
+    for prediction in predictions:
+        assert len(prediction["probabilities"]) == 10
+        assert sum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-4)
     assert server.process.poll() is None
     time.sleep(0.2)  # the reader thread copies the server's stdout
     printed = "".join(server.output[since:])
     assert "Traceback" not in printed, printed[-3000:]
     assert "ERROR aiohttp" not in printed, printed[-3000:]
+
+
+def _wait_until(condition, what: str, timeout: float = TIMEOUT_S) -> None:
+    """Polls `condition` until it holds; fails after `timeout` seconds, naming what it waited for."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
 
 
 def png_of(width: int, height: int, mode: str = "L", noise: bool = False) -> bytes:
@@ -192,33 +223,35 @@ def _encoded(mode: str, kind: str, frames: int = 1, **save) -> bytes:
 
 
 EXOTIC_IMAGES = {
-    # id: (encode, answered 200?) -- formats the header check admits, in variants the decoder may refuse
-    "png-16-bit": (lambda: _encoded("I;16", "PNG"), None),
-    "png-palette": (lambda: _encoded("P", "PNG"), None),
-    "png-rgba": (lambda: _encoded("RGBA", "PNG"), None),
-    "jpeg-cmyk": (lambda: _encoded("CMYK", "JPEG"), None),
-    "jpeg-progressive": (lambda: _encoded("L", "JPEG", progressive=True), None),
-    "bmp-palette": (lambda: _encoded("P", "BMP"), None),
-    "bmp-1-bit": (lambda: _encoded("1", "BMP"), None),
-    "gif-animated": (lambda: _encoded("P", "GIF", frames=2), None),
-    "tiff": (lambda: _encoded("L", "TIFF"), False),
-    "webp": (lambda: _encoded("RGB", "WEBP"), False),
-    "ico": (lambda: _encoded("RGBA", "ICO"), False),
+    # id: (encode, status, error) -- formats the header check admits, in variants the decoder may refuse
+    "png-16-bit": (lambda: _encoded("I;16", "PNG"), 200, None),
+    "png-palette": (lambda: _encoded("P", "PNG"), 200, None),
+    "png-rgba": (lambda: _encoded("RGBA", "PNG"), 200, None),
+    "jpeg-cmyk": (lambda: _encoded("CMYK", "JPEG"), 200, None),
+    "jpeg-progressive": (lambda: _encoded("L", "JPEG", progressive=True), 200, None),
+    "bmp-palette": (lambda: _encoded("P", "BMP"), 200, None),
+    # TensorFlow's decode_bmp reads 1 bit per pixel as 0 channels, in its own words (the model's decoder).
+    "bmp-1-bit": (lambda: _encoded("1", "BMP"), 400, "Number of channels inherent in the image must be 1, 3 or 4, "
+                                                     "was 0"),
+    "gif-animated": (lambda: _encoded("P", "GIF", frames=2), 200, None),  # the first frame (expand_animations off)
+    "tiff": (lambda: _encoded("L", "TIFF"), 400, "image_bytes[0] is a TIFF image; send PNG, JPEG, GIF or BMP"),
+    "webp": (lambda: _encoded("RGB", "WEBP"), 400, "image_bytes[0] is a WEBP image; send PNG, JPEG, GIF or BMP"),
+    "ico": (lambda: _encoded("RGBA", "ICO"), 400, "image_bytes[0] is a ICO image; send PNG, JPEG, GIF or BMP"),
 }
 
 
 @pytest.mark.parametrize("case", EXOTIC_IMAGES, ids=list(EXOTIC_IMAGES))
 def test_rest_unusual_images_are_answered_or_refused_with_a_400(model_server, png, case):
-    encode, answered = EXOTIC_IMAGES[case]
+    """Each format variant has one outcome: answered with 10 probabilities, or a 400 with its exact error."""
+    encode, status, error = EXOTIC_IMAGES[case]
     since = len(model_server.output)
     response = post(model_server, {"instances": [b64(encode())]})
-    assert response.status_code in ((200,) if answered else (400,) if answered is False else (200, 400)), \
-        (response.status_code, response.text[:500])
-    if response.status_code == 400:
-        error = response.json()["error"]
-        assert error.strip() and "Graph execution error" not in error and "[[{{node" not in error, error
-    if answered is False:
-        assert "send PNG, JPEG, GIF or BMP" in response.json()["error"]
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    if error is None:
+        (prediction,) = response.json()["predictions"]
+        assert len(prediction["probabilities"]) == 10
+    else:
+        assert response.json() == {"error": error}
     assert_still_serving(model_server, png, since)
 
 
@@ -363,8 +396,11 @@ def _status_of(raw_response: bytes) -> int | None:
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_rest_truncated_body(model_server, png, framing):
-    """The client sends less body than it announced and closes its side: no 5xx, no hang, no traceback."""
+    """The client sends less body than it announced and closes its side: the server gives up on the body at
+    once, counted CANCELLED (had it waited for the body, it would answer 408 after --body-timeout), with no
+    answer to a client that has gone, no 5xx, no traceback."""
     since = len(model_server.output)
+    delta = MetricsDelta(model_server.rest_url)
     body = json.dumps({"instances": [b64(png)]}).encode()
     head = "POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     if framing == "content-length":
@@ -372,11 +408,13 @@ def test_rest_truncated_body(model_server, png, framing):
     else:  # one whole chunk, then half of the next, and no terminating 0-chunk
         request = f"{head}Transfer-Encoding: chunked\r\n\r\n{len(body):x}\r\n".encode() + body + \
             f"\r\n{len(body):x}\r\n".encode() + body[: len(body) // 2]
-    started = time.monotonic()
-    answer = _raw_http(model_server, request, half_close=True)
-    assert time.monotonic() - started < 20, "the server held the connection instead of giving up on the body"
-    status = _status_of(answer)
-    assert status is None or 400 <= status < 500, answer[:500]
+    assert _raw_http(model_server, request, half_close=True) == b""
+
+    def cancelled() -> float:
+        return delta.take()(":tensorflow:serving:request_count", model_name="digits", status="CANCELLED")
+
+    _wait_until(lambda: cancelled() == 1, "the request is counted CANCELLED")
+    assert delta(":tensorflow:serving:request_count", model_name="digits", status="DEADLINE_EXCEEDED") == 0
     assert_still_serving(model_server, png, since)
 
 
@@ -525,15 +563,16 @@ GRPC_PREDICT_CASE_IDS = [  # the keys of _grpc_predict_cases, which needs the PN
 ]
 
 
-def assert_grpc_still_serving(server, png: bytes, since: int) -> None:
+def assert_grpc_still_serving(server, png: bytes, since: int, images: int = 1) -> None:
     import tensorflow as tf
 
     channel, prediction, _ = _grpc_stubs(server)
     with channel:
-        response = prediction.Predict(_predict_request(images=[png]), timeout=TIMEOUT_S)
+        response = prediction.Predict(_predict_request(images=[png] * images), timeout=TIMEOUT_S)
     probabilities = tf.make_ndarray(response.outputs["probabilities"])
-    assert probabilities.shape == (1, 10) and probabilities.sum() == pytest.approx(1.0, abs=1e-4)
-    assert_still_serving(server, png, since)
+    assert probabilities.shape == (images, 10)
+    assert probabilities.sum(axis=1) == pytest.approx([1.0] * images, abs=1e-4)
+    assert_still_serving(server, png, since, images)
 
 
 @pytest.mark.parametrize("case", GRPC_PREDICT_CASE_IDS)
@@ -609,9 +648,22 @@ def test_grpc_message_over_the_limit_is_resource_exhausted(limited_server, png):
 
 # -- concurrency limit ---------------------------------------------------------------------------------------------
 
-def test_concurrency_limit_refuses_with_429_or_resource_exhausted(limited_server, png):
-    since = len(limited_server.output)
-    body = json.dumps({"instances": [b64(png)] * MAX_INSTANCES})
+def _queued_so_far(server) -> int:
+    """Requests that reached a batch queue (input_batch_size is recorded as each is queued)."""
+    return int(sum(scrape(server.rest_url).get(
+        ":tensorflow:serving:batching_session:input_batch_size_count", {}).values()))
+
+
+def test_concurrency_limit_refuses_with_429_or_resource_exhausted(one_slot_server, png):
+    """While a request holds the one slot (waiting in its batch queue), 16 more predicts at once, REST and
+    gRPC, are each refused at once with the limit named; then the holder is answered and the slot is free.
+
+    The 16 send two images, a full batch: had any been admitted, it would have run at once and got 200.
+    """
+    since = len(one_slot_server.output)
+    queued = _queued_so_far(one_slot_server)
+    body = json.dumps({"instances": [b64(png)] * 2})
+    grpc_request = _predict_request(images=[png] * 2)  # made before the hold starts (it imports TensorFlow)
     rest_results: list = []
     grpc_results: list = []
     start = threading.Barrier(16)
@@ -619,38 +671,78 @@ def test_concurrency_limit_refuses_with_429_or_resource_exhausted(limited_server
     def rest_call():
         start.wait()
         try:
-            response = post(limited_server, body)
-            rest_results.append((response.status_code, response.text))
+            response = post(one_slot_server, body)
+            rest_results.append((response.status_code, response.headers.get("Content-Type"), response.text))
         except requests.RequestException as error:  # recorded, then failed on below
-            rest_results.append((None, repr(error)))
+            rest_results.append((None, None, repr(error)))
 
     def grpc_call():
-        channel, prediction, _ = _grpc_stubs(limited_server)
+        channel, prediction, _ = _grpc_stubs(one_slot_server)
         start.wait()
         with channel:
             try:
-                prediction.Predict(_predict_request(images=[png] * MAX_INSTANCES), timeout=TIMEOUT_S)
+                prediction.Predict(grpc_request, timeout=TIMEOUT_S)
                 grpc_results.append((grpc.StatusCode.OK, ""))
             except grpc.RpcError as error:
                 grpc_results.append((error.code(), error.details()))
 
-    threads = [threading.Thread(target=rest_call) for _ in range(8)] + \
-              [threading.Thread(target=grpc_call) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT_S * 2)
-    assert not any(thread.is_alive() for thread in threads), "a request hung"
-    assert len(rest_results) == len(grpc_results) == 8
-    for status, text in rest_results:
-        assert status in (200, 429), (status, text[:500])
-        if status == 429:
-            assert "too many requests in flight (limit 1)" in json.loads(text)["error"]
-    for code, details in grpc_results:
-        assert code in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED), (code, details)
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            assert "too many requests in flight (limit 1)" in details
-    # One limit for REST and gRPC together: somebody got through, nobody hung or got a 5xx.
-    assert any(status == 200 for status, _ in rest_results) or any(
-        code == grpc.StatusCode.OK for code, _ in grpc_results)
-    assert_grpc_still_serving(limited_server, png, since)
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(post, one_slot_server, {"instances": [b64(png)]})
+        _wait_until(lambda: _queued_so_far(one_slot_server) > queued, "the holder is queued")
+        threads = [threading.Thread(target=rest_call) for _ in range(8)] + \
+                  [threading.Thread(target=grpc_call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT_S * 2)
+        assert not any(thread.is_alive() for thread in threads), "a request hung"
+        held_throughout = not holder.done()  # else the holder was answered before all 16 were
+        held = holder.result(timeout=TIMEOUT_S)
+    assert rest_results == [(429, "application/json", json.dumps({"error": LIMIT_MESSAGE}))] * 8, held_throughout
+    assert grpc_results == [(grpc.StatusCode.RESOURCE_EXHAUSTED, LIMIT_MESSAGE)] * 8, held_throughout
+    assert held_throughout and held.status_code == 200, held.text
+    assert_grpc_still_serving(one_slot_server, png, since, images=2)
+
+
+def _http_response(sock: socket.socket) -> tuple[int, dict]:
+    """Reads one HTTP response with a Content-Length from the socket: its status and JSON body."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection without an answer: {received!r}"
+        received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection mid-answer: {received!r}"
+        body += chunk
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+def test_rest_body_that_stops_arriving_is_a_408_and_holds_no_slot(one_slot_server, png):
+    """docs/serving.md: a REST predict is admitted only once its body has arrived (a slow sender holds no
+    slot), and a body that stops arriving gets 408 after --body-timeout.
+
+    The client sends its headers and half the body, then nothing. Meanwhile another predict takes the
+    one slot and is answered (the 408 has not come yet); after BODY_TIMEOUT_S the stalled request gets
+    408, counted as DEADLINE_EXCEEDED, and the server goes on serving.
+    """
+    since = len(one_slot_server.output)
+    delta = MetricsDelta(one_slot_server.rest_url)
+    body = json.dumps({"instances": [b64(png)]}).encode()
+    head = (f"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    host, port = one_slot_server.rest_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as stalled:
+        stalled.sendall(head + body[: len(body) // 2])
+        assert_still_serving(one_slot_server, png, since, images=2)
+        readable, _, _ = select.select([stalled], [], [], 0)
+        assert not readable, "the stalled request was answered before the other predict: no proof it held no slot"
+        status, error = _http_response(stalled)
+    assert (status, error) == (408, {"error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s "
+                                              f"(--body-timeout)"})
+    delta.take()
+    assert delta(":tensorflow:serving:request_count", model_name="digits", status="DEADLINE_EXCEEDED") == 1
+    assert_still_serving(one_slot_server, png, since, images=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -70,16 +69,20 @@ def test_images_come_from_the_raw_examples(tiny_records):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_every_warmup_request_is_answered_by_the_pushed_models_serving_signature(pushed_model, pngs, tmp_path):
+def test_every_warmup_request_is_answered_by_the_pushed_models_serving_signature(pushed_model):
+    """The file the Trainer itself wrote beside the pushed SavedModel: requests of 1, 1 and 8 real PNG
+    digits, each answered by the model's serving_default with a probability row per image."""
     import numpy as np
     import tensorflow as tf
 
     [version] = list(pushed_model.iterdir())
-    model = shutil.copytree(version, tmp_path / version.name)  # the fixture is shared and read-only
-    write_warmup_requests(str(model), pngs)
-    serve = tf.saved_model.load(str(model)).signatures["serving_default"]
-    for request in read_warmup_requests(str(model)):
-        images = tf.make_ndarray(request.inputs["image_bytes"])
+    requests = read_warmup_requests(str(version))
+    batches = [tf.make_ndarray(request.inputs["image_bytes"]) for request in requests]
+    assert [len(images) for images in batches] == list(WARMUP_BATCH_SIZES)
+    assert all(image.startswith(b"\x89PNG\r\n\x1a\n") for images in batches for image in images)
+    serve = tf.saved_model.load(str(version)).signatures["serving_default"]
+    for request, images in zip(requests, batches):
+        assert (request.model_spec.name, request.model_spec.signature_name) == ("digits", "serving_default")
         outputs = serve(image_bytes=tf.constant(images))
         probabilities = outputs["probabilities"].numpy()
         assert probabilities.shape == (len(images), 10)
