@@ -145,7 +145,7 @@ def monitored(served_model, tmp_path_factory, sample_tree):
                 judged = {"id": answer["id"], "digit": (answer["digit"] + verdict) % 10}
                 assert requests.post(f"{web_app.url}/api/feedback", json=judged, timeout=30).status_code == 200
             assert requests.post(f"{web_app.url}/api/predict", data=b"nope", timeout=30).status_code == 415
-            _sleep_scrapes(config, 3)
+            _wait_scrapes(config, 3)
         wait_for(lambda: result(config.prometheus_url, f'{rules.REQUESTS_BY_STATUS}{{status="INVALID_ARGUMENT"}}'),
                  timeout=60, what="the recorded request rate by status")
         yield server, config, stack
@@ -156,8 +156,21 @@ def monitored(served_model, tmp_path_factory, sample_tree):
         receiver_log.close()
 
 
-def _sleep_scrapes(config: local.StackConfig, count: int) -> None:
-    time.sleep(count * float(config.scrape_interval.removesuffix("s")))
+def _wait_scrapes(config: local.StackConfig, count: int) -> None:
+    """Waits until Prometheus has scraped every target `count` more times (its stalest `up` sample moved)."""
+    def stalest() -> float | None:
+        series = result(config.prometheus_url, "min(timestamp(up))")
+        return float(series[0]["value"][1]) if series else None
+
+    seen = [stalest()]
+
+    def scraped() -> bool:
+        latest = stalest()
+        if latest is not None and latest != seen[-1]:
+            seen.append(latest)
+        return len(seen) > count
+
+    wait_for(scraped, timeout=60, interval=0.2, what=f"{count} more scrapes of every target")
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,14 @@ def _copy_version(source: Path, model_dir: Path, version: int) -> None:
     shutil.copytree(source, model_dir / str(version))
 
 
+def _wait_for_answers(versions_seen: list[int], version: int, count: int, timeout: float = 120) -> None:
+    """Waits until the traffic threads have had `count` gRPC answers from `version`."""
+    deadline = time.monotonic() + timeout
+    while versions_seen.count(version) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} answers from version {version} in {timeout} s"
+        time.sleep(0.05)
+
+
 def test_a_new_version_is_served_without_restart_or_failed_requests(pushed_model, pngs, tmp_path):
     (source,) = pushed_model.iterdir()
     model_dir = tmp_path / "digits"
@@ -295,7 +303,7 @@ def test_a_new_version_is_served_without_restart_or_failed_requests(pushed_model
     try:
         for client in clients:
             client.start()
-        time.sleep(2)
+        _wait_for_answers(versions_seen, 1, 8)  # traffic flows on version 1 before the copy starts
         _copy_version(source, model_dir, 2)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -306,7 +314,7 @@ def test_a_new_version_is_served_without_restart_or_failed_requests(pushed_model
             time.sleep(0.5)
         else:
             raise AssertionError(f"version 2 did not replace version 1: {states}")
-        time.sleep(2)  # traffic keeps flowing on the new version
+        _wait_for_answers(versions_seen, 2, 8)  # and keeps flowing on the new version
     finally:
         stop.set()
         for client in clients:

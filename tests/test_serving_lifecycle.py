@@ -105,13 +105,20 @@ def test_the_predict_limit_is_shared_and_health_checks_are_answered_while_satura
 
 # -- deadlines and disconnects while queued --------------------------------------------------------------------------
 
+def _take_once_moved(delta: MetricsDelta, status: str, timeout: float = 60) -> None:
+    """Scrapes until one more predict has ended with `status` (counted when its batch is processed)."""
+    deadline = time.monotonic() + timeout
+    while delta.take()(":tensorflow:serving:request_count", model_name="digits", status=status) < 1:
+        assert time.monotonic() < deadline, f"no request counted {status} within {timeout} s"
+        time.sleep(0.1)
+
+
 def test_a_grpc_call_whose_deadline_passes_in_the_queue_is_dropped_as_tf_serving_drops_it(held_server, png):
     delta = MetricsDelta(held_server.rest_url)
     with pytest.raises(grpc.RpcError) as expired:
         grpc_predict(held_server.grpc_target, [png], timeout=0.5)
     assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # the client's own view
-    time.sleep(HOLD_S + 0.5)  # the batch is processed, and the expired request dropped
-    delta.take()
+    _take_once_moved(delta, "RESOURCE_EXHAUSTED")  # its batch was processed, and the expired request dropped
     # batching_session.cc: RESOURCE_EXHAUSTED "Run() timeout exceeded while waiting in batching queue".
     assert delta(":tensorflow:serving:request_count", model_name="digits", status="RESOURCE_EXHAUSTED") == 1
     assert delta(":tensorflow:serving:batching_session:queuing_latency_count", thread_pool_name="") == 1
@@ -123,8 +130,7 @@ def test_a_rest_client_that_hangs_up_while_queued_costs_no_model_call(held_serve
     delta = MetricsDelta(held_server.rest_url)
     with pytest.raises(requests.Timeout):
         predict_rest(held_server.rest_url, [png], timeout=0.5)  # gives up and closes its connection
-    time.sleep(HOLD_S + 0.5)
-    delta.take()
+    _take_once_moved(delta, "CANCELLED")  # decided when its batch is processed: the model's turn came and went
     assert delta(":tensorflow:serving:request_count", model_name="digits", status="CANCELLED") == 1
     assert delta(":tensorflow:serving:batching_session:wrapped_run_count") == 0
     assert predict_rest(held_server.rest_url, [png]).status_code == 200  # and the slot was given back
