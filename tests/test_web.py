@@ -355,6 +355,14 @@ MALFORMED_REST_ANSWERS = {
 }
 
 
+def _assert_a_502_in_one_line(response, words: str) -> None:
+    """A 502 whose one-line message blames the model server in the case's own words."""
+    assert response.status_code == 502, response.text
+    message = response.json()["error"]
+    assert message.startswith("the model server") and words in message, message
+    assert "\n" not in message and "Traceback" not in message
+
+
 @pytest.mark.parametrize("case", list(MALFORMED_REST_ANSWERS))
 def test_a_malformed_model_answer_is_a_502_with_one_line(scripted_app, scripted, digits_by_class, case):
     """Whatever a model server answers that is not a digits model's answer, the page gets a 502 and one
@@ -363,10 +371,7 @@ def test_a_malformed_model_answer_is_a_502_with_one_line(scripted_app, scripted,
     scripted.answer = (status, body if isinstance(body, str) else json.dumps(body))
     before = _metrics(scripted_app)
     response = _predict(scripted_app, digits_by_class[2][0])
-    assert response.status_code == 502, response.text
-    message = response.json()["error"]
-    assert message.startswith("the model server") and words in message, message
-    assert "\n" not in message and "Traceback" not in message
+    _assert_a_502_in_one_line(response, words)
     assert scripted.requests[-1] == _predict_path(1)  # the model server was asked, and this is its answer
     _check_counted_as_the_model_servers(before, _metrics(scripted_app), reason)
 
@@ -519,10 +524,7 @@ def test_a_malformed_grpc_answer_is_a_502_with_one_line(scripted_grpc_app, scrip
     predicts = scripted_grpc.predicts
     before = _metrics(scripted_grpc_app)
     response = _predict(scripted_grpc_app, digits_by_class[2][0])
-    assert response.status_code == 502, response.text
-    message = response.json()["error"]
-    assert message.startswith("the model server") and words in message, message
-    assert "\n" not in message and "Traceback" not in message
+    _assert_a_502_in_one_line(response, words)
     assert scripted_grpc.predicts == predicts + 1
     _check_counted_as_the_model_servers(before, _metrics(scripted_grpc_app), reason)
 
