@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from conftest import run_digits, start_server
+from prometheus_api import wait_for
 from serving_clients import b64 as _b64
 from serving_clients import grpc_predict as _grpc_predict
 from serving_clients import predict_rest as _predict_rest
@@ -273,10 +274,8 @@ def _copy_version(source: Path, model_dir: Path, version: int) -> None:
 
 def _wait_for_answers(versions_seen: list[int], version: int, count: int, timeout: float = 120) -> None:
     """Waits until the traffic threads have had `count` gRPC answers from `version`."""
-    deadline = time.monotonic() + timeout
-    while versions_seen.count(version) < count:
-        assert time.monotonic() < deadline, f"fewer than {count} answers from version {version} in {timeout} s"
-        time.sleep(0.05)
+    wait_for(lambda: versions_seen.count(version) >= count, timeout, interval=0.05,
+             what=f"{count} answers from version {version}")
 
 
 def test_a_new_version_is_served_without_restart_or_failed_requests(pushed_model, pngs, tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from conftest import REPO, start_server
+from prometheus_api import wait_for
 from serving_clients import MetricsDelta, grpc_predict, grpc_status, predict_rest, scrape
 
 pytestmark = [pytest.mark.slow]
@@ -107,10 +108,8 @@ def test_the_predict_limit_is_shared_and_health_checks_are_answered_while_satura
 
 def _take_once_moved(delta: MetricsDelta, status: str, timeout: float = 60) -> None:
     """Scrapes until one more predict has ended with `status` (counted when its batch is processed)."""
-    deadline = time.monotonic() + timeout
-    while delta.take()(":tensorflow:serving:request_count", model_name="digits", status=status) < 1:
-        assert time.monotonic() < deadline, f"no request counted {status} within {timeout} s"
-        time.sleep(0.1)
+    wait_for(lambda: delta.take()(":tensorflow:serving:request_count", model_name="digits", status=status) >= 1,
+             timeout, interval=0.1, what=f"a request counted {status}")
 
 
 def test_a_grpc_call_whose_deadline_passes_in_the_queue_is_dropped_as_tf_serving_drops_it(held_server, png):
