@@ -1,13 +1,20 @@
-"""TF Serving's gRPC API: PredictionService (Predict, GetModelMetadata) and ModelService (GetModelStatus).
+"""TF Serving's gRPC API: PredictionService (Predict, GetModelMetadata) and ModelService (GetModelStatus),
+and the standard health service (serving/health.py), which TF Serving lacks.
 
 Built on the servicer bases generated from `tensorflow-serving-api`'s protos, so the
-official stubs (`prediction_service_pb2_grpc.PredictionServiceStub`) work unchanged.
+official stubs (`prediction_service_pb2_grpc.PredictionServiceStub`) work unchanged. Every
+method runs through one guarded path (`_guarded`, as KServe's gRPC interceptor): timed, a
+ServingError answered with its code, any other exception with INTERNAL and one line, and
+counted in request_count.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -26,10 +33,12 @@ from tensorflow_serving.apis import (
 from serving.batching import Caller
 from serving.config import ServerConfig
 from serving.errors import ServingError, invalid_argument
+from serving.health import health_handler
 from serving.ports import Port, PortError
 from serving.service import ModelRequest, PredictionService
 from serving.signature import Signature
 
+log = logging.getLogger(__name__)
 SIGNATURE_DEF_FIELD = "signature_def"
 _ERROR_CODES = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type  # tensorflow.error.Code
 
@@ -54,6 +63,8 @@ def make_server(config: ServerConfig, service: PredictionService, port: int | No
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         _PredictionServicer(service, max_elements=config.max_body_bytes), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(_ModelServicer(service), server)
+    server.add_generic_rpc_handlers(
+        (health_handler(service.manager.name, lambda: bool(service.manager.available_versions())),))
     wanted = Port(config.host, config.grpc_port if port is None else port, "gRPC", "--grpc-port")
     try:
         bound = server.add_insecure_port(wanted.address)
@@ -75,8 +86,41 @@ def _model_request(spec) -> ModelRequest:
                         spec.version_label or None)
 
 
-def _abort(context: grpc.ServicerContext, error: ServingError):
-    context.abort(error.grpc_status, error.message)
+def _guarded(api: str, counted: bool = True) -> Callable:
+    """One path for every method: runs it timed; a ServingError aborts the call with its code and message,
+    any other exception (a bug) with INTERNAL and one line, its traceback logged here once.
+
+    Counted in request_count as TF Serving counts gRPC calls (prediction_service_impl.cc: Predict,
+    Classify and Regress, `counted`), and besides, whatever the method, every INTERNAL: a bug must
+    reach the availability SLO. The model_name label is the request's model name, or "" (as REST
+    counts a request that names no model) for requests without one.
+    """
+
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def guarded(self, request, context):
+            started = time.perf_counter()
+            try:
+                response, status, message = method(self, request, context), "OK", ""
+            except ServingError as error:
+                response, status, message = None, error.code, error.message
+            except Exception as error:
+                log.exception("gRPC %s failed", api)
+                response, status, message = None, "INTERNAL", f"internal error: {type(error).__name__}"
+            if counted or status == "INTERNAL":
+                model_name = request.model_spec.name if hasattr(request, "model_spec") else ""
+                self._service.record_request(model_name, status, api, "GRPC", time.perf_counter() - started)
+            if status != "OK":
+                context.abort(grpc.StatusCode[status], message)
+            return response
+
+        return guarded
+
+    return decorate
+
+
+def _predict_only() -> ServingError:
+    return ServingError("UNIMPLEMENTED", "the model has predict signatures only; use Predict")
 
 
 def _inputs(request: predict_pb2.PredictRequest, signature: Signature, max_elements: int) -> dict[str, np.ndarray]:
@@ -131,21 +175,14 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
         self._service = service
         self._max_elements = max_elements  # per input tensor; one per byte of the largest message
 
+    @_guarded("Predict")
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        started = time.perf_counter()
-        name = request.model_spec.name
+        admission = self._service.admission
+        admission.enter()
         try:
-            admission = self._service.admission
-            admission.enter()
-            try:
-                response = self._predict(request, _caller(context))
-            finally:
-                admission.leave()
-        except ServingError as error:
-            self._service.record_request(name, error.code, "Predict", "GRPC", time.perf_counter() - started)
-            _abort(context, error)
-        self._service.record_request(name, "OK", "Predict", "GRPC", time.perf_counter() - started)
-        return response
+            return self._predict(request, _caller(context))
+        finally:
+            admission.leave()
 
     def _predict(self, request: predict_pb2.PredictRequest, caller: Caller) -> predict_pb2.PredictResponse:
         model = _model_request(request.model_spec)
@@ -170,46 +207,45 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
             response.outputs[alias].CopyFrom(tf.make_tensor_proto(prediction.outputs[alias]))
         return response
 
+    @_guarded("GetModelMetadata", counted=False)
     def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):
-        try:
-            if not request.HasField("model_spec"):
-                raise invalid_argument("Missing ModelSpec")
-            if not request.metadata_field:
-                raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
-            for field in request.metadata_field:
-                if field != SIGNATURE_DEF_FIELD:
-                    raise invalid_argument(f"Metadata field {field} is not supported")
-            model = _model_request(request.model_spec)
-            servable = self._service.servable(model)
-        except ServingError as error:
-            _abort(context, error)
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        if not request.metadata_field:
+            raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != SIGNATURE_DEF_FIELD:
+                raise invalid_argument(f"Metadata field {field} is not supported")
+        model = _model_request(request.model_spec)
+        servable = self._service.servable(model)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = servable.version
         response.metadata[SIGNATURE_DEF_FIELD].Pack(servable.signature_def_map())
         return response
 
+    @_guarded("Classify")
     def Classify(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the model has predict signatures only; use Predict")
+        raise _predict_only()
 
+    @_guarded("Regress")
     def Regress(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the model has predict signatures only; use Predict")
+        raise _predict_only()
 
+    @_guarded("MultiInference", counted=False)
     def MultiInference(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the model has predict signatures only; use Predict")
+        raise _predict_only()
 
 
 class _ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, service: PredictionService):
         self._service = service
 
+    @_guarded("GetModelStatus", counted=False)
     def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
-        try:
-            if not request.HasField("model_spec"):
-                raise invalid_argument("Missing ModelSpec")
-            statuses = self._service.statuses(_model_request(request.model_spec))
-        except ServingError as error:
-            _abort(context, error)
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        statuses = self._service.statuses(_model_request(request.model_spec))
         response = get_model_status_pb2.GetModelStatusResponse()
         for status in statuses:
             entry = response.model_version_status.add()
@@ -219,6 +255,7 @@ class _ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             entry.status.error_message = status.error_message
         return response
 
+    @_guarded("HandleReloadConfigRequest", counted=False)
     def HandleReloadConfigRequest(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "digits serve takes its configuration from the command line; restart it to change it")
+        raise ServingError("UNIMPLEMENTED",
+                           "digits serve takes its configuration from the command line; restart it to change it")

@@ -1,6 +1,8 @@
 """Prometheus metrics under TF Serving's own names, plus prediction-drift metrics it lacks.
 
-The names live in monitoring/names.py (shared with the web app, rules and dashboards).
+The names live in monitoring/names.py (shared with the web app, rules and dashboards), each
+declared there once with its kind, labels and buckets (`METRICS`); every sample recorded here is
+checked against its declaration, and a mismatch raises `UndeclaredSample` (a programming error).
 TF Serving exports counters *without* a `_total` suffix and only `# TYPE` lines (its
 util/prometheus_exporter.cc). prometheus_client always appends `_total` to
 counters, which would break every dashboard and alert written against the real
@@ -25,7 +27,10 @@ from monitoring.names import (  # noqa: F401  (re-exported: serving's code and t
     LATENCY_BUCKETS_US,
     LOAD_ATTEMPT_COUNT,
     LOAD_LATENCY,
+    LOAD_STATUS_FAIL,
+    LOAD_STATUS_SUCCESS,
     LOADED_VERSIONS,
+    METRICS,
     METRICS_PATH,
     PADDING_SIZE,
     PREDICTIONS,
@@ -36,9 +41,13 @@ from monitoring.names import (  # noqa: F401  (re-exported: serving's code and t
     REFERENCE_CONFIDENCE_BUCKET_SHARE,
     REFERENCE_CONFIDENCE_MEAN,
     REFERENCE_EXAMPLES,
+    REFUSED_BODY_TIMEOUT,
+    REFUSED_BODY_TOO_LARGE,
+    REFUSED_REQUESTS,
     REQUEST_COUNT,
     REQUEST_LATENCY,
     RUNTIME_LATENCY,
+    VERSION_STATE,
     WARMUP_LATENCY,
     WRAPPED_RUN_COUNT,
     bucket_label,
@@ -50,6 +59,21 @@ CONTENT_TYPE = "text/plain"  # what TF Serving sends
 # with an empty name (CreateBatchingSession in batching_session.cc).
 BATCH_THREAD_POOL = ""
 RUNTIME = "TF1"  # TF Serving's runtime label for SavedModels it runs through a Session
+
+
+class UndeclaredSample(ValueError):
+    """A sample that does not match its metric's declaration in monitoring/names.py: a bug in the caller."""
+
+
+def _declared(name: str, kind: str, labels: tuple[str, ...]) -> tuple[float, ...]:
+    """Checks a sample's metric, kind and label names (in order) against METRICS; its declared buckets."""
+    metric = METRICS.get(name)
+    if metric is None:
+        raise UndeclaredSample(f"{name} is not declared in monitoring/names.py")
+    if (metric.kind, metric.labels) != (kind, labels):
+        raise UndeclaredSample(f"{name} is declared a {metric.kind} with labels {metric.labels}, "
+                               f"recorded as a {kind} with labels {labels}")
+    return metric.buckets
 
 
 class _Histogram:
@@ -76,15 +100,18 @@ class ServingMetrics:
         self._gauges: dict[str, dict[tuple, float]] = defaultdict(dict)
         self._histograms: dict[str, dict[tuple, _Histogram]] = defaultdict(dict)
         self._labels: dict[str, tuple[str, ...]] = {}
-        self._bounds: dict[str, tuple[float, ...]] = {}
 
     def _count(self, name: str, labels: tuple[tuple[str, str], ...], amount: float = 1) -> None:
-        self._labels[name] = tuple(key for key, _ in labels)
+        label_names = tuple(key for key, _ in labels)
+        _declared(name, "counter", label_names)
+        self._labels[name] = label_names
         self._counters[name][tuple(value for _, value in labels)] += amount
 
-    def _observe(self, name: str, bounds: tuple[float, ...], labels: tuple[tuple[str, str], ...], value: float):
-        self._labels[name] = tuple(key for key, _ in labels)
-        self._bounds[name] = bounds
+    def _observe(self, name: str, labels: tuple[tuple[str, str], ...], value: float):
+        """One observation into a histogram, with the buckets its declaration gives."""
+        label_names = tuple(key for key, _ in labels)
+        bounds = _declared(name, "histogram", label_names)
+        self._labels[name] = label_names
         key = tuple(value for _, value in labels)
         histogram = self._histograms[name].get(key)
         if histogram is None:
@@ -98,23 +125,22 @@ class ServingMetrics:
         with self._lock:
             self._count(REQUEST_COUNT, (("model_name", model_name), ("status", status)))
             if status == "OK":
-                self._observe(REQUEST_LATENCY, LATENCY_BUCKETS_US,
-                              (("model_name", model_name), ("API", api), ("entrypoint", entrypoint)),
+                self._observe(REQUEST_LATENCY, (("model_name", model_name), ("API", api), ("entrypoint", entrypoint)),
                               latency_s * 1e6)
 
     def record_runtime(self, model_name: str, api: str, latency_s: float) -> None:
         """Time inside the model call for one request (batched calls: the whole batch's call)."""
         with self._lock:
-            self._observe(RUNTIME_LATENCY, LATENCY_BUCKETS_US,
-                          (("model_name", model_name), ("API", api), ("runtime", RUNTIME)), latency_s * 1e6)
+            self._observe(RUNTIME_LATENCY, (("model_name", model_name), ("API", api), ("runtime", RUNTIME)),
+                          latency_s * 1e6)
 
     def record_load(self, model_path: str, ok: bool, seconds: float, warmup_seconds: float | None = None) -> None:
         with self._lock:
-            self._count(LOAD_ATTEMPT_COUNT, (("model_path", model_path), ("status", "success" if ok else "fail")))
+            self._count(LOAD_ATTEMPT_COUNT,
+                        (("model_path", model_path), ("status", LOAD_STATUS_SUCCESS if ok else LOAD_STATUS_FAIL)))
             self._count(LOAD_LATENCY, (("model_path", model_path),), seconds * 1e6)
             if warmup_seconds is not None:
-                self._observe(WARMUP_LATENCY, LATENCY_BUCKETS_US, (("model_path", model_path), ("status", "OK")),
-                              warmup_seconds * 1e6)
+                self._observe(WARMUP_LATENCY, (("model_path", model_path), ("status", "OK")), warmup_seconds * 1e6)
 
     def record_batching(self, stats) -> None:
         """What the batcher reports (serving.batching.BatchStats), under TF Serving's names and meanings:
@@ -122,14 +148,12 @@ class ServingMetrics:
         request's input tensors, and the padded size, padding and count of each model call."""
         with self._lock:
             for seconds in stats.queued_s:
-                self._observe(QUEUING_LATENCY, QUEUING_LATENCY_BUCKETS_US,
-                              (("thread_pool_name", BATCH_THREAD_POOL),), seconds * 1e6)
+                self._observe(QUEUING_LATENCY, (("thread_pool_name", BATCH_THREAD_POOL),), seconds * 1e6)
             for size in stats.input_sizes:
-                self._observe(INPUT_BATCH_SIZE, BATCH_SIZE_BUCKETS, (), size)
+                self._observe(INPUT_BATCH_SIZE, (), size)
             if stats.batch_size is not None:
-                self._observe(BATCH_SIZE, BATCH_SIZE_BUCKETS, (), stats.batch_size)
-                self._observe(PADDING_SIZE, BATCH_SIZE_BUCKETS,
-                              (("execution_batch_size", str(stats.batch_size)),), stats.padding)
+                self._observe(BATCH_SIZE, (), stats.batch_size)
+                self._observe(PADDING_SIZE, (("execution_batch_size", str(stats.batch_size)),), stats.padding)
                 self._count(WRAPPED_RUN_COUNT, ())
 
     def record_predictions(self, model_name: str, version: int, classes, confidences) -> None:
@@ -138,13 +162,25 @@ class ServingMetrics:
             for predicted, confidence in zip(classes, confidences):
                 self._count(PREDICTIONS, (("model_name", model_name), ("model_version", str(version)),
                                           ("predicted_class", str(int(predicted)))))
-                self._observe(CONFIDENCE, CONFIDENCE_BUCKETS,
-                              (("model_name", model_name), ("model_version", str(version))), float(confidence))
+                self._observe(CONFIDENCE, (("model_name", model_name), ("model_version", str(version))),
+                              float(confidence))
+
+    def record_refused(self, reason: str) -> None:
+        """A request refused before any handler saw it (REFUSED_BODY_TOO_LARGE, REFUSED_BODY_TIMEOUT): the
+        client's doing, counted here and never in request_count."""
+        with self._lock:
+            self._count(REFUSED_REQUESTS, (("reason", reason),))
 
     def set_loaded_versions(self, model_name: str, versions: list[int]) -> None:
         with self._lock:
-            self._labels[LOADED_VERSIONS] = ("model_name", "model_version")
-            self._gauges[LOADED_VERSIONS] = {(model_name, str(version)): 1 for version in versions}
+            self._set_gauge(LOADED_VERSIONS, ("model_name", "model_version"),
+                            {(model_name, str(version)): 1 for version in versions})
+
+    def set_version_states(self, model_name: str, states: list[tuple[int, str, str]]) -> None:
+        """(version, state, error_code) of every version the server knows, as GetModelStatus reports them."""
+        with self._lock:
+            self._set_gauge(VERSION_STATE, ("model_name", "model_version", "state", "error_code"),
+                            {(model_name, str(version), state, error_code): 1 for version, state, error_code in states})
 
     def set_reference_profiles(self, model_name: str, profiles: Mapping[int, Mapping]) -> None:
         """The reference profile of each loaded version that has one (components/reference.py), as gauges.
@@ -169,6 +205,7 @@ class ServingMetrics:
 
     def _set_gauge(self, name: str, labels: tuple[str, ...], samples: dict[tuple, float]) -> None:
         """All samples of a gauge at once; with none, the gauge leaves the page (no empty family)."""
+        _declared(name, "gauge", labels)
         self._labels[name] = labels
         if samples:
             self._gauges[name] = samples
@@ -196,8 +233,7 @@ class ServingMetrics:
                         cumulative += count
                         le = "+Inf" if bound is None else bucket_label(bound)
                         lines.append(f"{name}_bucket{_labels(self._labels[name], key, le)} {cumulative}")
-                    # Full precision (TF Serving prints 6 digits): rate(sum)/rate(count) stays exact on a long-lived server.
-                    lines.append(f"{name}_sum{_labels(self._labels[name], key)} {histogram.total!r}")
+                    lines.append(f"{name}_sum{_labels(self._labels[name], key)} {_sum(name, histogram.total)}")
                     lines.append(f"{name}_count{_labels(self._labels[name], key)} {histogram.count}")
         return "\n".join(lines) + "\n"
 
@@ -211,6 +247,13 @@ def _labels(names: tuple[str, ...], values: tuple, le: str | None = None) -> str
 
 def _escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sum(name: str, total: float) -> str:
+    """A histogram's `_sum` as its exporter prints it: TF Serving's with six significant digits (absl::StrCat
+    of a double, util/prometheus_exporter.cc); ours at full precision, so that rate(sum)/rate(count) in
+    the rules stays exact on a long-lived server."""
+    return f"{total:.6g}" if METRICS[name].origin == "tfserving" else repr(total)
 
 
 def _number(value: float) -> str:

@@ -347,8 +347,12 @@ class ModelManager:
         self._metrics.set_reference_profiles(self.name, profiles)
 
     def _set_status(self, status: VersionStatus) -> None:
+        """A version's new state, in GetModelStatus and in the version-state gauge at once (an unloaded
+        version stays END with OK in both; a failed load END with its error code until it loads)."""
         with self._lock:
             self._status[status.version] = status
+            self._metrics.set_version_states(self.name, [(known.version, known.state, known.error_code)
+                                                         for known in self._status.values()])
 
     # -- lookups for requests --------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from serving.batching import Caller
 from serving.config import ServerConfig
 from serving.errors import ServingError, first_line, invalid_argument
 from serving.json_tensor import parse_predict_body, predictions_json, to_tensors
-from serving.metrics import CONTENT_TYPE, METRICS_PATH
+from serving.metrics import CONTENT_TYPE, METRICS_PATH, REFUSED_BODY_TIMEOUT, REFUSED_BODY_TOO_LARGE
 from serving.service import ModelRequest, PredictionService, status_json
 from serving.workers import Workers
 
@@ -75,6 +75,9 @@ class _Handler:
                 body = self._status_or_metadata(_model_request(match), match.group(4) is not None)
             else:
                 raise invalid_argument(f"Malformed request: {request.method} {path}")
+        except _Refused as error:
+            self._service.metrics.record_refused(error.reason)
+            return _json({"error": error.message}, error.http_status)
         except ServingError as error:
             self._service.record_request(model_name, error.code, api, "REST", time.perf_counter() - started)
             return _json({"error": error.message}, error.http_status)
@@ -107,15 +110,14 @@ class _Handler:
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise ServingError("RESOURCE_EXHAUSTED", _too_large(request.content_length, limit)).with_http(413)
+            raise _Refused(REFUSED_BODY_TOO_LARGE, _too_large(request.content_length, limit))
         try:
             return await asyncio.wait_for(request.read(), self._config.body_timeout_s)
         except web.HTTPRequestEntityTooLarge:  # a chunked body (no Content-Length) passed the limit
-            raise ServingError("RESOURCE_EXHAUSTED", _too_large(None, limit)).with_http(413) from None
+            raise _Refused(REFUSED_BODY_TOO_LARGE, _too_large(None, limit)) from None
         except asyncio.TimeoutError:
-            raise ServingError("DEADLINE_EXCEEDED", f"the request body did not arrive within "
-                                                    f"{self._config.body_timeout_s:g} s (--body-timeout)"
-                               ).with_http(408) from None
+            raise _Refused(REFUSED_BODY_TIMEOUT, f"the request body did not arrive within "
+                                                 f"{self._config.body_timeout_s:g} s (--body-timeout)") from None
         except ConnectionError:  # the client closed the connection before sending the whole body
             raise ServingError("CANCELLED", f"the connection closed before the request body ended "
                                             f"(Content-Length {request.content_length})") from None
@@ -159,6 +161,20 @@ def _decode(value: str, what: str) -> str:
         return unquote(value, errors="strict")
     except UnicodeDecodeError:
         raise invalid_argument(f"Failed to decode {what}:{value}") from None
+
+
+class _Refused(ServingError):
+    """A request refused before any handler saw it: its body too large (413) or stalled (408). The client's
+    doing, counted in refused_requests by `reason` and never in request_count, as TF Serving's gRPC
+    transport refuses an over-size message before its handler counts anything."""
+
+    _ANSWERS = {REFUSED_BODY_TOO_LARGE: ("RESOURCE_EXHAUSTED", 413), REFUSED_BODY_TIMEOUT: ("DEADLINE_EXCEEDED", 408)}
+
+    def __init__(self, reason: str, message: str):
+        code, http_status = self._ANSWERS[reason]
+        super().__init__(code, message)
+        self.reason = reason
+        self.with_http(http_status)
 
 
 def _too_large(size: int | None, limit: int) -> str:

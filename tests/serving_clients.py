@@ -84,3 +84,38 @@ class MetricsDelta:
     def total(self, name: str) -> float:
         """The change summed over all label sets."""
         return sum(self.after.get(name, {}).values()) - sum(self.before.get(name, {}).values())
+
+
+def declaration_problems(page: str) -> list[str]:
+    """Where a Prometheus page departs from monitoring/names.py's METRICS: a family not declared, another
+    kind, other label names, or other histogram buckets. Empty when every family is exported as declared.
+
+    Label names are compared as sets: prometheus-client writes them sorted, and Prometheus ignores the order.
+    """
+    from monitoring.names import METRICS
+
+    problems: dict[str, None] = {}  # each problem once, in the page's order
+    for family in text_string_to_metric_families(page):
+        # The parser drops a counter's `_total` from the family name; TF Serving's counters have none.
+        metric = METRICS.get(family.name) or METRICS.get(f"{family.name}_total")
+        if metric is None:
+            problems[f"{family.name}: not declared"] = None
+            continue
+        if family.type != metric.kind:
+            problems[f"{metric.name}: a {family.type}, declared a {metric.kind}"] = None
+        bounds = set()
+        for sample in family.samples:
+            labels = sorted(name for name in sample.labels if not (sample.name.endswith("_bucket") and name == "le"))
+            if labels != sorted(metric.labels):
+                problems[f"{sample.name}: labels {labels}, declared {metric.labels}"] = None
+            if sample.name.endswith("_bucket"):
+                bounds.add(_six_digits(float(sample.labels["le"])))
+        declared = {*map(_six_digits, metric.buckets), float("inf")}
+        if metric.kind == "histogram" and family.samples and bounds != declared:
+            problems[f"{metric.name}: buckets {sorted(bounds)}, declared {sorted(declared)}"] = None
+    return list(problems)
+
+
+def _six_digits(bound: float) -> float:
+    """A bucket bound as both exporters agree on it: TF Serving prints six significant digits."""
+    return float(f"{bound:.6g}")

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from conftest import run_digits, start_server
+from model_copies import copy_version_answering
 from prometheus_api import wait_for
 from serving_clients import b64 as _b64
 from serving_clients import grpc_predict as _grpc_predict
@@ -212,23 +213,6 @@ def test_concurrent_requests_are_batched(model_server, pngs):
     assert batches < 80, "80 concurrent single-image requests should share model calls"
 
 
-def _copy_version_answering_otherwise(source: Path, target: Path) -> None:
-    """Copies a SavedModel with its output layer's bias for class 0 raised by 5: a version whose answers
-    tell it apart from the source's."""
-    import tensorflow as tf
-
-    shutil.copytree(source, target)
-    prefix = str(target / "variables" / "variables")
-    reader = tf.train.load_checkpoint(prefix)
-    shapes = reader.get_variable_to_shape_map()
-    names = sorted(shapes)
-    (output_bias,) = [name for name in names
-                      if shapes[name] == [contract.NUM_CLASSES] and not name.startswith("optimizer/")]
-    values = [reader.get_tensor(name) for name in names]
-    values[names.index(output_bias)][0] += 5.0
-    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=values)
-
-
 def test_version_labels_and_explicit_versions(pushed_model, pngs, in_process, tmp_path):
     """Two versions loaded (`--num-versions 2`), the newer answering otherwise, `stable` on the older:
     `labels/stable` and gRPC's `version_label` are answered by the older, plain requests by the newer."""
@@ -238,7 +222,7 @@ def test_version_labels_and_explicit_versions(pushed_model, pngs, in_process, tm
     older, newer = int(source.name), int(source.name) + 1
     model_dir = tmp_path / "digits"
     shutil.copytree(source, model_dir / str(older))
-    _copy_version_answering_otherwise(source, model_dir / str(newer))
+    copy_version_answering(source, model_dir / str(newer), 0, raise_by=5.0)  # answers otherwise
     server = start_server(model_dir, "--num-versions", "2", "--label", f"stable={older}")
     try:
         states = requests.get(f"{server.rest_url}/v1/models/digits", timeout=30).json()["model_version_status"]

@@ -23,6 +23,7 @@ import grpc
 import pytest
 import requests
 from conftest import start_server
+from monitoring import names
 from serving_clients import MetricsDelta, scrape
 
 pytestmark = [pytest.mark.slow]
@@ -34,6 +35,7 @@ MAX_INSTANCES, MAX_BODY_BYTES = 8, 6000
 # slot), and a REST body has this long to arrive.
 HOLD_S, BODY_TIMEOUT_S = 6.0, 3.0
 LIMIT_MESSAGE = "too many requests in flight (limit 1); retry later"
+REFUSED = names.REFUSED_REQUESTS.removesuffix("_total")  # as scrape() names counters
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------------------------
@@ -354,7 +356,9 @@ def test_rest_limits(limited_server, png):
     assert len(body) < MAX_BODY_BYTES
     assert_error(post(limited_server, body), 400, f"the limit is {MAX_INSTANCES} per request")
 
-    # A body over --max-body-bytes, announced by Content-Length and refused before it is read.
+    # A body over --max-body-bytes, announced by Content-Length and refused before it is read: the client's
+    # doing, counted as refused and not in request_count.
+    delta = MetricsDelta(limited_server.rest_url)
     big = json.dumps({"instances": [b64(png)] * 20}).encode()
     assert len(big) > MAX_BODY_BYTES
     assert_error(post(limited_server, big), 413,
@@ -369,6 +373,9 @@ def test_rest_limits(limited_server, png):
     assert "Content-Length" not in response.request.headers
     assert response.request.headers["Transfer-Encoding"] == "chunked"
     assert_error(response, 413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    delta.take()
+    assert delta(REFUSED, reason=names.REFUSED_BODY_TOO_LARGE) == 2
+    assert delta.total(names.REQUEST_COUNT) == 0
     assert_still_serving(limited_server, png, since)
 
 
@@ -635,7 +642,10 @@ def test_grpc_bad_metadata_and_status_requests(model_server, png):
 
 
 def test_grpc_message_over_the_limit_is_resource_exhausted(limited_server, png):
+    """grpcio's transport refuses it before any handler runs (as TF Serving's does): counted nowhere, since
+    the server cannot tell it from a client that hung up (docs/serving.md)."""
     since = len(limited_server.output)
+    delta = MetricsDelta(limited_server.rest_url)
     channel, prediction, _ = _grpc_stubs(limited_server)
     request = _predict_request(images=[png] * 20)
     assert request.ByteSize() > MAX_BODY_BYTES
@@ -643,6 +653,7 @@ def test_grpc_message_over_the_limit_is_resource_exhausted(limited_server, png):
         prediction.Predict(request, timeout=TIMEOUT_S)
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in raised.value.details()
+    assert delta.take().total(names.REQUEST_COUNT) == 0
     assert_grpc_still_serving(limited_server, png, since)
 
 
@@ -727,7 +738,8 @@ def test_rest_body_that_stops_arriving_is_a_408_and_holds_no_slot(one_slot_serve
 
     The client sends its headers and half the body, then nothing. Meanwhile another predict takes the
     one slot and is answered (the 408 has not come yet); after BODY_TIMEOUT_S the stalled request gets
-    408, counted as DEADLINE_EXCEEDED, and the server goes on serving.
+    408, counted as a refused request (the client's doing, not in request_count), and the server goes on
+    serving.
     """
     since = len(one_slot_server.output)
     delta = MetricsDelta(one_slot_server.rest_url)
@@ -744,5 +756,6 @@ def test_rest_body_that_stops_arriving_is_a_408_and_holds_no_slot(one_slot_serve
     assert (status, error) == (408, {"error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s "
                                               f"(--body-timeout)"})
     delta.take()
-    assert delta(":tensorflow:serving:request_count", model_name="digits", status="DEADLINE_EXCEEDED") == 1
+    assert delta(REFUSED, reason=names.REFUSED_BODY_TIMEOUT) == 1
+    assert delta(":tensorflow:serving:request_count", model_name="digits", status="DEADLINE_EXCEEDED") == 0
     assert_still_serving(one_slot_server, png, since, images=2)

@@ -20,8 +20,9 @@ import pytest
 import requests
 
 from conftest import REPO, start_server
+from monitoring import names
 from prometheus_api import wait_for
-from serving_clients import MetricsDelta, grpc_predict, grpc_status, predict_rest, scrape
+from serving_clients import MetricsDelta, declaration_problems, grpc_predict, grpc_status, predict_rest, scrape
 
 pytestmark = [pytest.mark.slow]
 
@@ -252,7 +253,18 @@ def _wait_for_end(server, version: int) -> list[dict]:
 
 def test_a_version_that_fails_to_load_shows_end_while_the_previous_one_serves(pushed_model, png, tmp_path):
     """With `--num-versions 1`, each newer version would replace the only good one, but two pushes in a
-    row fail to load: each shows END with its error, is not tried again, and version 1 keeps answering."""
+    row fail to load: each shows END with its error, is not tried again, and version 1 keeps answering.
+
+    The version-state gauge says the same as GetModelStatus (REST and gRPC), from the first failure on;
+    and after loads, failed loads, predicts and a bad request, every family on the page is as declared
+    in monitoring/names.py."""
+    from tensorflow.core.protobuf import error_codes_pb2
+    from tensorflow_serving.apis import get_model_status_pb2
+
+    def version_state(server) -> dict[tuple, float]:
+        return {tuple(dict(labels)[name] for name in names.METRICS[names.VERSION_STATE].labels): value
+                for labels, value in scrape(server.rest_url)[names.VERSION_STATE].items()}
+
     (source,) = pushed_model.iterdir()
     model_dir = tmp_path / "digits"
     shutil.copytree(source, model_dir / "1")
@@ -261,6 +273,7 @@ def test_a_version_that_fails_to_load_shows_end_while_the_previous_one_serves(pu
             (model_dir / str(broken)).mkdir()
             (model_dir / str(broken) / "saved_model.pb").write_bytes(b"not a SavedModel")
             statuses = _wait_for_end(server, broken)
+            assert version_state(server)[("digits", str(broken), "END", "UNKNOWN")] == 1  # from its first failure
         assert [(status["version"], status["state"], status["status"]["error_code"]) for status in statuses] == [
             ("3", "END", "UNKNOWN"), ("2", "END", "UNKNOWN"), ("1", "AVAILABLE", "OK")]
         for status in statuses[:2]:
@@ -271,3 +284,16 @@ def test_a_version_that_fails_to_load_shows_end_while_the_previous_one_serves(pu
         attempts = scrape(server.rest_url)[":tensorflow:cc:saved_model:load_attempt_count"]
         assert {dict(labels)["model_path"]: value for labels, value in attempts.items()
                 if dict(labels)["status"] == "fail"} == {str(model_dir / "2"): 1, str(model_dir / "3"): 1}
+
+        assert predict_rest(server.rest_url, [b"not an image"]).status_code == 400
+        page = requests.get(f"{server.rest_url}{names.METRICS_PATH}", timeout=30).text
+        assert declaration_problems(page) == []
+        gauge = version_state(server)
+        assert gauge == {("digits", "3", "END", "UNKNOWN"): 1, ("digits", "2", "END", "UNKNOWN"): 1,
+                         ("digits", "1", "AVAILABLE", "OK"): 1}
+        assert {(version, state, code) for _, version, state, code in gauge} == {
+            (status["version"], status["state"], status["status"]["error_code"]) for status in _version_statuses(server)}
+        assert {(version, state, code) for _, version, state, code in gauge} == {
+            (str(status.version), get_model_status_pb2.ModelVersionStatus.State.Name(status.state),
+             error_codes_pb2.Code.Name(status.status.error_code))
+            for status in grpc_status(server.grpc_target).model_version_status}

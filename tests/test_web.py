@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from data import contract
 from monitoring import names as n
 from serving.client import RestClient
+from serving_clients import declaration_problems
 from web.config import WebConfig
 from web.feedback import LOG_NAME, FeedbackStore, digit_png
 from web.process import start_web
@@ -662,8 +663,12 @@ def test_store_writes_28x28_gray_pngs_only_inside_its_directory(tmp_path):
 
 
 def test_metrics_use_the_shared_names_and_labels(web_app, digits_by_class):
+    """The families on the page, answers, feedback and reference profile included, are the ones declared in
+    monitoring/names.py, with their kinds, labels and buckets; none undeclared."""
     answer = _predict(web_app, digits_by_class[7][4]).json()
     _predict(web_app, b"nope")
+    assert _feedback(web_app, {"id": answer["id"], "digit": answer["digit"]}).status_code == 200
+    assert declaration_problems(requests.get(f"{web_app.url}/metrics", timeout=10).text) == []
     metrics = _metrics(web_app)
     version = str(answer["model_version"])
     assert metrics[(n.PREDICTIONS, (("model_name", "digits"), ("model_version", version),

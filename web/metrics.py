@@ -3,7 +3,8 @@
 What the model answered is exported under the same names and labels as `digits serve`
 (`digits_serving_predictions_total`, `digits_serving_prediction_confidence`), so the drift
 rules and panels work when the model server is the TF Serving container, which has no such
-metrics. The page's own traffic and people's feedback have `digits_web_*` names.
+metrics. The page's own traffic and people's feedback have `digits_web_*` names. Every metric is
+built from its declaration in `monitoring.names.METRICS` (kind, labels in order, buckets).
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from data.contract import NUM_CLASSES
 from monitoring import names as n
 
 
-def _base(name: str, suffix: str) -> str:
-    """prometheus-client adds `_total` to counters itself: give it the name without."""
-    assert name.endswith(suffix), name
-    return name[: -len(suffix)]
+def _declared(name: str, documentation: str, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+    """The prometheus-client metric `name` is declared as in monitoring/names.py, on `registry`."""
+    metric = n.METRICS[name]
+    if metric.kind == "counter":  # prometheus-client adds `_total` to counters itself: give it the name without
+        assert name.endswith("_total"), name
+        return Counter(name.removesuffix("_total"), documentation, metric.labels, registry=registry)
+    if metric.kind == "histogram":
+        return Histogram(name, documentation, metric.labels, buckets=metric.buckets, registry=registry)
+    return Gauge(name, documentation, metric.labels, registry=registry)
 
 
 class WebMetrics:
@@ -29,35 +35,28 @@ class WebMetrics:
         # No `*_created` series: Prometheus would store each as one more series per label set.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(_base(n.WEB_REQUESTS, "_total"), "Requests to the web app's API, by outcome.",
-                                ["endpoint", "outcome"], registry=self.registry)
-        self.duration = Histogram(n.WEB_REQUEST_DURATION, "Time to answer an API request, model server included.",
-                                  ["endpoint", "outcome"], buckets=n.WEB_LATENCY_BUCKETS_S, registry=self.registry)
-        self.model_server_errors = Counter(_base(n.WEB_MODEL_SERVER_ERRORS, "_total"),
-                                           "Calls to the model server that failed, by reason.", ["reason"],
-                                           registry=self.registry)
-        self.predictions = Counter(_base(n.PREDICTIONS, "_total"), "Answers, by predicted digit.",
-                                   ["model_name", "model_version", n.CLASS_LABEL], registry=self.registry)
-        self.confidence = Histogram(n.CONFIDENCE, "Probability of the predicted digit.",
-                                    ["model_name", "model_version"], buckets=n.CONFIDENCE_BUCKETS,
-                                    registry=self.registry)
-        self.feedback = Counter(_base(n.WEB_FEEDBACK, "_total"),
-                                "Answers people judged: right when predicted_class equals corrected_class.",
-                                ["model_name", "model_version", n.CLASS_LABEL, n.CORRECTED_CLASS_LABEL,
-                                 n.VERDICT_LABEL], registry=self.registry)
+        registry = self.registry
+        self.requests = _declared(n.WEB_REQUESTS, "Requests to the web app's API, by outcome.", registry)
+        self.duration = _declared(n.WEB_REQUEST_DURATION, "Time to answer an API request, model server included.",
+                                  registry)
+        self.model_server_errors = _declared(n.WEB_MODEL_SERVER_ERRORS,
+                                             "Calls to the model server that failed, by reason.", registry)
+        self.predictions = _declared(n.PREDICTIONS, "Answers, by predicted digit.", registry)
+        self.confidence = _declared(n.CONFIDENCE, "Probability of the predicted digit.", registry)
+        self.feedback = _declared(n.WEB_FEEDBACK,
+                                  "Answers people judged: right when predicted_class equals corrected_class.", registry)
         self._versions_seen: set[tuple[str, int]] = set()
         # The reference profile of each version that answered, read from --model-dir (what `digits serve`
         # exports itself): in front of the TF Serving container, the drift rules need it from here.
-        version = ["model_name", "model_version"]
-        self.reference_class_share = Gauge(n.REFERENCE_CLASS_SHARE, "Share of each class on the eval split.",
-                                           [*version, n.REFERENCE_CLASS_LABEL], registry=self.registry)
-        self.reference_confidence_share = Gauge(n.REFERENCE_CONFIDENCE_BUCKET_SHARE,
-                                                "Cumulative share of top-class confidence on the eval split.",
-                                                [*version, "le"], registry=self.registry)
-        self.reference_confidence_mean = Gauge(n.REFERENCE_CONFIDENCE_MEAN, "Mean top-class confidence on the "
-                                               "eval split.", version, registry=self.registry)
-        self.reference_examples = Gauge(n.REFERENCE_EXAMPLES, "Examples the reference profile was made from.",
-                                        version, registry=self.registry)
+        self.reference_class_share = _declared(n.REFERENCE_CLASS_SHARE, "Share of each class on the eval split.",
+                                               registry)
+        self.reference_confidence_share = _declared(n.REFERENCE_CONFIDENCE_BUCKET_SHARE,
+                                                    "Cumulative share of top-class confidence on the eval split.",
+                                                    registry)
+        self.reference_confidence_mean = _declared(n.REFERENCE_CONFIDENCE_MEAN,
+                                                   "Mean top-class confidence on the eval split.", registry)
+        self.reference_examples = _declared(n.REFERENCE_EXAMPLES, "Examples the reference profile was made from.",
+                                            registry)
 
     def request(self, endpoint: str, outcome: str, seconds: float) -> None:
         self.requests.labels(endpoint, outcome).inc()
