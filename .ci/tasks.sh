@@ -47,7 +47,8 @@ find_python311() {
 }
 
 setup_debian_tools() {
-  # Prometheus 2.42 + promtool and Alertmanager 0.25 + amtool: the monitoring tests run the real ones.
+  # Prometheus 2.42 + promtool, Alertmanager 0.25 + amtool and the blackbox exporter 0.23: the
+  # monitoring tests run the real ones.
   # Chromium: the web app's tests drive Debian's (Playwright never downloads a browser here).
   local packages=() tool
   for tool in prometheus promtool; do
@@ -56,12 +57,13 @@ setup_debian_tools() {
   for tool in prometheus-alertmanager amtool; do
     command -v "$tool" >/dev/null 2>&1 || packages+=(prometheus-alertmanager)
   done
+  command -v prometheus-blackbox-exporter >/dev/null 2>&1 || packages+=(prometheus-blackbox-exporter)
   if [ -z "${DIGITS_CHROMIUM:-}" ] && [ ! -x /usr/lib/chromium/chromium ] && ! command -v chromium >/dev/null 2>&1; then
     packages+=(chromium)
   fi
   [ "${#packages[@]}" = 0 ] && return 0
   mapfile -t packages < <(printf '%s\n' "${packages[@]}" | sort -u)
-  command -v apt-get >/dev/null 2>&1 || die "missing ${packages[*]} and this is not a Debian-like system: install Prometheus and promtool (2.42+), Alertmanager and amtool (0.25+) and put them on PATH, and set DIGITS_CHROMIUM=/path/to/chromium"
+  command -v apt-get >/dev/null 2>&1 || die "missing ${packages[*]} and this is not a Debian-like system: install Prometheus and promtool (2.42+), Alertmanager and amtool (0.25+), the blackbox exporter (0.23+) and put them on PATH, and set DIGITS_CHROMIUM=/path/to/chromium"
   local sudo=""
   if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null 2>&1 || die "installing ${packages[*]} needs root (or sudo)"

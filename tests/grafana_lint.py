@@ -29,21 +29,28 @@ RULES_DIR = REPO / "monitoring" / "prometheus" / "rules"
 
 DATASOURCE_VARIABLE = "${datasource}"
 RATE_INTERVAL = "$__rate_interval"
-# What the template variables stand for when a query is sent to Prometheus without Grafana.
-LIVE_VALUES = {"__rate_interval": "1m", "model": ".*", "instance": ".*"}
+# What the template variables stand for when a query is sent to Prometheus without Grafana: "All"
+# (`.*`, which also matches series without the label, as outside Kubernetes).
+ALL = ".*"
+LIVE_VALUES = {"__rate_interval": "1m", "model": ALL, "instance": ALL, "cluster": ALL, "namespace": ALL}
+TOPOLOGY_VARIABLES = names.TOPOLOGY_LABELS  # each a variable of the same name, filtering every series
 PROMETHEUS_SERIES = ("up", "scrape_duration_seconds")  # written by Prometheus for every target
+PROBE_SERIES = (names.PROBE_SUCCESS, names.PROBE_DURATION)  # written by the blackbox exporter per probe
+# What the model answered: counted by `digits serve` and by the web app in front of any model server.
+ANSWERED = {names.PREDICTIONS, names.CONFIDENCE, names.REFERENCE_CLASS_SHARE, names.REFERENCE_CONFIDENCE_MEAN,
+            names.REFERENCE_CONFIDENCE_BUCKET_SHARE, names.REFERENCE_EXAMPLES}
 
-# TF Serving counters carry no `_total` (names.py); these four are counters all the same.
-COUNTERS = {names.REQUEST_COUNT, names.LOAD_ATTEMPT_COUNT, names.LOAD_LATENCY, names.WRAPPED_RUN_COUNT}
+# TF Serving counters carry no `_total`: the declarations of monitoring/names.py say which are counters.
+COUNTERS = {metric.name for metric in names.METRICS.values() if metric.kind == "counter"}
 COUNTER_SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 RANGE_FUNCTIONS = {"rate", "increase", "irate"}
-# The model label of each model-server metric (serving/metrics.py; test_grafana_dashboard checks
-# this table against what `digits serve` exports): batching metrics are per process, load metrics
-# name the version directory, the rest carry model_name.
-PER_PROCESS = {names.QUEUING_LATENCY, names.INPUT_BATCH_SIZE, names.BATCH_SIZE, names.PADDING_SIZE,
-               names.WRAPPED_RUN_COUNT}
-BY_MODEL_PATH = {names.LOAD_ATTEMPT_COUNT, names.LOAD_LATENCY, names.WARMUP_LATENCY}
+# A counter born at its first increment is read, besides its increase, by its first value and its
+# presence an interval ago (generate.py `counted`, as monitoring/rules.py `counter_rate`).
+BORN_FUNCTIONS = {"min_over_time", "present_over_time"}
+# The model label of each metric comes from its declaration in monitoring/names.py (labels): batching
+# metrics are per process, load metrics name the version directory, the rest carry model_name.
+MODEL_LABELS = ("model_name", "model_path")
 
 AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
                 "bottomk", "topk", "quantile", "limitk", "limit_ratio"}
@@ -56,6 +63,7 @@ _TOKEN = re.compile(r"""
   | (?P<matchers>\{(?:[^}"'`]|"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|`[^`]*`)*\})
   | (?P<range>\[[^\]]*\])
   | (?P<number>(?:\d+(?:ms|[smhdwy]))+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+  | (?P<variable>\$\w+|\$\{[^}]*\})
   | (?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)
   | (?P<paren>[()])
   | (?P<other>[-+*/%^<>=!@,]+)
@@ -96,8 +104,8 @@ def substitute(expr: str, values: dict[str, str] = LIVE_VALUES) -> str:
 
 
 def dashboard_exprs(path: Path = DASHBOARD) -> list[str]:
-    """Every query of the dashboard at `path`, ready for Prometheus: $__rate_interval -> 1m,
-    $model -> .*, $instance -> .*."""
+    """Every query of the dashboard at `path`, ready for Prometheus: $__rate_interval -> 1m, every other
+    variable "All" (.*)."""
     return [substitute(expr) for expr in exprs(load(path))]
 
 
@@ -205,9 +213,8 @@ def is_counter(metric: str) -> bool:
 # -- What exists -----------------------------------------------------------------------------------
 
 def served_metrics() -> set[str]:
-    """Metric names of monitoring.names: TF Serving's (`:tensorflow:...`) and ours (`digits_serving_...`)."""
-    return {value for key, value in vars(names).items()
-            if key.isupper() and isinstance(value, str) and value.startswith((":tensorflow:", "digits_serving_"))}
+    """Metric names declared in monitoring.names: TF Serving's (`:tensorflow:...`) and ours."""
+    return set(names.METRICS)
 
 
 def recorded_series(rules_dir: Path = RULES_DIR) -> set[str]:
@@ -223,26 +230,26 @@ def known_series() -> set[str]:
     and the series Prometheus writes for each target."""
     metrics = served_metrics()
     return ({f"{metric}{suffix}" for metric in metrics for suffix in ("", *HISTOGRAM_SUFFIXES)}
-            | recorded_series() | set(PROMETHEUS_SERIES))
+            | recorded_series() | set(PROMETHEUS_SERIES) | set(PROBE_SERIES))
 
 
-def required_filters(metric: str, recorded: set[str]) -> dict[str, str]:
-    """label -> what its matcher must contain, for a series of `metric` in a dashboard query."""
+def required_filters(metric: str, recorded: set[str]) -> dict[str, tuple[str, ...]]:
+    """label -> what its matcher must contain, for a series of `metric` in a dashboard query. Every series
+    is filtered by the topology variables ($cluster, $namespace); raw ones also by their job."""
+    filters = {label: (f"${label}",) for label in TOPOLOGY_VARIABLES}
     if metric in recorded:
         # `level:metric:operation`: the level names the labels kept (job_model_version: job, model_name, ...)
         level = metric.split(":")[0].split("_")
-        return {label: variable for word, label, variable in (("model", "model_name", "$model"),
-                                                               ("instance", "instance", "$instance"))
-                if word in level}
-    job = {"job": names.SERVING_JOB}
-    if metric in PROMETHEUS_SERIES:
-        return {**job, "instance": "$instance"}
+        return {**filters, **{label: (variable,) for word, label, variable in (("model", "model_name", "$model"),
+                                                                               ("instance", "instance", "$instance"))
+                              if word in level}}
+    if metric in PROBE_SERIES:  # `instance` is the probed target
+        return {**filters, "job": (names.PROBE_JOB,)}
     base = base_name(metric)
-    if base in PER_PROCESS:
-        return {**job, "instance": "$instance"}
-    if base in BY_MODEL_PATH:
-        return {**job, "instance": "$instance", "model_path": "$model"}
-    return {**job, "instance": "$instance", "model_name": "$model"}
+    jobs = (names.SERVING_JOB, names.WEB_JOB) if base in ANSWERED else (names.SERVING_JOB,)
+    filters = {**filters, "job": jobs, "instance": ("$instance",)}
+    declared = names.METRICS[base].labels if base in names.METRICS else ()
+    return {**filters, **{label: ("$model",) for label in MODEL_LABELS if label in declared}}
 
 
 def generator_constant(name: str, path: Path = GENERATOR) -> str:
@@ -313,8 +320,9 @@ def fixed_ranges(dashboard: dict) -> list[str]:
 
 
 def unfiltered_series(dashboard: dict) -> list[str]:
-    """Every series is filtered by the template variables ($model, $instance) where it has the label,
-    and raw model-server series by their job (the web app exports some of the same names)."""
+    """Every series is filtered by the template variables ($cluster, $namespace, and $model, $instance
+    where it has the label), and raw series by their job: the model server's (the web app exports some of
+    the same names), and both where either counts what the model answered."""
     recorded = recorded_series()
     problems = []
     for panel in panels(dashboard):
@@ -322,9 +330,9 @@ def unfiltered_series(dashboard: dict) -> list[str]:
             for found in selectors(target.get("expr", "")):
                 for label, wanted in required_filters(found.metric, recorded).items():
                     operator, value = found.matchers.get(label, ("", ""))
-                    if wanted not in value or operator not in ("=", "=~"):
+                    if any(each not in value for each in wanted) or operator not in ("=", "=~"):
                         problems.append(f"{_where(panel)} query {target.get('refId')!r}: {found.metric} "
-                                        f"is not filtered by {label} ({wanted})")
+                                        f"is not filtered by {label} ({' and '.join(wanted)})")
     return problems
 
 
@@ -333,7 +341,8 @@ def bare_counters(dashboard: dict) -> list[str]:
     return [f"{_where(panel)} query {target.get('refId')!r}: counter {found.metric} outside rate()/increase()"
             for panel in panels(dashboard) for target in panel.get("targets") or []
             for found in selectors(target.get("expr", ""))
-            if is_counter(found.metric) and (found.function not in RANGE_FUNCTIONS or found.range is None)]
+            if is_counter(found.metric)
+            and (found.function not in RANGE_FUNCTIONS | BORN_FUNCTIONS or found.range is None)]
 
 
 def exported_inputs(text: str) -> list[str]:
@@ -365,3 +374,25 @@ def unknown_series(dashboard: dict) -> list[str]:
     queries += [("a template variable", selector) for selector in variable_selectors(dashboard)]
     return [f"{where}: unknown series {found.metric or '(no name)'!r}"
             for where, expr in queries for found in selectors(expr) if found.metric not in known]
+
+
+def topology_variables(dashboard: dict) -> list[str]:
+    """$cluster and $namespace exist, take several values, and default to "All" as `.*`: Grafana's own
+    "All" is a regex of the values it found, which outside Kubernetes (no such label) is none, and
+    which never matches a series without the label."""
+    problems = []
+    for name in TOPOLOGY_VARIABLES:
+        variable = variables(dashboard).get(name)
+        if variable is None:
+            problems.append(f"no template variable named {name!r}")
+            continue
+        if variable.get("type") != "query" or f"{name})" not in str(variable.get("query")):
+            problems.append(f"variable {name!r} does not list the values of the label {name!r}")
+        if not (variable.get("multi") and variable.get("includeAll")):
+            problems.append(f"variable {name!r} cannot take several values or All")
+        if variable.get("allValue") != ALL:
+            problems.append(f"variable {name!r}: All is {variable.get('allValue')!r}, not {ALL!r}, so series "
+                            "without the label are left out")
+        if (variable.get("current") or {}).get("value") != ["$__all"]:
+            problems.append(f"variable {name!r} defaults to {(variable.get('current') or {}).get('value')!r}, not All")
+    return problems

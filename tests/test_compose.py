@@ -23,8 +23,10 @@ COMPOSE = REPO / "docker" / "compose.yaml"
 CHECK_JSONSCHEMA = REPO / ".venv-tools" / "bin" / "check-jsonschema"
 
 # Host ports a user needs, all on loopback: Prometheus and Alertmanager have no authentication.
-PUBLISHED = {"serving": {8500, 8501}, "web": {8080}, "prometheus": {9090}, "alertmanager": {9093}, "grafana": {3000}}
-MONITORING = ("prometheus", "alertmanager", "alert-receiver", "grafana")
+# The alert receiver serves the runbook the alerts link to.
+PUBLISHED = {"serving": {8500, 8501}, "web": {8080}, "prometheus": {9090}, "alertmanager": {9093}, "grafana": {3000},
+             "alert-receiver": {9095}}
+MONITORING = ("prometheus", "alertmanager", "alert-receiver", "blackbox-exporter", "grafana")
 
 # Services allowed to run without a health check, each with the reason. None today.
 WITHOUT_HEALTHCHECK: dict[str, str] = {}
@@ -34,17 +36,20 @@ HEALTHCHECK_PROGRAMS = {
     "tensorflow/serving": "bash",    # Ubuntu with no curl or wget
     "prom/prometheus": "wget",       # busybox
     "prom/alertmanager": "wget",     # busybox
+    "prom/blackbox-exporter": "wget",  # busybox
     "python": "python",              # -slim has no curl or wget
     "grafana/grafana": "curl",       # installed in both the Alpine and the Ubuntu image
 }
 
 # Services whose image must be the release of the Debian binary the monitoring tests run.
-DEBIAN_BINARIES = {"prometheus": "prometheus", "alertmanager": "prometheus-alertmanager"}
+DEBIAN_BINARIES = {"prometheus": "prometheus", "alertmanager": "prometheus-alertmanager",
+                   "blackbox-exporter": "prometheus-blackbox-exporter"}
 
 # The repository file each service must load, by the flag that names it inside the container.
 CONFIG_FLAGS = {
     "prometheus": ("--config.file", "monitoring/prometheus/prometheus.yml"),
     "alertmanager": ("--config.file", "monitoring/alertmanager/alertmanager.yml"),
+    "blackbox-exporter": ("--config.file", "monitoring/blackbox/blackbox.yml"),
 }
 # Where each service keeps its state, which must be a named volume.
 DATA_DIRS = {"prometheus": "--storage.tsdb.path", "alertmanager": "--storage.path", "grafana": "/var/lib/grafana"}
@@ -265,8 +270,12 @@ def grafana_provisioning(kind: str) -> list[dict]:
 def address_problems(compose: dict) -> list[str]:
     """Every host:port the monitoring configs name is a compose service listening on that port."""
     prometheus = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    targets = [target for job in prometheus["scrape_configs"] for static in job.get("static_configs", [])
-               for target in static["targets"]]
+    # A probe job's targets are URLs (or host:port) the exporter probes; its scrapes go to the exporter
+    # named by the relabelling of __address__.
+    targets = [urlsplit(target).netloc or target for job in prometheus["scrape_configs"]
+               for static in job.get("static_configs", []) for target in static["targets"]]
+    targets += [relabel["replacement"] for job in prometheus["scrape_configs"]
+                for relabel in job.get("relabel_configs", []) if relabel.get("target_label") == "__address__"]
     targets += [target for manager in prometheus["alerting"]["alertmanagers"]
                 for static in manager["static_configs"] for target in static["targets"]]
     local = loader(compose, PROMETHEUS_CONFIG)
@@ -353,7 +362,6 @@ def test_serving_health_check_is_the_dockerfiles():
 def test_only_the_user_facing_ports_are_published_on_loopback():
     compose = load()
     assert port_problems(compose) == []
-    assert "ports" not in compose["services"]["alert-receiver"]
 
 
 def test_grafana_needs_an_admin_password_from_the_environment_and_refuses_anonymous_users():
@@ -425,7 +433,7 @@ BROKEN = {
                              health_problems, "waits for prometheus to start"),
     "prometheus waits for serving": (_set("prometheus.depends_on.serving", {"condition": "service_healthy"}),
                                      health_problems, "waits for the model server"),
-    "published receiver": (_set("alert-receiver.ports", ["127.0.0.1:9095:9095"]), port_problems, "published ports"),
+    "published exporter": (_set("blackbox-exporter.ports", ["127.0.0.1:9115:9115"]), port_problems, "published ports"),
     "public port": (_edit_list("alertmanager.ports", "127.0.0.1:9093:9093", "9093:9093"),
                     port_problems, "published as 0.0.0.0:9093"),
     "literal password": (_set("grafana.environment.GF_SECURITY_ADMIN_PASSWORD", "admin"),
@@ -438,8 +446,14 @@ BROKEN = {
     "renamed model server": (_rename("serving", "tf-serving"), address_problems, "serving:8501: no service serving"),
     "moved alertmanager port": (_edit_list("alertmanager.ports", "127.0.0.1:9093:9093", "127.0.0.1:9093:9094"),
                                 address_problems, "alertmanager does not listen on 9093"),
-    "receiver port not exposed": (_set("alert-receiver.expose", ["9096"]), address_problems,
+    "receiver port not exposed": (_set("alert-receiver.ports", ["127.0.0.1:9096:9096"]), address_problems,
                                   "alert-receiver does not listen on 9095"),
+    "renamed blackbox exporter": (_rename("blackbox-exporter", "blackbox"), address_problems,
+                                  "no service blackbox-exporter"),
+    "other probe config": (_edit_list("blackbox-exporter.volumes",
+                                      "../monitoring/blackbox/blackbox.yml:/etc/blackbox_exporter/blackbox.yml:ro",
+                                      "../monitoring/blackbox/blackbox.yml:/etc/blackbox_exporter/config.yml:ro"),
+                           config_problems, "blackbox-exporter: --config.file does not name the mounted"),
     "other config file": (_edit_list("prometheus.command", "--config.file=/etc/prometheus/prometheus.yml",
                                      "--config.file=/etc/prometheus/other.yml"),
                           config_problems, "--config.file does not name the mounted"),

@@ -16,7 +16,7 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from conftest import REPO, require_tool
-from monitoring import names
+from monitoring import kubernetes as kubernetes_alerts, local, names
 from serving.docker_context import IMAGE_NAME, parse_batching_parameters
 from test_docker import DOCKER, DOCKERFILE, entrypoint_flags, instructions
 
@@ -32,7 +32,9 @@ RULE_FILES = sorted((REPO / "monitoring" / "prometheus" / "rules").glob("*.yml")
 REGENERATE = "run `python -m monitoring.rules` (it writes the rule files and deploy/k8s/base/prometheusrule.yaml)"
 
 # Kinds that kubernetes-validate has no schema for: the Prometheus Operator's CRDs, checked structurally here.
-OPERATOR_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+OPERATOR_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+                  ("monitoring.coreos.com/v1", "Probe")}
+BLACKBOX_YML = REPO / "monitoring" / "blackbox" / "blackbox.yml"
 # The Operator's CRD (monitoring.coreos.com_prometheusrules.yaml): the fields a group and a rule may have,
 # and its Duration pattern for `for` and `interval`.
 RULE_GROUP_FIELDS = {"name", "interval", "rules", "labels", "limit", "partial_response_strategy", "query_offset"}
@@ -371,6 +373,47 @@ def monitor_problems(objects: list[dict], namespace: str) -> list[str]:
     return problems
 
 
+def blackbox_probe_problems(objects: list[dict], namespace: str) -> list[str]:
+    """The Probe sends what prometheus.yml's probe job sends: the predict module, to the Service's REST
+    predict URL, with the job and `module` label the rules select, as often."""
+    probe, service, problems = the(objects, "Probe"), the(objects, "Service", "digits-serving"), []
+    spec = probe["spec"]
+    scrape, interval = scrape_config(names.PROBE_JOB)
+    if spec.get("jobName") != names.PROBE_JOB:
+        problems.append(f"series get job {spec.get('jobName')}, the rules select job=\"{names.PROBE_JOB}\"")
+    module = spec.get("module")
+    if module != names.PROBE_PREDICT_MODULE or module not in yaml.safe_load(BLACKBOX_YML.read_text())["modules"]:
+        problems.append(f"module {module}, not {names.PROBE_PREDICT_MODULE} of monitoring/blackbox/blackbox.yml")
+    static = spec["targets"]["staticConfig"]
+    if static.get("labels", {}).get("module") != module:
+        problems.append(f"series get module {static.get('labels', {}).get('module')}, the probe sends {module}")
+    [rest] = [port["port"] for port in service["spec"]["ports"] if port["name"] == "http"]
+    expected = local.predict_url(f"{service['metadata']['name']}.{namespace}.svc:{rest}")
+    if static["static"] != [expected]:
+        problems.append(f"probes {static['static']}, not the Service's predict URL {expected}")
+    if spec.get("interval") != interval or spec.get("prober", {}).get("path", "/probe") != scrape["metrics_path"]:
+        problems.append(f"probes every {spec.get('interval')} at {spec.get('prober', {}).get('path')}, "
+                        f"prometheus.yml every {interval} at {scrape['metrics_path']}")
+    return problems
+
+
+def alert_target_problems(objects: list[dict]) -> list[str]:
+    """The Kubernetes alerts (monitoring/kubernetes.py) select the base's Deployment, autoscaler and container,
+    and their pod pattern matches the names the Deployment's pods get and no other Deployment's."""
+    deployment, hpa, problems = the(objects, "Deployment"), the(objects, "HorizontalPodAutoscaler"), []
+    name = deployment["metadata"]["name"]
+    for what, found, selected in (("Deployment", name, kubernetes_alerts.DEPLOYMENT),
+                                  ("HorizontalPodAutoscaler", hpa["metadata"]["name"], kubernetes_alerts.AUTOSCALER),
+                                  ("container", container(deployment)["name"], kubernetes_alerts.CONTAINER)):
+        if found != selected:
+            problems.append(f"{what} {found}, the Kubernetes alerts select {selected}")
+    # <deployment>-<pod-template-hash>-<suffix>, as the ReplicaSet controller names them
+    if not re.fullmatch(kubernetes_alerts.POD_REGEX, f"{name}-7d9c5b6f4-x2x7q") \
+            or re.fullmatch(kubernetes_alerts.POD_REGEX, f"{name}-canary-7d9c5b6f4-x2x7q"):
+        problems.append(f"pod pattern {kubernetes_alerts.POD_REGEX} does not match exactly the pods of {name}")
+    return problems
+
+
 def rule_file_groups() -> list[dict]:
     return [group for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]]
 
@@ -490,6 +533,19 @@ def test_pod_monitor_scrapes_like_prometheus_yml_and_series_get_the_rules_job():
     jobs = {job for group in rules["spec"]["groups"] for r in group["rules"]
             for job in re.findall(r'job="([^"]+)"', r["expr"])}
     assert names.SERVING_JOB in jobs
+
+
+def test_the_probe_sends_prometheus_ymls_predict_probe_to_the_service():
+    assert blackbox_probe_problems(base_objects(), kustomization(BASE)["namespace"]) == []
+
+
+def test_the_kubernetes_alerts_select_the_manifests_deployment_autoscaler_and_container():
+    assert alert_target_problems(base_objects()) == []
+
+
+def test_the_readme_sets_the_retention_the_slo_window_needs():
+    """The Operator keeps 24 h by default; the 30-day budget needs what `digits monitor` and compose keep."""
+    assert f"retention: {local.RETENTION}" in (K8S / "README.md").read_text()
 
 
 def test_prometheus_rule_carries_exactly_the_rule_files_groups():
@@ -657,8 +713,20 @@ BROKEN = {
                      lambda objects: monitor_problems(objects, NAMESPACE), "not the REST port"),
     "slower scrape": (_object("PodMonitor", "spec.podMetricsEndpoints.interval", "30s"),
                       lambda objects: monitor_problems(objects, NAMESPACE), "every 30s"),
+    "probe job renamed": (_object("Probe", "spec.jobName", "blackbox"),
+                          lambda objects: blackbox_probe_problems(objects, NAMESPACE), "series get job blackbox"),
+    "probe module unknown": (_object("Probe", "spec.module", "http_2xx"),
+                             lambda objects: blackbox_probe_problems(objects, NAMESPACE), "module http_2xx"),
+    "probe of the metrics page": (_object("Probe", "spec.targets.staticConfig.static",
+                                          ["http://digits-serving.digits.svc:8501/monitoring/prometheus/metrics"]),
+                                  lambda objects: blackbox_probe_problems(objects, NAMESPACE),
+                                  "not the Service's predict URL"),
     "hand-edited rule": (_edit_rule, lambda objects: rule_problems(the(objects, "PrometheusRule")),
                          "python -m monitoring.rules"),
+    "container renamed": (_deployment("spec.template.spec.container.name", "serving"),
+                          alert_target_problems, "container serving, the Kubernetes alerts select tensorflow-serving"),
+    "autoscaler renamed": (_object("HorizontalPodAutoscaler", "metadata.name", "digits"), alert_target_problems,
+                           "HorizontalPodAutoscaler digits, the Kubernetes alerts select digits-serving"),
     "bad duration": (lambda objects: the(objects, "PrometheusRule")["spec"]["groups"][1].update(interval="5 min"),
                      lambda objects: rule_problems(the(objects, "PrometheusRule")), "not an Operator duration"),
 }

@@ -11,11 +11,12 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from monitoring import local, names, rules
+from monitoring import local, names, outages, rules
 from conftest import REPO, run_digits
 from log_lines import error_lines
 from prometheus_api import free_port
@@ -48,6 +49,26 @@ def test_committed_rules_are_what_the_generator_writes():
     assert result.returncode == 0, result.stderr
 
 
+def test_committed_outage_matrix_is_what_the_generator_writes():
+    """monitoring/prometheus/tests/outage_matrix_test.yml and the README's table, from monitoring/outages.py."""
+    result = run_tool(sys.executable, "-m", "monitoring.outages", "--check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_outage_matrix_pages_or_tickets_every_failure_in_every_shape():
+    """Nothing in the table "does not page": every cell names an alert that pages (critical) or tickets
+    (warning) and exists in the rules, every service-wide failure is tested in all three shapes, and the
+    Kubernetes rows name alerts of the Kubernetes group."""
+    alert_names = {alert["alert"] for alert in all_alerts()}
+    for outage in outages.OUTAGES:
+        assert outage.severity in ("critical", "warning") and outage.alert in alert_names, outage.key
+    failures = {outage.failure: set() for outage in outages.OUTAGES}
+    for outage in outages.OUTAGES:
+        failures[outage.failure] |= {shape.key for shape in outage.shapes}
+    assert all(shapes == {"serve", "container", "k8s"} for shapes in failures.values()), failures
+    assert {alert for _, alert, _ in outages.KUBERNETES_ROWS} <= alert_names
+
+
 def test_generator_check_notices_a_hand_edit(tmp_path):
     for path in RULE_FILES:
         shutil.copy(path, tmp_path / path.name)
@@ -64,8 +85,14 @@ def test_promtool_accepts_the_config_and_rules():
 
 
 def test_promtool_unit_tests_pass():
-    result = run_tool(tool("promtool"), "test", "rules", *map(str, PROMTOOL_TESTS))
-    assert result.returncode == 0, result.stdout + result.stderr
+    """Every file at once, in parallel: the outage matrix alone is a minute of promtool on one core."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(lambda path: run_tool(tool("promtool"), "test", "rules", str(path), timeout=600),
+                                PROMTOOL_TESTS))
+    failed = [result.stdout + result.stderr for result in results if result.returncode != 0]
+    assert not failed, "\n".join(failed)
 
 
 def promtool_cases() -> list[dict]:
@@ -80,6 +107,12 @@ def alerts_without_both_cases(alert_names: set[str], cases: list[dict]) -> dict[
         expected: dict[str, bool] = {}
         for check in case.get("alert_rule_test", []):
             expected[check["alertname"]] = expected.get(check["alertname"], False) or bool(check.get("exp_alerts"))
+        # The outage matrix asks for firing alerts by name: ALERTS{alertname="...",alertstate="firing"}.
+        for check in case.get("promql_expr_test", []):
+            match = re.search(r'ALERTS\{alertname="([^"]+)",alertstate="firing"', check["expr"])
+            if match:
+                name = match.group(1)
+                expected[name] = expected.get(name, False) or bool(check.get("exp_samples"))
         fired |= {name for name, fires in expected.items() if fires}
         silent |= {name for name, fires in expected.items() if not fires}
     lacking = {name: [what for what, seen in (("a firing case", fired), ("a stays-silent case", silent))
@@ -89,35 +122,42 @@ def alerts_without_both_cases(alert_names: set[str], cases: list[dict]) -> dict[
 
 def test_every_alert_has_a_firing_and_a_stays_silent_promtool_case():
     """What docs/monitoring.md promises: every alert fires on a series that should page or ticket, and
-    some case checks it on series that should not and expects nothing. A new alert without both fails."""
-    assert alerts_without_both_cases({alert["alert"] for alert in all_alerts()}, promtool_cases()) == {}
+    some case checks it on series that should not and expects nothing. A new alert without both fails.
+    The Watchdog alone is never silent: its silence is what the dead man's switch pages on."""
+    lacking = alerts_without_both_cases({alert["alert"] for alert in all_alerts()}, promtool_cases())
+    assert lacking == {rules.WATCHDOG: ["a stays-silent case"]}
 
 
 def test_the_case_check_names_an_alert_without_a_silent_case_or_without_any():
-    """The check above on a broken copy of the cases: DigitsModelServerAbsent's only stays-silent case
-    taken out, and an alert that no case mentions."""
-    cases = [case for case in promtool_cases() if case["name"] != "a present server is not absent"]
+    """The check above on a broken copy of the cases: DigitsModelServerAbsent's stays-silent cases taken
+    out (its own, and the outage matrix's), and an alert that no case mentions."""
+    cases = [case for case in promtool_cases() if case["name"] != "a present server is not absent"
+             and not case["name"].startswith("DigitsModelServerAbsent stays silent")]
     alert_names = {alert["alert"] for alert in all_alerts()} | {"DigitsSomethingNew"}
     assert alerts_without_both_cases(alert_names, cases) == {
         "DigitsModelServerAbsent": ["a stays-silent case"],
         "DigitsSomethingNew": ["a firing case", "a stays-silent case"],
+        rules.WATCHDOG: ["a stays-silent case"],
     }
 
 
 def test_every_alert_carries_what_on_call_needs():
     runbook = RUNBOOK.read_text()
-    anchors = {re.sub(r"[^a-z0-9 -]", "", line[3:].strip().lower()).replace(" ", "-")
-               for line in runbook.splitlines() if line.startswith("## ")}
+    anchors = {re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+               for line in runbook.splitlines() if line.startswith(("## ", "### "))}
     for alert in all_alerts():
         name, labels, annotations = alert["alert"], alert["labels"], alert["annotations"]
-        assert labels["severity"] in ("critical", "warning"), name
         assert "for" in alert, name
+        url = annotations["runbook_url"]
+        assert url.startswith(f"{rules.RUNBOOK_BASE}#") and url.startswith("http"), f"{name}: {url} is not absolute"
+        assert url.split("#", 1)[1] in anchors, f"{name}: no section {url} in docs/runbook.md"
+        if name == rules.WATCHDOG:  # always firing, routed to the dead man's switch; no labels to template
+            assert labels["severity"] == "none" and alert["expr"] == "vector(1)"
+            continue
+        assert labels["severity"] in ("critical", "warning"), name
         assert "{{" not in annotations["summary"], f"{name}: the summary is static, the description templated"
         assert "{{ $labels." in annotations["description"], name
-        assert "model" in annotations["description"] or "instance" in annotations["description"], name
-        url = annotations["runbook_url"]
-        assert url.startswith("docs/runbook.md#"), url
-        assert url.split("#", 1)[1] in anchors, f"{name}: no section {url} in docs/runbook.md"
+        assert any(word in annotations["description"] for word in ("model", "instance", "pod", "namespace")), name
 
 
 def test_drift_is_a_warning_held_for_an_hour_never_a_page():
@@ -138,11 +178,16 @@ def test_burn_rate_alerts_follow_the_workbook():
             assert f">= {rules.MIN_REQUESTS_IN_WINDOW}" in alert["expr"]
 
 
-def test_the_latency_threshold_is_a_bucket_bound_as_tf_serving_prints_it():
+def test_the_latency_threshold_is_a_bucket_bound_in_both_spellings():
+    """TF Serving and Prometheus 2 write the bound `121440` (absl::StrCat of 10 * 1.8**16 = 121439.53: six
+    significant digits); Prometheus 3 stores it as `121440.0`. The rules select both, and nothing else."""
     assert names.LATENCY_THRESHOLD_US in names.LATENCY_BUCKETS_US
     text = "".join(path.read_text() for path in RULE_FILES)
-    assert f'le="{names.bucket_label(names.LATENCY_THRESHOLD_US)}"' in text
-    assert 'le="121440"' in text  # absl::StrCat of 10 * 1.8**16 = 121439.53: six significant digits
+    regex = names.bucket_regex(names.LATENCY_THRESHOLD_US)
+    assert f'le=~"{regex}"' in text and not re.search(r'[{,]le="', text)
+    pattern = re.compile(regex.replace("\\\\", "\\"))  # PromQL's string escaping undone
+    assert [bool(pattern.fullmatch(le)) for le in ("121440", "121440.0", "1214400", "121440x0", "1.2144e+05")] == [
+        True, True, False, False, False]
 
 
 def test_rules_match_rest_and_grpc_predicts():
@@ -160,6 +205,7 @@ def test_amtool_accepts_the_alertmanager_config():
     (["severity=critical", "alertname=DigitsModelServerDown"], "pager"),
     (["severity=warning", "alertname=DigitsPredictionDrift"], "tickets"),
     (["alertname=SomethingUnlabelled"], "tickets"),
+    (["severity=none", "alertname=DigitsWatchdog"], "deadmansswitch"),
 ])
 def test_alertmanager_routes_pages_and_tickets(labels, receiver):
     result = run_tool(tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", *labels)
@@ -185,24 +231,47 @@ def test_prometheus_config_scrapes_the_server_where_tf_serving_exports():
 
 def test_loopback_configs_are_the_committed_ones_with_local_addresses(tmp_path):
     config = local.StackConfig(data_dir=tmp_path, serving_targets=("127.0.0.1:18501",), prometheus_port=19090,
-                               alertmanager_port=19093, receiver_port=19095, group_wait="1s")
+                               alertmanager_port=19093, receiver_port=19095, blackbox_port=19115, group_wait="1s")
     prometheus = local.prometheus_config(config)
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in prometheus["scrape_configs"]}
     assert targets == {names.SERVING_JOB: ["127.0.0.1:18501"], names.PROMETHEUS_JOB: ["127.0.0.1:19090"],
-                       names.ALERTMANAGER_JOB: ["127.0.0.1:19093"]}
-    assert prometheus["rule_files"] == [str(local.RULES_DIR / "*.yml")]
+                       names.ALERTMANAGER_JOB: ["127.0.0.1:19093"], names.BLACKBOX_JOB: ["127.0.0.1:19115"],
+                       names.PROBE_JOB: ["http://127.0.0.1:18501/v1/models/digits:predict"]}
+    assert prometheus["rule_files"] == [str(tmp_path.resolve() / "rules" / "*.yml")]
     committed = yaml.safe_load(PROMETHEUS_YML.read_text())
     assert [job["metrics_path"] for job in prometheus["scrape_configs"] if "metrics_path" in job] == \
            [job["metrics_path"] for job in committed["scrape_configs"] if "metrics_path" in job]
+    # The probe job: the module from its target group, scraped at the loopback exporter.
+    [probe] = [job for job in prometheus["scrape_configs"] if job["job_name"] == names.PROBE_JOB]
+    assert probe["static_configs"] == [{"targets": ["http://127.0.0.1:18501/v1/models/digits:predict"],
+                                        "labels": {"__param_module": names.PROBE_PREDICT_MODULE}}]
+    assert [relabel["replacement"] for relabel in probe["relabel_configs"]
+            if relabel.get("target_label") == "__address__"] == ["127.0.0.1:19115"]
     alertmanager = local.alertmanager_config(config)
     urls = [hook["url"] for receiver in alertmanager["receivers"] for hook in receiver["webhook_configs"]]
-    assert urls == ["http://127.0.0.1:19095/pager", "http://127.0.0.1:19095/tickets"]
+    committed_paths = [urlsplit(hook["url"]).path for receiver in yaml.safe_load(ALERTMANAGER_YML.read_text())[
+        "receivers"] for hook in receiver.get("webhook_configs", [])]
+    assert urls == [f"http://127.0.0.1:19095{path}" for path in committed_paths]
+    assert {"/pager", "/tickets"} <= set(committed_paths)
     assert alertmanager["route"]["group_wait"] == "1s"
     assert alertmanager["inhibit_rules"] == yaml.safe_load(ALERTMANAGER_YML.read_text())["inhibit_rules"]
     # With a web app to scrape, its job is kept and pointed at it.
     with_web = local.prometheus_config(local.StackConfig(data_dir=tmp_path, web_targets=("127.0.0.1:18080",)))
     assert {job["job_name"]: job["static_configs"][0]["targets"] for job in with_web["scrape_configs"]}[
         names.WEB_JOB] == ["127.0.0.1:18080"]
+    # gRPC health probes only where asked for (neither TF Serving nor `digits serve` implements them yet).
+    with_grpc = local.prometheus_config(local.StackConfig(data_dir=tmp_path, grpc_targets=("127.0.0.1:18500",)))
+    [probe] = [job for job in with_grpc["scrape_configs"] if job["job_name"] == names.PROBE_JOB]
+    assert probe["static_configs"][1] == {"targets": ["127.0.0.1:18500"],
+                                          "labels": {"__param_module": names.PROBE_GRPC_MODULE}}
+
+
+def test_the_local_rules_link_to_the_runbook_on_the_receiver(tmp_path):
+    """`digits monitor` writes the generator's rules with every runbook link on its own receiver."""
+    config = local.StackConfig(data_dir=tmp_path, receiver_port=19095)
+    links = [rule["annotations"]["runbook_url"] for document in local.local_rule_files(config).values()
+             for group in document["groups"] for rule in group["rules"] if "alert" in rule]
+    assert links and all(link.startswith("http://127.0.0.1:19095/runbook#") for link in links)
 
 
 def test_a_scrape_job_without_a_loopback_target_is_refused(tmp_path, monkeypatch):
@@ -220,8 +289,8 @@ def test_monitor_without_the_binaries_says_how_to_install_them(tmp_path):
                         timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "Error: prometheus not found: install them with `apt-get install prometheus prometheus-alertmanager` "
-        "(Debian/Ubuntu) or put them on PATH")
+        "Error: prometheus not found: install them with `apt-get install prometheus prometheus-alertmanager "
+        "prometheus-blackbox-exporter` (Debian/Ubuntu) or put them on PATH")
     assert "Traceback" not in result.stderr
 
 
@@ -272,16 +341,73 @@ def test_alert_receiver_prints_each_alert_and_logs_the_payload(alert_receiver):
             "(runbook: docs/runbook.md#digitsmodelserverdown)") in out.splitlines()
 
 
+def test_alert_receiver_serves_the_runbook_with_each_alerts_anchor(tmp_path):
+    """GET /runbook is docs/runbook.md as HTML; every alert's link anchor is an element id on it."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(local.ALERT_RECEIVER), "--port", str(port),
+                                "--runbook", str(RUNBOOK)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        local.wait_ready("alert receiver", process, f"http://127.0.0.1:{port}/healthz", tmp_path / "none.log", 30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/runbook", timeout=10) as response:
+            assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+            page = response.read().decode()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    ids = set(re.findall(r'id="([^"]+)"', page))
+    anchors = {alert["annotations"]["runbook_url"].split("#")[1] for alert in all_alerts()}
+    assert "digitsmodelserverdown" in anchors and sorted(anchors - ids) == []
+
+
+def test_alert_receiver_refuses_a_missing_runbook_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(local.ALERT_RECEIVER), "--port", str(free_port()),
+                             "--runbook", str(tmp_path / "nope.md")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --runbook {tmp_path / 'nope.md'}: no such file"
+
+
+BLACKBOX_YML = MONITORING / "blackbox" / "blackbox.yml"
+
+
+def blackbox_modules() -> dict:
+    return yaml.safe_load(BLACKBOX_YML.read_text())["modules"]
+
+
+def test_the_blackbox_exporter_accepts_its_config():
+    result = run_tool(tool("prometheus-blackbox-exporter"), f"--config.file={BLACKBOX_YML}", "--config.check")
+    assert result.returncode == 0 and "Config file is ok" in result.stderr, result.stderr
+    assert set(blackbox_modules()) == set(names.PROBE_MODULES)
+
+
+def test_the_predict_probe_sends_a_real_digit_and_wants_it_named():
+    """The probe's body is probe_digit.json, which is the first PROBE_DIGIT of the embedded MNIST digits as
+    `python -m monitoring.blackbox.probe_digit` makes it; the answer must name that digit."""
+    from data.contract import PREDICTED_CLASS_OUTPUT
+    from monitoring.blackbox.probe_digit import BODY_FILE, probe_body
+
+    module = blackbox_modules()[names.PROBE_PREDICT_MODULE]
+    assert (module["prober"], module["http"]["method"], module["http"]["valid_status_codes"]) == ("http", "POST", [200])
+    assert module["http"]["body"] == BODY_FILE.read_text().strip() == probe_body()
+    [pattern] = module["http"]["fail_if_body_not_matches_regexp"]
+    assert pattern == rf'"{PREDICTED_CLASS_OUTPUT}":\s*{names.PROBE_DIGIT}\b'
+    answer = {"predictions": [{PREDICTED_CLASS_OUTPUT: names.PROBE_DIGIT, "probabilities": [0.1] * 10}]}
+    assert re.search(pattern, json.dumps(answer)) and re.search(pattern, json.dumps(answer, indent=4))
+    wrong = {"predictions": [{PREDICTED_CLASS_OUTPUT: names.PROBE_DIGIT + 10}]}
+    assert not re.search(pattern, json.dumps(wrong))
+    grpc = blackbox_modules()[names.PROBE_GRPC_MODULE]
+    assert grpc["prober"] == "grpc" and grpc["grpc"]["tls"] is False and grpc["grpc"]["service"] == ""
+
+
 def test_monitor_starts_both_and_ctrl_c_stops_everything(tmp_path):
     """`digits monitor` prints its URLs, serves Prometheus and Alertmanager, and SIGINT stops all of it."""
     import signal
     import time
 
-    ports = {name: free_port() for name in ("prometheus", "alertmanager", "receiver")}
+    ports = {name: free_port() for name in ("prometheus", "alertmanager", "receiver", "blackbox")}
     process = subprocess.Popen(
         [sys.executable, "-m", "digits", "monitor", "--data-dir", str(tmp_path / "m"), "--serving", "127.0.0.1:1",
          "--prometheus-port", str(ports["prometheus"]), "--alertmanager-port", str(ports["alertmanager"]),
-         "--receiver-port", str(ports["receiver"])],
+         "--receiver-port", str(ports["receiver"]), "--blackbox-port", str(ports["blackbox"])],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT dumps every thread's stack
     try:
@@ -292,12 +418,13 @@ def test_monitor_starts_both_and_ctrl_c_stops_everything(tmp_path):
             lines.append(process.stdout.readline())
         assert f"Prometheus    http://127.0.0.1:{ports['prometheus']}" in "".join(lines)
         for port, path in ((ports["prometheus"], "/-/ready"), (ports["alertmanager"], "/-/ready"),
-                           (ports["receiver"], "/healthz")):
+                           (ports["receiver"], "/healthz"), (ports["receiver"], "/runbook"),
+                           (ports["blackbox"], "/-/healthy")):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
                 assert response.status == 200
         children = subprocess.run(["pgrep", "-f", str(tmp_path / "m")], capture_output=True, text=True,
                                   check=False).stdout.split()
-        assert len(children) >= 3  # prometheus, alertmanager, the receiver (and `digits monitor` itself)
+        assert len(children) >= 4  # prometheus, alertmanager, the exporter, the receiver (and `digits monitor`)
         process.send_signal(signal.SIGINT)
         try:
             # Stopping is bounded by design at 3 x (10 s SIGTERM grace + 10 s after SIGKILL).

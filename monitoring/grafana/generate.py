@@ -39,16 +39,26 @@ OUT = Path(__file__).resolve().parent / "dashboards" / f"{UID}.json"
 DATASOURCE_UID = "prometheus"
 DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
-# Label matchers: every raw series is the model server's, on the chosen instances, of the chosen model.
+# Label matchers: every series is of the chosen clusters and namespaces (absent labels outside
+# Kubernetes: "All" is `.*`, which matches a missing label too); raw model-server series are the
+# model server's, on the chosen instances, of the chosen model.
 JOB = f'job="{n.SERVING_JOB}"'
+# What the model answered is counted by `digits serve` and by the web app in front of any model server
+# (the only count in front of the TF Serving container): queries read both and take, per bucket or
+# class, the larger of the two jobs' counts (`answered`), so traffic through the web app to `digits
+# serve` is not counted twice.
+ANSWERING = r.ANSWERING
+PROBE = r.PROBE
+TOPOLOGY = tuple(f'{label}=~"${label}"' for label in n.TOPOLOGY_LABELS)
+WHERE = ", ".join(n.TOPOLOGY_LABELS)  # kept by the aggregations that would otherwise merge namespaces
 INSTANCE = 'instance=~"$instance"'
 MODEL = 'model_name=~"$model"'
 MODEL_PATH = 'model_path=~".*/$model/[0-9]+"'  # load metrics carry the version directory, not the name
 PREDICT = f'API=~"{n.PREDICT_API_REGEX}"'
 RATE_INTERVAL = "$__rate_interval"  # Grafana: at least four scrape intervals (timeInterval of the datasource)
+ALL = ".*"  # the value of "All" in every multi-value variable: also matches a label that is absent
 
 QUANTILES = (0.5, 0.95, 0.99)
-SLI_WINDOWS_SHOWN = ("5m", "1h", "6h", "3d")  # the short and long windows of the burn-rate alerts
 BUDGET_LOW = 0.25  # an error budget below a quarter turns orange
 
 RED, ORANGE, GREEN = "red", "orange", "green"
@@ -63,30 +73,67 @@ def selector(metric: str, *matchers: str) -> str:
 
 def served(metric: str, *matchers: str) -> str:
     """A series of the model server that carries model_name."""
-    return selector(metric, JOB, INSTANCE, MODEL, *matchers)
+    return selector(metric, JOB, *TOPOLOGY, INSTANCE, MODEL, *matchers)
+
+
+def answered(metric: str) -> str:
+    """A series of what the model answered, from whichever job counts it (server or web app)."""
+    return selector(metric, ANSWERING, *TOPOLOGY, INSTANCE, MODEL)
 
 
 def process(metric: str, *matchers: str) -> str:
-    """A per-process series of the model server (batching): no model label."""
-    return selector(metric, JOB, INSTANCE, *matchers)
+    """A per-process series of the model server (batching, refusals, up): no model label."""
+    return selector(metric, JOB, *TOPOLOGY, INSTANCE, *matchers)
 
 
 def loads(metric: str) -> str:
     """A SavedModel load metric: labelled by version directory (model_path)."""
-    return selector(metric, JOB, INSTANCE, MODEL_PATH)
+    return selector(metric, JOB, *TOPOLOGY, INSTANCE, MODEL_PATH)
+
+
+def probed(metric: str) -> str:
+    """A series of the blackbox exporter's probes: `instance` is the probed target, not a scrape of ours."""
+    return selector(metric, PROBE, *TOPOLOGY)
 
 
 def recorded(name: str, *matchers: str) -> str:
-    """A series recorded by monitoring/rules.py: already a rate, per job and model, no instance."""
-    return selector(name, MODEL, *matchers)
+    """A series recorded by monitoring/rules.py: already a rate, per cluster, namespace, job and model."""
+    return selector(name, *TOPOLOGY, MODEL, *matchers)
+
+
+def recorded_by_job(name: str) -> str:
+    """A recorded series without a model label (the web app's, the probes')."""
+    return selector(name, *TOPOLOGY)
 
 
 def rate(series: str) -> str:
     return f"rate({series}[{RATE_INTERVAL}])"
 
 
-def increase(series: str) -> str:
-    return f"increase({series}[{RATE_INTERVAL}])"
+def counted(counter: str) -> str:
+    """Per series, the counter's increase over the rate interval, counting a series born inside it from 0.
+
+    TF Serving and `digits serve` create a counter series at its first increment, with the value 1 (a
+    version's first failed load, the first RESOURCE_EXHAUSTED): increase() sees nothing of that event.
+    As monitoring/rules.py `counter_rate` does, the series absent one interval ago add their first value,
+    only where Prometheus scraped the model server then (else every series would look newly born);
+    labelled `born` so that `or` keeps both parts and a sum adds them. Unlike the rules, which count
+    requests (born at 1) and read only instant values, the first value itself: a load-latency counter is
+    born with a whole load's microseconds, and a panel is evaluated only while someone looks at it."""
+    window = f"[{RATE_INTERVAL}]"
+    return (f"increase({counter}{window})\n  or\n  label_replace(\n"
+            f"    (min_over_time({counter}{window}) unless present_over_time({counter}{window} offset {RATE_INTERVAL}))\n"
+            f"    and on () count({process('up')} offset {RATE_INTERVAL}) > 0,\n"
+            f'    "born", "in_window", "", "")')
+
+
+def answered_buckets(metric: str, by: str) -> str:
+    """Observations per second of `metric` (a histogram of what the model answered) per `by` and le: per
+    cluster and namespace the larger of the server's and the web app's count, which see the same answers
+    where the web app sends its predicts to `digits serve`, and only the web app's in front of TF Serving."""
+    keep = ", ".join(filter(None, (WHERE, by, "le")))
+    return (f"sum by ({', '.join(filter(None, (by, 'le')))}) (\n  max by ({keep}) (\n"
+            f"    sum by ({keep}, job) ({rate(answered(metric + '_bucket'))})\n  )\n)")
 
 
 def quantile(q: float, by: str, buckets: str) -> str:
@@ -169,8 +216,9 @@ def budget_gauge(title: str, description: str, expr: str):
     return panel(builder, title, description, units.PercentUnit, [query(expr, "{{model_name}}")], width=6, height=5)
 
 
-def bucket_heatmap(title: str, description: str, buckets: str, bucket_unit: str, cell_unit: str):
-    """Observations per second in each bucket (Grafana takes the cumulative `le` buckets apart)."""
+def bucket_heatmap(title: str, description: str, expr: str, bucket_unit: str, cell_unit: str):
+    """Observations per second in each bucket, from `expr` by le (Grafana takes the cumulative `le`
+    buckets apart)."""
     builder = (heatmap.Panel().calculate(False)
                .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE))
                .y_axis(heatmap.YAxisConfig().unit(bucket_unit))
@@ -178,65 +226,80 @@ def bucket_heatmap(title: str, description: str, buckets: str, bucket_unit: str,
                .color(heatmap.HeatmapColorOptions().mode(HeatmapColorMode.SCHEME).scheme("Oranges")
                       .fill("dark-orange").exponent(0.5).steps(64).reverse(False))
                .show_legend())
-    expr = f"sum by (le) ({rate(buckets)})"
     return panel(builder, title, description, cell_unit, [query(expr, "{{le}}", fmt=PromQueryFormat.HEATMAP)])
 
 
 # -- Rows ----------------------------------------------------------------------------------------
 
+def percent(share: float) -> str:
+    return f"{share * 100:g}%"
+
+
+def windows_shown(slo: n.SLO) -> tuple[str, ...]:
+    """The SLI windows of the SLO's burn-rate alerts: the shortest short window (what is happening now)
+    and every long window, shortest first."""
+    shortest = min((burn.short for burn in slo.burn_rate_windows), key=r.WINDOW_SECONDS.__getitem__)
+    longs = sorted({burn.long for burn in slo.burn_rate_windows}, key=r.WINDOW_SECONDS.__getitem__)
+    return (shortest, *longs)
+
+
+def burn_rates_said(slo: n.SLO) -> str:
+    """'pages at 14.4x (1h and 5m) ...; tickets at ...': the burn-rate alerts of `slo`, in words."""
+    said = []
+    for severity, verb in (("critical", "pages"), ("warning", "opens a ticket")):
+        burns = [f"{burn.factor:g}x ({burn.long} and {burn.short})"
+                 for burn in slo.burn_rate_windows if burn.severity == severity]
+        if burns:
+            said.append(f"{verb} at {' or '.join(burns)}")
+    return "; ".join(said)
+
+
 def slo_panels() -> list:
-    availability = f"{n.AVAILABILITY_OBJECTIVE:.1%}"
-    latency = f"{n.LATENCY_OBJECTIVE:.0%}"
-    threshold_ms = f"{n.LATENCY_THRESHOLD_US / 1000:.0f} ms"
-    error_budget = round(1 - n.AVAILABILITY_OBJECTIVE, 6)
-    slow_budget = round(1 - n.LATENCY_OBJECTIVE, 6)
-    window = n.SLO_WINDOW
-    pages = " and ".join(f"{burn.factor:g}x ({burn.long} and {burn.short})"
-                         for burn in r.BURN_RATE_WINDOWS if burn.severity == "critical")
-    return [
-        single_stat(
-            f"Availability ({window})",
-            f"Share of predicts over the last {window} that did not fail on the server's side "
-            f"(1 - {r.error_ratio(window)}). Objective: {availability}; red below it. Client errors "
-            "(bad input, unknown model) do not count against it.",
-            f"1 - {recorded(r.error_ratio(window))}", n.AVAILABILITY_OBJECTIVE),
-        budget_gauge(
-            "Availability error budget left",
-            f"What is left of the {window} availability error budget ({error_budget:.1%} of predicts may fail): "
-            "100% untouched, 0% spent, negative: the SLO is missed.",
-            recorded(r.AVAILABILITY_BUDGET_REMAINING)),
-        single_stat(
-            f"Predicts under {threshold_ms} ({window})",
-            f"Share of successful predicts over the last {window} answered within {threshold_ms} "
-            f"(1 - {r.slow_ratio(window)}). Objective: {latency}; red below it.",
-            f"1 - {recorded(r.slow_ratio(window))}", n.LATENCY_OBJECTIVE),
-        budget_gauge(
-            "Latency error budget left",
-            f"What is left of the {window} latency error budget ({slow_budget:.0%} of successful predicts may "
-            f"take longer than {threshold_ms}): 100% untouched, 0% spent, negative: the SLO is missed.",
-            recorded(r.LATENCY_BUDGET_REMAINING)),
-        with_threshold_line(graph(
-            "Server error ratio by window",
-            "Share of predicts that failed on the server's side, over the windows the burn-rate alerts use. "
-            f"The red line is the ratio that spends exactly the {window} budget ({error_budget:.1%}); "
-            f"the alerts page at {pages} that rate.",
+    """For each SLO of monitoring/names.py: its SLI over the SLO window against the objective, the error
+    budget left, and the SLI over the windows its burn-rate alerts use."""
+    stats, graphs = [], []
+    for slo in n.SLOS:
+        name = slo.name.capitalize()
+        stats += [
+            single_stat(
+                f"{name} ({slo.window})",
+                f"Share of predicts over the last {slo.window} that were good, {slo.good_means} "
+                f"(1 - {r.ratio(slo, slo.window)}). Objective: {percent(slo.objective)}; red below it.",
+                f"1 - {recorded(r.ratio(slo, slo.window))}", slo.objective),
+            budget_gauge(
+                f"{name} error budget left",
+                f"What is left of the {slo.window} {slo.name} error budget ({percent(slo.budget)} of predicts may "
+                f"be bad: {slo.bad_means}): 100% untouched, 0% spent, negative: the SLO is missed.",
+                recorded(r.budget_remaining(slo))),
+        ]
+        graphs.append(with_threshold_line(graph(
+            f"{name} SLI by window",
+            f"Share of predicts that {slo.bad_means}, over the windows of the burn-rate alerts. The red line "
+            f"is the share that spends exactly the {slo.window} budget ({percent(slo.budget)}); the alert "
+            f"{burn_rates_said(slo)} that rate, in both windows.",
             units.PercentUnit,
-            [query(recorded(r.error_ratio(w)), f"{w} {{{{model_name}}}}") for w in SLI_WINDOWS_SHOWN]),
-            GREEN, (error_budget, RED)).min(0),
-        with_threshold_line(graph(
-            f"Predicts slower than {threshold_ms} by window",
-            f"Share of successful predicts slower than {threshold_ms}, over the windows of the burn-rate alerts. "
-            f"The red line is the ratio that spends exactly the {window} latency budget ({slow_budget:.0%}).",
-            units.PercentUnit,
-            [query(recorded(r.slow_ratio(w)), f"{w} {{{{model_name}}}}") for w in SLI_WINDOWS_SHOWN]),
-            GREEN, (slow_budget, RED)).min(0),
-    ]
+            [query(recorded(r.ratio(slo, window)), f"{window} {{{{model_name}}}}") for window in windows_shown(slo)]),
+            GREEN, (slo.budget, RED)).min(0))
+    return stats + graphs
+
+
+def status_is(regex: str) -> str:
+    return f'status=~"{regex}"'
+
+
+def requests_counted(*matchers: str) -> str:
+    """Requests per rate interval by job and model (with a born series' first one), of the statuses
+    `matchers` select."""
+    return f"sum by ({WHERE}, job, model_name) ({counted(served(n.REQUEST_COUNT, *matchers))})"
 
 
 def traffic_panels() -> list:
-    server_errors = f'status=~"{n.SERVER_ERROR_REGEX}"'
-    client_errors = f'status!~"OK|{n.SERVER_ERROR_REGEX}"'
-    all_requests = f"sum without (status) ({recorded(r.REQUESTS_BY_STATUS)})"
+    # Predicts, as monitoring/rules.py counts them: the successful ones (request_latency) and every failed
+    # request (request_count has no API label); `or` keeps both, their label sets never match.
+    failed = counted(served(n.REQUEST_COUNT, 'status!="OK"'))
+    predicts = (f"sum by ({WHERE}, job, model_name) (\n  {counted(served(f'{n.REQUEST_LATENCY}_count', PREDICT))}\n"
+                f"  or\n  {failed}\n)")
+    every_request = requests_counted()
     return [
         graph(
             "Requests by status",
@@ -253,14 +316,38 @@ def traffic_panels() -> list:
              query(recorded(r.predicts("5m")), "all predicts")], width=8),
         graph(
             "Failed requests, share of all",
-            "Failed requests as a share of all requests, by status (5-minute rate). Server errors "
+            "Failed requests as a share of all requests, by status, over the rate interval; a status's first "
+            "error counts (its counter is born at 1). Server errors "
             f"({', '.join(n.SERVER_ERROR_STATUSES)}) spend the availability budget; client errors "
-            "(bad input, unknown model or version) do not.",
+            f"({', '.join(n.CLIENT_ERROR_STATUSES)}) do not; abandoned requests ({', '.join(n.ABANDONED_STATUSES)}) "
+            "spend the latency budget.",
             units.PercentUnit,
-            [query(f"{recorded(r.REQUESTS_BY_STATUS, server_errors)}\n/ ignoring (status) group_left\n{all_requests}",
-                   "server {{status}}"),
-             query(f"{recorded(r.REQUESTS_BY_STATUS, client_errors)}\n/ ignoring (status) group_left\n{all_requests}",
-                   "client {{status}}")], width=8).min(0),
+            [query(f"sum by ({WHERE}, job, model_name, status) ({counted(served(n.REQUEST_COUNT, status_is(regex)))})"
+                   f"\n/ ignoring (status) group_left\n{every_request}", legend)
+             for regex, legend in ((n.SERVER_ERROR_REGEX, "server {{status}}"),
+                                   (n.CLIENT_ERROR_REGEX, "client {{status}}"),
+                                   (n.ABANDONED_REGEX, "abandoned {{status}}"))], width=8).min(0),
+        with_threshold_line(graph(
+            "Client errors, share of predicts",
+            "Predicts refused as the client's error (bad input, unknown model or version) as a share of all "
+            "predicts, over the rate interval. They spend no budget; DigitsClientErrorsHigh opens a ticket "
+            f"when this stays above the red line ({r.CLIENT_ERROR_THRESHOLD:.0%}) over {r.CLIENT_ERROR_WINDOW} "
+            f"with at least {r.MIN_REQUESTS_IN_WINDOW} predicts. A NOT_FOUND for every predict, none answered, "
+            "is the served model gone: DigitsPredictsNotFound pages.",
+            units.PercentUnit,
+            [query(f"{requests_counted(status_is(n.CLIENT_ERROR_REGEX))}\n/\n{predicts}",
+                   "{{model_name}} {{namespace}}")], width=12),
+            GREEN, (r.CLIENT_ERROR_THRESHOLD, RED)).min(0),
+        graph(
+            "Refused requests",
+            "Requests the model server refused before any handler saw them, per rate interval, by reason: a "
+            f"body too large ({n.REFUSED_BODY_TOO_LARGE}) or one that stalled ({n.REFUSED_BODY_TIMEOUT}). "
+            "The client's doing; not in the request count, so no SLO sees them (TF Serving's gRPC transport "
+            "refuses an over-size message the same way).",
+            units.Short,
+            [query(f"sum by ({WHERE}, instance, reason) ({counted(process(n.REFUSED_REQUESTS))})",
+                   "{{reason}} {{instance}}")], width=12)
+        .draw_style(common.GraphDrawStyle.BARS).fill_opacity(80).min(0).decimals(0),
     ]
 
 
@@ -293,7 +380,7 @@ def batching_panels() -> list:
         bucket_heatmap(
             "Processed batch size",
             "Model calls per second by the size of the batch they ran (after padding to an allowed size).",
-            process(f"{n.BATCH_SIZE}_bucket"), units.Short, units.OpsPerSecond),
+            f"sum by (le) ({rate(process(f'{n.BATCH_SIZE}_bucket'))})", units.Short, units.OpsPerSecond),
         with_threshold_line(graph(
             "Batch queueing latency",
             "p50 and p99 of the time a request waits in the batching queue before its batch runs. The red "
@@ -318,44 +405,62 @@ def batching_panels() -> list:
 
 
 def version_panels() -> list:
-    load_count = f"sum by (model_path) ({increase(loads(n.LOAD_ATTEMPT_COUNT))})"
+    by_path = f"{WHERE}, model_path"
+    load_count = f"sum by ({by_path}) ({counted(loads(n.LOAD_ATTEMPT_COUNT))})"
     return [
         graph(
             "Loaded versions",
             "Number of server instances that have each version of the model loaded. Exported by `digits "
             "serve` (TF Serving itself has no such metric).",
             units.Short,
-            [query(f"count by (model_version) ({served(n.LOADED_VERSIONS)})", "version {{model_version}}")],
-            width=8).min(0).decimals(0),
+            [query(f"count by ({WHERE}, model_version) ({served(n.LOADED_VERSIONS)})",
+                   "version {{model_version}} {{namespace}}")],
+            width=12).min(0).decimals(0),
+        panel(
+            table.Panel().show_header(True)
+            .with_transformation(model.DataTransformerConfig(id_val="organize", options={
+                "excludeByName": {"Time": True},
+                "renameByName": {"model_version": "version", "error_code": "error", "Value": "instances"}}))
+            .with_transformation(model.DataTransformerConfig(id_val="sortBy", options={
+                "sort": [{"field": "version", "desc": True}]})),
+            "Version states",
+            "Each version `digits serve` knows, in the state GetModelStatus reports (AVAILABLE, or END with "
+            "the error that failed its load), and on how many instances. A failed load shows from its first "
+            "failure on and stays while the version stays failed (DigitsModelLoadFailed). TF Serving exports "
+            "no such metric: there, see the failed loads in \"Model loads\".",
+            units.Short,
+            [query(f"count by ({WHERE}, model_version, state, error_code) ({served(n.VERSION_STATE)} == 1)", "",
+                   instant=True, fmt=PromQueryFormat.TABLE)], width=12),
         graph(
             "Model loads",
-            "SavedModel load attempts per rate interval, by version directory and outcome.",
+            "SavedModel load attempts per rate interval, by version directory and outcome. A version's first "
+            "failed load counts too (TF Serving's counter is born at 1 on it, with a model_path of its own).",
             units.Short,
-            [query(f"sum by (model_path, status) ({increase(loads(n.LOAD_ATTEMPT_COUNT))})",
-                   "{{status}} {{model_path}}")],
-            width=8).draw_style(common.GraphDrawStyle.BARS).fill_opacity(80).min(0).decimals(0),
+            [query(f"sum by ({by_path}, status) ({counted(loads(n.LOAD_ATTEMPT_COUNT))})",
+                   "{{status}} {{model_path}} {{namespace}}")],
+            width=12).draw_style(common.GraphDrawStyle.BARS).fill_opacity(80).min(0).decimals(0),
         graph(
             "Load and warmup time",
             "Mean time to load a version (load latency per load attempt) and to run its warmup requests; "
-            "a point where a load happened.",
+            "a point where a load happened, the first load of a version included (its counters are born "
+            "with it).",
             units.Microseconds,
             # `> 0` keeps the intervals with a load: elsewhere 0 / 0 is NaN.
-            [query(f"sum by (model_path) ({increase(loads(n.LOAD_LATENCY))})\n/\n{load_count}\n> 0",
-                   "load {{model_path}}"),
-             query(f"sum by (model_path) ({increase(loads(n.WARMUP_LATENCY + '_sum'))})\n/\n"
-                   f"sum by (model_path) ({increase(loads(n.WARMUP_LATENCY + '_count'))})\n> 0",
-                   "warmup {{model_path}}")],
-            width=8).show_points(common.VisibilityMode.ALWAYS).point_size(6),
+            [query(f"sum by ({by_path}) ({counted(loads(n.LOAD_LATENCY))})\n/\n{load_count}\n> 0",
+                   "load {{model_path}} {{namespace}}"),
+             query(f"sum by ({by_path}) ({counted(loads(n.WARMUP_LATENCY + '_sum'))})\n/\n"
+                   f"sum by ({by_path}) ({counted(loads(n.WARMUP_LATENCY + '_count'))})\n> 0",
+                   "warmup {{model_path}} {{namespace}}")],
+            width=12).show_points(common.VisibilityMode.ALWAYS).point_size(6),
     ]
 
 
 def drift_panels() -> list:
-    version = "job, model_name, model_version"
     traffic = recorded(r.PREDICTIONS_RATE)
 
     def traffic_weighted(shares: str) -> str:
         # Several versions may serve at once: weigh each version's shares by its predictions.
-        return (f"sum by ({n.CLASS_LABEL}) (\n  {shares}\n  * on ({version}) group_left\n  {traffic}\n)\n"
+        return (f"sum by ({n.CLASS_LABEL}) (\n  {shares}\n  * on ({r.MODEL_VERSION}) group_left\n  {traffic}\n)\n"
                 f"/ on () group_left\nsum ({traffic})")
 
     guard = r.MIN_PREDICTIONS_FOR_DRIFT / r.WINDOW_SECONDS[r.DRIFT_WINDOW]
@@ -397,8 +502,10 @@ def drift_panels() -> list:
             RED, (guard, GREEN)).min(0),
         bucket_heatmap(
             "Top-class confidence",
-            "Predictions per second by the probability the model gave its answer (the top class).",
-            served(f"{n.CONFIDENCE}_bucket"), units.PercentUnit, units.CountsPerSecond).span(8),
+            "Predictions per second by the probability the model gave its answer (the top class), as "
+            "`digits serve` or the web app in front of the model server counted them: per namespace the "
+            "larger of the two counts, which see the same answers where the web app asks `digits serve`.",
+            answered_buckets(n.CONFIDENCE, ""), units.PercentUnit, units.CountsPerSecond).span(8),
         dashed(graph(
             "Mean confidence vs reference",
             f"Mean top-class probability over {r.DRIFT_WINDOW}, per version, against its mean on the eval "
@@ -451,20 +558,20 @@ def web_panels() -> list:
             "Requests per second to the page's API by endpoint and outcome (5-minute rate): ok, the person's "
             "image refused (bad_request, no_ink, too_large), or the model server's fault (model_*).",
             units.RequestsPerSecond,
-            [query(r.WEB_REQUESTS_RATE, "{{endpoint}} {{outcome}}")], width=8).min(0),
+            [query(recorded_by_job(r.WEB_REQUESTS_RATE), "{{endpoint}} {{outcome}}")], width=8).min(0),
         graph(
             "Web API latency",
             "p50 and p95 of the time the page's API takes to answer, the model server's answer included "
             "(5-minute rate), per endpoint.",
             units.Seconds,
-            [query(r.web_latency(q), f"{percentile(q)} {{{{endpoint}}}}") for q in r.WEB_QUANTILES], width=8).min(0),
+            [query(recorded_by_job(r.web_latency(q)), f"{percentile(q)} {{{{endpoint}}}}") for q in r.WEB_QUANTILES], width=8).min(0),
         with_threshold_line(graph(
             "Page predicts failing at the model server",
             "Share of the page's predicts that failed because the model server was down, slow or answered "
             f"wrongly (10-minute rate). DigitsWebModelServerErrors fires above the red line "
             f"({r.WEB_MODEL_ERROR_THRESHOLD:.0%}).",
             units.PercentUnit,
-            [query(r.WEB_MODEL_ERROR_RATIO, "{{job}}")], width=8),
+            [query(recorded_by_job(r.WEB_MODEL_ERROR_RATIO), "{{job}}")], width=8),
             GREEN, (r.WEB_MODEL_ERROR_THRESHOLD, RED)).min(0),
     ]
 
@@ -492,10 +599,34 @@ def scrape_panels() -> list:
     ]
 
 
+def probe_panels() -> list:
+    """The blackbox exporter's view: what a client gets, whatever the server's own metrics say."""
+    return [
+        with_threshold_line(graph(
+            "Probe success by module",
+            f"Share of the blackbox exporter's probes that succeeded (5-minute average), per module: "
+            f"{n.PROBE_PREDICT_MODULE}, a REST predict of a known digit whose answer must name it, and "
+            f"{n.PROBE_GRPC_MODULE}, the gRPC health check. The one signal that sees requests that never "
+            "arrive (no version loaded, no ready pod, a broken Service); DigitsPredictProbeFailing pages when "
+            "a probe has failed for 2 minutes.",
+            units.PercentUnit,
+            [query(recorded_by_job(r.PROBE_SUCCESS_RATIO), "{{module}} {{namespace}}")]),
+            RED, (1, GREEN)).min(0).max(1),
+        graph(
+            "Probe duration",
+            "How long each probe took, per probed target and module (the predict probe includes the model's "
+            "answer); near the probe timeout, probes fail.",
+            units.Seconds,
+            [query(f"max by ({WHERE}, instance, module) ({probed(n.PROBE_DURATION)})",
+                   "{{module}} {{instance}}")]).min(0),
+    ]
+
+
 ROWS = (
     # (title, collapsed, panels), as docs/runbook.md lists them. Open rows answer "is it healthy,
     # and is the model still right?"; collapsed ones, one click away, "why not?".
     ("SLOs", False, slo_panels),
+    ("Probes", False, probe_panels),
     ("Traffic", False, traffic_panels),
     ("Latency", False, latency_panels),
     ("Batching", True, batching_panels),
@@ -506,28 +637,36 @@ ROWS = (
 )
 
 
+def multi_value(name: str, label: str, query: str):
+    """A variable of label values that may be several or all: "All" is `.*`, which also matches series
+    without the label (outside Kubernetes there is no namespace, and often no cluster)."""
+    return (dashboard.QueryVariable(name).label(label).datasource(DATASOURCE).query(query)
+            .multi(True).include_all(True).all_value(ALL)
+            .current(model.VariableOption(text=["All"], value=["$__all"]))
+            .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(model.VariableSort.ALPHABETICAL_ASC))
+
+
 def variables() -> list:
+    cluster, namespace = TOPOLOGY
     return [
         dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
         .current(model.VariableOption(text="Prometheus", value=DATASOURCE_UID)),
+        multi_value("cluster", "Cluster", f"label_values({selector('up', JOB)}, cluster)"),
+        multi_value("namespace", "Namespace", f"label_values({selector('up', JOB, cluster)}, namespace)"),
         dashboard.QueryVariable("model").label("Model").datasource(DATASOURCE)
-        .query(f'label_values({selector(n.REQUEST_COUNT, JOB)}, model_name)')
+        .query(f'label_values({selector(n.REQUEST_COUNT, JOB, *TOPOLOGY)}, model_name)')
         .current(model.VariableOption(text=n.DEFAULT_MODEL_NAME, value=n.DEFAULT_MODEL_NAME))
         .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(model.VariableSort.ALPHABETICAL_ASC),
-        dashboard.QueryVariable("instance").label("Instance").datasource(DATASOURCE)
-        .query(f'label_values({selector("up", JOB)}, instance)')
-        .multi(True).include_all(True).all_value(".*")
-        .current(model.VariableOption(text=["All"], value=["$__all"]))
-        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(model.VariableSort.ALPHABETICAL_ASC),
+        multi_value("instance", "Instance", f"label_values({selector('up', JOB, *TOPOLOGY)}, instance)"),
     ]
 
 
 def build() -> model.Dashboard:
     """The dashboard: the rows of ROWS, each open one followed by its panels, each collapsed one holding them."""
     builder = (dashboard.Dashboard(TITLE).uid(UID)
-               .description("SRE view of the digits model server: SLOs and error budgets, traffic, latency, "
-                            "prediction drift, the web page and people's feedback, batching, model versions "
-                            "and scrape health.")
+               .description("SRE view of the digits model server: SLOs and error budgets, black-box probes, "
+                            "traffic, latency, prediction drift, the web page and people's feedback, batching, "
+                            "model versions and scrape health, per cluster and namespace where those labels exist.")
                .tags(["digits", "tensorflow-serving", "slo", "mlops"])
                .refresh("30s").time("now-6h", "now").timezone("browser")
                .tooltip(model.DashboardCursorSync.CROSSHAIR).readonly())
