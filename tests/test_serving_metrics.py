@@ -10,6 +10,7 @@ the tests can make the service fail where a bug would, and scrape the real metri
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -58,14 +59,29 @@ def _serving(tmp_path) -> Iterator[_Server]:
                           body_timeout_s=BODY_TIMEOUT_S)
     service = PredictionService(_NoModels(), ServingMetrics(), config.max_concurrent_requests)
     workers = Workers(2, "test-rest")
+    # The REST app's loop lives in its own thread, set up there too: the main thread may already run one
+    # (the session's Playwright browser does, once a test has used it).
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(make_app(config, service, workers), access_log=None)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    rest_port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, name="test-rest-loop", daemon=True)
+    ready: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            loop.run_until_complete(site.start())
+            ready.set_result(runner.addresses[0][1])
+        except BaseException as error:  # the test fails with it, not with a timeout
+            ready.set_exception(error)
+            return
+        loop.run_forever()
+        loop.run_until_complete(_cancel_all())  # connections aiohttp still lingers on, waiting for a body's rest
+        loop.close()
+
+    thread = threading.Thread(target=run, name="test-rest-loop", daemon=True)
     thread.start()
+    rest_port = ready.result(TIMEOUT_S)
     grpc_server, grpc_port = make_server(config, service, port=0)
     grpc_server.start()
     try:
@@ -75,8 +91,6 @@ def _serving(tmp_path) -> Iterator[_Server]:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(TIMEOUT_S)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(TIMEOUT_S)
-        loop.run_until_complete(_cancel_all())  # connections aiohttp still lingers on, waiting for a body's rest
-        loop.close()
         workers.stop()
 
 
