@@ -75,21 +75,24 @@ class StackConfig:
     # minute; tests shorten it.
     resend_delay: str | None = None
 
+    def _url(self, port: int) -> str:
+        return f"http://{self.host}:{port}"
+
     @property
     def prometheus_url(self) -> str:
-        return f"http://{self.host}:{self.prometheus_port}"
+        return self._url(self.prometheus_port)
 
     @property
     def alertmanager_url(self) -> str:
-        return f"http://{self.host}:{self.alertmanager_port}"
+        return self._url(self.alertmanager_port)
 
     @property
     def receiver_url(self) -> str:
-        return f"http://{self.host}:{self.receiver_port}"
+        return self._url(self.receiver_port)
 
     @property
     def blackbox_url(self) -> str:
-        return f"http://{self.host}:{self.blackbox_port}"
+        return self._url(self.blackbox_port)
 
     @property
     def runbook_url(self) -> str:

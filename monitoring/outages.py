@@ -418,10 +418,6 @@ def notifications_failing(shape: Shape, failing: bool, start: int, end: int) -> 
     return series
 
 
-def _k8s_only(*_args) -> Series:  # pragma: no cover - a row tested in kubernetes_alerts_test.yml
-    raise AssertionError
-
-
 OUTAGES = (
     Outage("server_down", "One model server process down (one of N pods)", "DigitsModelServerDown", "critical",
            3, 10, SHAPES, server_down, "scrapes missed one at a time",

@@ -143,8 +143,6 @@ def slow_ratio(window: str) -> str:
 
 AVAILABILITY_BUDGET_REMAINING = budget_remaining(n.AVAILABILITY)
 LATENCY_BUDGET_REMAINING = budget_remaining(n.LATENCY)
-BurnRateWindow = n.BurnRateWindow
-BURN_RATE_WINDOWS = n.BURN_RATE_WINDOWS
 
 
 def _sum(by: str, expr: str) -> str:
@@ -335,7 +333,6 @@ def alert(name: str, expr: str, for_: str, severity: str, summary: str, descript
     }
 
 
-_alert = alert
 WHERE = "{{ with $labels.namespace }}namespace {{ . }}, {{ end }}job {{ $labels.job }}"
 
 
