@@ -36,6 +36,12 @@ def heading_anchor(title: str) -> str:
     return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", title).strip().lower())
 
 
+# Readable on a phone, where pages are opened: long queries scroll inside their block, not the page.
+PAGE_STYLE = ("body{font-family:sans-serif;line-height:1.45;max-width:58em;margin:0 auto;padding:0 1em}"
+              "pre{overflow-x:auto;background:#f4f4f4;padding:.5em}table{display:block;max-width:100%;overflow-x:auto}"
+              ":not(pre)>code,h1,h2,h3{overflow-wrap:anywhere}")
+
+
 def render_runbook(text: str) -> str:
     """The runbook as an HTML page. With the `markdown` package (in the project's environment) it is
     rendered; without it (the compose container's stock Python) headings become anchored titles and
@@ -56,7 +62,8 @@ def render_runbook(text: str) -> str:
     else:
         body = markdown.markdown(text, extensions=["toc", "tables", "fenced_code"],
                                  extension_configs={"toc": {"slugify": lambda value, _sep: heading_anchor(value)}})
-    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Runbook</title></head>\n'
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Runbook</title>\n'
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{PAGE_STYLE}</style></head>\n"
             f"<body>\n{body}\n</body></html>\n")
 
 

@@ -27,6 +27,7 @@ ALERTMANAGER_YML = MONITORING / "alertmanager" / "alertmanager.yml"
 RULE_FILES = sorted((MONITORING / "prometheus" / "rules").glob("*.yml"))
 PROMTOOL_TESTS = sorted((MONITORING / "prometheus" / "tests").glob("*.yml"))
 RUNBOOK = REPO / "docs" / "runbook.md"
+ARTIFACTS = REPO / "build" / "test-artifacts" / "monitoring"
 
 
 def tool(name: str) -> str:
@@ -357,6 +358,31 @@ def test_alert_receiver_serves_the_runbook_with_each_alerts_anchor(tmp_path):
     ids = set(re.findall(r'id="([^"]+)"', page))
     anchors = {alert["annotations"]["runbook_url"].split("#")[1] for alert in all_alerts()}
     assert "digitsmodelserverdown" in anchors and sorted(anchors - ids) == []
+
+
+@pytest.mark.parametrize("width, height", [(390, 844), (1280, 900)], ids=["phone", "desktop"])
+def test_a_runbook_link_opens_its_section_readable_on_a_phone(tmp_path, browser, width, height):
+    """What an on-call person sees when a page's link opens in Chromium: the alert's heading at the top of
+    the window, its causes painted as a list, and nothing wider than the screen (long queries scroll
+    inside their own block), at phone and desktop width."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(local.ALERT_RECEIVER), "--port", str(port),
+                                "--runbook", str(RUNBOOK)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    page = browser.new_page(viewport={"width": width, "height": height})
+    try:
+        local.wait_ready("alert receiver", process, f"http://127.0.0.1:{port}/healthz", tmp_path / "none.log", 30)
+        page.goto(f"http://127.0.0.1:{port}/runbook#digitspredictprobefailing")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"runbook-{width}.png"))
+        heading = page.locator("#digitspredictprobefailing").bounding_box()
+        assert abs(heading["y"]) < 5 and heading["x"] >= 0 and heading["x"] + heading["width"] <= width
+        causes = page.locator("#digitspredictprobefailing ~ ul").first.locator("li")
+        assert causes.count() >= 5 and causes.first.bounding_box()["height"] > 0
+        assert page.evaluate("document.documentElement.scrollWidth") == width
+    finally:
+        page.close()
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_alert_receiver_refuses_a_missing_runbook_in_one_line(tmp_path):
