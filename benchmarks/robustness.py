@@ -38,7 +38,7 @@ def held_out_digits(per_class: int, split: str = "test"):
 
     test: the held-out `testing/` part (what blessing is decided on, and what the figures report);
     eval: the 400 digits `digits data build` carves out of `training/` with its defaults (what
-    recipe choices, such as the augmentation, are made on).
+    recipe choices, such as the augmentation, are made on); train: the 3,600 others, trained on.
     """
     import numpy as np
 
@@ -58,7 +58,8 @@ def held_out_digits(per_class: int, split: str = "test"):
         part = contract.TRAINING_DIR
         candidates = [Candidate(f"/sample/{part}/{labels[i]}/{i}.png", part, int(labels[i])) for i in parts[part]]
         plan = make_plan(candidates, BuildConfig(source=Path("/sample"), output=Path("/tfrecords")))
-        indices = sorted(int(Path(path).stem) for task in plan.tasks if task.split == contract.EVAL_SPLIT
+        wanted = contract.EVAL_SPLIT if split == "eval" else contract.TRAIN_SPLIT
+        indices = sorted(int(Path(path).stem) for task in plan.tasks if task.split == wanted
                          for path, _ in task.items)
     chosen = [i for digit in range(contract.NUM_CLASSES) for i in [j for j in indices if labels[j] == digit][:per_class]]
     return images[chosen], labels[chosen], np.asarray(chosen)

@@ -28,6 +28,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "optimiser": ("optimizer", "learning_rate", "lr_schedule", "warmup_epochs", "epochs", "frozen_epochs",
                   "fine_tune_learning_rate", "early_stopping_patience", "early_stopping_start_epoch"),
     "augmentation": ("max_translation", "max_rotation_degrees", "stroke_probability", "blur_probability"),
+    "abstention": ("outlier_share", "outlier_weight", "abstention_ood_keep", "abstention_confident_keep"),
 }
 NOT_SHOWN_AS_SETTINGS = ("base_weights_warning",)  # the report shows it as a warning of its own
 
@@ -74,6 +75,14 @@ class TrainerConfig:
     precision: str = "float32"
     shuffle_buffer: int = 4096
     seed: int = 42
+    # Outlier exposure: non-digits (data/nondigits.py, its training kinds) in each training batch, as
+    # this share of batch_size, taught a uniform answer at this weight of their loss (components/model.py).
+    outlier_share: float = 0.125
+    outlier_weight: float = 0.5
+    # When not to answer (components/abstention.py), chosen on the eval split: the share of its digits
+    # that the out-of-distribution threshold keeps, and of those the share the confidence threshold keeps.
+    abstention_ood_keep: float = 0.99
+    abstention_confident_keep: float = 0.98
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dense_units", tuple(int(u) for u in self.dense_units))
@@ -120,6 +129,12 @@ class TrainerConfig:
             problems.append(f"steps per epoch must be at least 1, got {self.steps_per_epoch}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 0.0 <= self.outlier_share <= 1.0 or self.outlier_weight < 0:
+            problems.append("outlier share must be between 0 and 1 and outlier weight >= 0, got "
+                            f"{self.outlier_share} and {self.outlier_weight}")
+        if not (0.5 <= self.abstention_ood_keep <= 1.0 and 0.5 <= self.abstention_confident_keep <= 1.0):
+            problems.append("abstention shares kept must be between 0.5 and 1, got "
+                            f"{self.abstention_ood_keep} and {self.abstention_confident_keep}")
         if self.shuffle_buffer < 1:
             problems.append(f"shuffle buffer must be at least 1, got {self.shuffle_buffer}")
         if problems:

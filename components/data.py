@@ -17,14 +17,25 @@ from components.transform import IMAGE_XF, LABEL_XF, NORMALIZED_XF, to_model_inp
 from data import contract
 
 
+# The label of a non-digit in training batches (outlier exposure): one past the digits, never a class
+# the model outputs; the loss teaches it a uniform answer there (components/model.py).
+OUTLIER_LABEL = contract.NUM_CLASSES
+
+
 def make_dataset(
     file_pattern: list[str],
     data_accessor,
     tf_transform_output: tft.TFTransformOutput,
     config: TrainerConfig,
     training: bool,
+    outliers: list[bytes] | None = None,
 ) -> tf.data.Dataset:
-    """Batches of ({image_xf: [N, 75, 75, 3]}, label [N]); shuffled, repeated and augmented if training."""
+    """Batches of ({image_xf: [N, 75, 75, 3]}, label [N]); shuffled, repeated and augmented if training.
+
+    With `outliers` (encoded non-digit images, data/nondigits.py) and training, each batch also holds
+    `outlier_share` x batch_size of them, labelled OUTLIER_LABEL, through the same Transform graph and
+    augmentation as the digits.
+    """
     dataset = data_accessor.tf_dataset_factory(
         file_pattern,
         tfxio.TensorFlowDatasetOptions(
@@ -38,16 +49,68 @@ def make_dataset(
     )
     transform_layer = tf_transform_output.transform_features_layer()
 
+    def model_input(transformed: dict) -> tf.Tensor:
+        if not training:
+            return transformed[IMAGE_XF]
+        # Other pens and sharpness on the normalised 28x28 digit, then the model's input from it
+        # (the same function Transform uses), then shifts and rotations.
+        normalized = augment_ink(transformed[NORMALIZED_XF], config.stroke_probability, config.blur_probability)
+        return augment_batch(to_model_input(normalized), config.max_translation, config.max_rotation_degrees)
+
     def transform(raw: dict) -> tuple[dict, tf.Tensor]:
         transformed = transform_layer({contract.IMAGE_KEY: raw[contract.IMAGE_KEY],
                                        contract.LABEL_KEY: raw[contract.LABEL_KEY]})
-        if training:
-            # Other pens and sharpness on the normalised 28x28 digit, then the model's input from it
-            # (the same function Transform uses), then shifts and rotations.
-            normalized = augment_ink(transformed[NORMALIZED_XF], config.stroke_probability, config.blur_probability)
-            images = augment_batch(to_model_input(normalized), config.max_translation, config.max_rotation_degrees)
-        else:
-            images = transformed[IMAGE_XF]
-        return {IMAGE_XF: images}, transformed[LABEL_XF]
+        return {IMAGE_XF: model_input(transformed)}, transformed[LABEL_XF]
 
-    return dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    per_batch = outliers_per_batch(config)
+    if training and outliers and per_batch:
+        pool = tf.data.Dataset.from_tensor_slices(tf.constant(outliers)).repeat()
+        pool = pool.shuffle(len(outliers), seed=config.seed).batch(per_batch, drop_remainder=True)
+
+        def transform_outliers(encoded: tf.Tensor) -> tuple[dict, tf.Tensor]:
+            transformed = transform_layer({contract.IMAGE_KEY: tf.reshape(encoded, [-1, 1])})
+            return ({IMAGE_XF: model_input(transformed)},
+                    tf.fill([tf.shape(encoded)[0]], tf.constant(OUTLIER_LABEL, tf.int64)))
+
+        def join(digits: tuple, others: tuple) -> tuple[dict, tf.Tensor]:
+            return ({IMAGE_XF: tf.concat([digits[0][IMAGE_XF], others[0][IMAGE_XF]], axis=0)},
+                    tf.concat([tf.cast(tf.reshape(digits[1], [-1]), tf.int64), others[1]], axis=0))
+
+        dataset = tf.data.Dataset.zip((dataset, pool.map(transform_outliers, num_parallel_calls=tf.data.AUTOTUNE)))
+        dataset = dataset.map(join, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def outliers_per_batch(config: TrainerConfig) -> int:
+    return int(round(config.batch_size * config.outlier_share))
+
+
+# Non-digits generated for one training run: enough that an image recurs about once every 6 epochs at
+# the default share (8 per batch x 57 steps x 20 epochs / 3,000), drawn in about a second.
+OUTLIER_POOL = 3000
+PAIR_DIGITS = 1000  # train digits the pairs are made of
+
+
+def outlier_pool(train_files: list[str], config: TrainerConfig) -> list[bytes]:
+    """Encoded non-digits of the training kinds (data/nondigits.py), seeded by `config.seed`; pairs of
+    digits from the train split only. Empty when the config trains without them."""
+    import numpy as np
+
+    from data import nondigits
+    from data.sample import encode_png
+
+    if not outliers_per_batch(config):
+        return []
+    files = sorted(path for pattern in train_files for path in tf.io.gfile.glob(pattern))
+    spec = {contract.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
+    digits = []
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP").take(PAIR_DIGITS):
+        encoded = tf.io.parse_single_example(record, spec)[contract.IMAGE_KEY]
+        image = tf.image.decode_image(encoded, channels=1, expand_animations=False)
+        if image.shape[0] == contract.SOURCE_IMAGE_SIZE and image.shape[1] == contract.SOURCE_IMAGE_SIZE:
+            digits.append(image.numpy()[..., 0])
+    per_kind = OUTLIER_POOL // len(nondigits.TRAINING_KINDS)
+    kinds = [kind for kind in nondigits.TRAINING_KINDS if kind != "pairs" or len(digits) >= 2]
+    corpus = nondigits.corpus(per_kind, config.seed, np.stack(digits) if digits else None, tuple(kinds))
+    return [encode_png(image) for images in corpus.values() for image in images]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import tf_keras as keras
 
-from components import precision
+from components import abstention, precision
 from components.config import TrainerConfig
 from components.transform import IMAGE_XF
 from data import contract
@@ -43,6 +43,22 @@ def float32_copy(model: keras.Model, config: TrainerConfig) -> keras.Model:
     return copy
 
 
+def feature_model(model: keras.Model) -> keras.Model:
+    """The same weights, answering (penultimate features [N, D], probabilities [N, 10]): what the
+    abstention outputs (components/abstention.py) are computed from. The logits are
+    `features @ kernel + bias` of the `probabilities` layer (`logits`)."""
+    return keras.Model(model.inputs, [model.get_layer(abstention.FEATURE_LAYER).output, model.outputs[0]],
+                       name=f"{model.name}_features")
+
+
+def logits(model: keras.Model, features):
+    """The pre-softmax values of the model's last layer for `features` from `feature_model` (a tensor)."""
+    import tensorflow as tf
+
+    head = model.get_layer(abstention.LOGITS_LAYER)
+    return tf.matmul(tf.cast(features, tf.float32), head.kernel) + head.bias
+
+
 def _layers(config: TrainerConfig, base_weights: str | None, pretrained: bool) -> keras.Model:
     shape = (contract.IMAGE_SIZE, contract.IMAGE_SIZE, contract.IMAGE_CHANNELS)
     inputs = keras.Input(shape=shape, name=IMAGE_XF)
@@ -62,11 +78,48 @@ def _layers(config: TrainerConfig, base_weights: str | None, pretrained: bool) -
     return keras.Model(inputs, outputs, name="digits_inception_v3")
 
 
+class OutlierExposureLoss(keras.losses.Loss):
+    """Cross-entropy on digits; on non-digits (label NUM_CLASSES), `weight` x the cross-entropy to the
+    uniform distribution: the model learns to spread its answer on what is not a digit (Hendrycks et
+    al., 2019, "Deep anomaly detection with outlier exposure"). Without non-digits in a batch it is
+    the sparse categorical cross-entropy."""
+
+    def __init__(self, weight: float, name: str = "outlier_exposure"):
+        super().__init__(name=name)
+        self.weight = weight
+
+    def call(self, y_true, y_pred):
+        import tensorflow as tf
+
+        labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])
+        outlier = labels >= contract.NUM_CLASSES
+        log_p = tf.math.log(tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0))
+        digit = -tf.gather(log_p, tf.where(outlier, 0, labels), batch_dims=1)
+        uniform = -tf.reduce_mean(log_p, axis=-1)
+        return tf.where(outlier, self.weight * uniform, digit)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "weight": self.weight}
+
+
+class DigitAccuracy(keras.metrics.SparseCategoricalAccuracy):
+    """Accuracy on the digits of a batch only: its non-digits (outlier exposure) have no right class."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        import tensorflow as tf
+
+        digits = tf.cast(tf.reshape(y_true, [-1]) < contract.NUM_CLASSES, tf.float32)
+        if sample_weight is not None:
+            digits *= tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
+        return super().update_state(tf.minimum(tf.reshape(y_true, [-1]), contract.NUM_CLASSES - 1), y_pred,
+                                    sample_weight=digits)
+
+
 def _compile(model: keras.Model, config: TrainerConfig, steps_per_epoch: int) -> None:
     model.compile(
         optimizer=_optimizer(config, steps_per_epoch),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name=contract.ACCURACY_METRIC)],
+        loss=OutlierExposureLoss(config.outlier_weight),
+        metrics=[DigitAccuracy(name=contract.ACCURACY_METRIC)],
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from data.contract import ASSETS_EXTRA_DIR, CLASS_NAMES, NUM_CLASSES
+from data.contract import ASSETS_EXTRA_DIR, CLASS_NAMES, DECISIONS, NUM_CLASSES
 from monitoring.names import CONFIDENCE_BUCKETS, bucket_label
 
 # TF Serving's directory for files beside a SavedModel (components/warmup.py writes its warmup file
@@ -32,7 +32,10 @@ EXAMPLES_KEY = "examples"
 CLASS_SHARE_KEY = "class_share"
 CONFIDENCE_MEAN_KEY = "confidence_mean"
 CONFIDENCE_SHARE_KEY = "confidence_cumulative_share"
+# The share of each abstention decision (data/contract.py's DECISIONS): in profiles of models that decide.
+DECISION_SHARE_KEY = "decision_share"
 KEYS = frozenset({FORMAT_KEY, SOURCE_KEY, EXAMPLES_KEY, CLASS_SHARE_KEY, CONFIDENCE_MEAN_KEY, CONFIDENCE_SHARE_KEY})
+OPTIONAL_KEYS = frozenset({DECISION_SHARE_KEY})
 
 INF_LABEL = "+Inf"  # Prometheus' name for the last bucket's bound
 # Shares are written as exact ratios; summing ten of them may be off by a few ulps, never by this.
@@ -43,8 +46,9 @@ def profile_path(saved_model_dir: str) -> str:
     return os.path.join(saved_model_dir, PROFILE_DIR, PROFILE_FILE)
 
 
-def reference_profile(probabilities: np.ndarray, source: str = SOURCE) -> dict[str, Any]:
-    """The profile of a model's class probabilities [N, NUM_CLASSES] on N examples.
+def reference_profile(probabilities: np.ndarray, source: str = SOURCE, decisions: np.ndarray | None = None) -> dict[str, Any]:
+    """The profile of a model's class probabilities [N, NUM_CLASSES] on N examples (and, for a model
+    that decides, the share of each decision code of its `decisions` [N]).
 
     Confidence is the top-class probability; its shares are cumulative (<= le), with the `le`
     labels of `monitoring.names.CONFIDENCE_BUCKETS` as serving's live histogram prints them, so
@@ -64,7 +68,7 @@ def reference_profile(probabilities: np.ndarray, source: str = SOURCE) -> dict[s
     cumulative = {bucket_label(bound): int(np.count_nonzero(confidence <= bound)) / examples
                   for bound in CONFIDENCE_BUCKETS}
     cumulative[INF_LABEL] = 1.0
-    return {
+    profile = {
         FORMAT_KEY: FORMAT,
         SOURCE_KEY: source,
         EXAMPLES_KEY: int(examples),
@@ -72,6 +76,15 @@ def reference_profile(probabilities: np.ndarray, source: str = SOURCE) -> dict[s
         CONFIDENCE_MEAN_KEY: float(confidence.mean()),
         CONFIDENCE_SHARE_KEY: cumulative,
     }
+    if decisions is not None:
+        decisions = np.asarray(decisions).reshape(-1)
+        if decisions.shape[0] != examples:
+            raise ValueError(f"{decisions.shape[0]} decisions for {examples} examples")
+        codes = np.bincount(decisions.astype(np.int64), minlength=len(DECISIONS))
+        if codes.shape[0] != len(DECISIONS):
+            raise ValueError(f"decision codes beyond {list(DECISIONS)}")
+        profile[DECISION_SHARE_KEY] = {name: int(count) / examples for name, count in zip(DECISIONS, codes)}
+    return profile
 
 
 def to_json(profile: Mapping[str, Any]) -> str:
@@ -79,13 +92,14 @@ def to_json(profile: Mapping[str, Any]) -> str:
     return json.dumps(profile, sort_keys=True, indent=1) + "\n"
 
 
-def write_reference_profile(saved_model_dir: str, probabilities: np.ndarray) -> str:
-    """Writes the profile of `probabilities` beside a SavedModel (a local path or a URI) and returns its path."""
+def write_reference_profile(saved_model_dir: str, probabilities: np.ndarray, decisions: np.ndarray | None = None) -> str:
+    """Writes the profile of `probabilities` (and `decisions`) beside a SavedModel (a local path or a URI)
+    and returns its path."""
     import tensorflow as tf  # only the writer needs gfile (gs:// serving dirs); readers stay TensorFlow-free
 
     if not tf.io.gfile.exists(os.path.join(saved_model_dir, "saved_model.pb")):
         raise ValueError(f"not a SavedModel directory (no saved_model.pb): {saved_model_dir}")
-    text = to_json(reference_profile(probabilities))
+    text = to_json(reference_profile(probabilities, decisions=decisions))
     path = profile_path(saved_model_dir)
     tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.gfile.GFile(path, "w") as stream:
@@ -119,7 +133,7 @@ def validate_profile(content: Any) -> dict[str, Any]:
     found = content.get(FORMAT_KEY)
     if not isinstance(found, int) or isinstance(found, bool) or found != FORMAT:
         raise ValueError(f"unsupported format {found!r} (expected {FORMAT})")
-    missing, unexpected = sorted(KEYS - content.keys()), sorted(content.keys() - KEYS)
+    missing, unexpected = sorted(KEYS - content.keys()), sorted(content.keys() - KEYS - OPTIONAL_KEYS)
     if missing or unexpected:
         raise ValueError(f"missing keys {missing}, unexpected keys {unexpected}")
     if not isinstance(content[SOURCE_KEY], str):
@@ -131,7 +145,19 @@ def validate_profile(content: Any) -> dict[str, Any]:
     if not _is_share(content[CONFIDENCE_MEAN_KEY]):
         raise ValueError(f"{CONFIDENCE_MEAN_KEY} must be a number in [0, 1], got {content[CONFIDENCE_MEAN_KEY]!r}")
     _check_cumulative_share(content[CONFIDENCE_SHARE_KEY])
+    if DECISION_SHARE_KEY in content:
+        _check_decision_share(content[DECISION_SHARE_KEY])
     return content
+
+
+def _check_decision_share(shares: Any) -> None:
+    if not isinstance(shares, dict) or set(shares) != set(DECISIONS):
+        raise ValueError(f"{DECISION_SHARE_KEY} must have exactly the decisions {list(DECISIONS)}")
+    if not all(_is_share(share) for share in shares.values()):
+        raise ValueError(f"{DECISION_SHARE_KEY} values must be numbers in [0, 1]")
+    total = math.fsum(shares.values())
+    if abs(total - 1.0) > SHARE_TOLERANCE:
+        raise ValueError(f"{DECISION_SHARE_KEY} sums to {total:.9g}, not 1")
 
 
 def _check_class_share(shares: Any) -> None:

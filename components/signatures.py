@@ -1,8 +1,10 @@
 """The exported model's signatures: the contract with TF Serving, TFMA and batch scoring.
 
 - `serving_default`: `image_bytes`, a batch of encoded images (PNG or JPEG, any
-  size, gray, colour or transparent) -> `probabilities` [N, 10], `predicted_class` [N]
-  and `ink_fraction` [N] (0.0: no ink found, the prediction is a guess on an empty image).
+  size, gray, colour or transparent) -> `probabilities` [N, 10], `predicted_class` [N],
+  `ink_fraction` [N] (0.0: no ink found, the prediction is a guess on an empty image), and
+  whether to answer at all (components/abstention.py): `ood_score` [N], `confidence` [N]
+  (calibrated), `decision` [N] (0 accepted, 1 unsure, 2 not a digit) and `accepted` [N].
   TF Serving's REST `{"instances": [{"b64": "..."}]}` feeds it unchanged.
 - `normalized_image`: the same input and outputs plus `normalized_image` [N, 28, 28], the
   image the model classified (after Transform's normalisation, before resizing), for pages
@@ -17,6 +19,8 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_transform as tft
 
+from components import abstention
+from components.model import feature_model, logits
 from components.transform import IMAGE_XF, INK_FRACTION_XF, NORMALIZED_XF
 from data import contract
 from data.contract import (
@@ -32,18 +36,20 @@ from data.contract import (
 )
 
 
-def make_signatures(model, tf_transform_output: tft.TFTransformOutput) -> dict:
+def make_signatures(model, tf_transform_output: tft.TFTransformOutput, fitted: abstention.Abstention) -> dict:
     model.tft_layer = tf_transform_output.transform_features_layer()  # tracked, so it is saved with the model
+    features_and_probabilities = feature_model(model)
     raw_spec = tf_transform_output.raw_feature_spec()
     raw_spec.pop(contract.LABEL_KEY)
 
     def predict(raw_images: tf.Tensor, with_image: bool = False) -> dict:
         transformed = model.tft_layer({contract.IMAGE_KEY: tf.reshape(raw_images, [-1, 1])})
-        probabilities = model({IMAGE_XF: transformed[IMAGE_XF]}, training=False)
+        features, probabilities = features_and_probabilities({IMAGE_XF: transformed[IMAGE_XF]}, training=False)
         outputs = {
             PROBABILITIES_OUTPUT: probabilities,
             PREDICTED_CLASS_OUTPUT: tf.argmax(probabilities, axis=-1),
             INK_FRACTION_OUTPUT: transformed[INK_FRACTION_XF],
+            **abstention.outputs(logits(model, features), transformed[INK_FRACTION_XF], fitted),
         }
         if with_image:
             outputs[NORMALIZED_IMAGE_OUTPUT] = transformed[NORMALIZED_XF]

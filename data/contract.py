@@ -51,6 +51,15 @@ PREDICTED_CLASS_OUTPUT = "predicted_class"  # int64 [N]
 # float [N]: share of the normalised 28x28 image that is ink; 0.0 means no ink was found (a blank
 # canvas, a uniform photo) and the prediction is then the model's guess on an empty image.
 INK_FRACTION_OUTPUT = "ink_fraction"
+# Knowing when not to answer (components/abstention.py), in every signature: float [N], the energy
+# score of the logits (large: not a digit); float [N], the temperature-calibrated top-class probability;
+# int64 [N], DECISIONS' code; bool [N], decision == accepted.
+OOD_SCORE_OUTPUT = "ood_score"
+CONFIDENCE_OUTPUT = "confidence"
+DECISION_OUTPUT = "decision"
+ACCEPTED_OUTPUT = "accepted"
+# The decision codes, the same in the graph, the clients, the metrics and the feedback log.
+DECISIONS = ("accepted", "unsure", "not_a_digit")
 NORMALIZED_IMAGE_OUTPUT = "normalized_image"  # float [N, 28, 28] in [0, 1], ink light (NORMALIZED_SIGNATURE only)
 # Beside each exported version; TF Serving reads only its warmup file there and ignores the rest.
 ASSETS_EXTRA_DIR = "assets.extra"

@@ -107,6 +107,11 @@ REFERENCE_CLASS_LABEL = "class"
 PREDICTIONS = _declare("digits_serving_predictions_total", "counter", ("model_name", "model_version", CLASS_LABEL))
 CONFIDENCE = _declare("digits_serving_prediction_confidence", "histogram", ("model_name", "model_version"),
                       CONFIDENCE_BUCKETS)
+# The model's own verdict on each answer (components/abstention.py): `decision` is one of DECISION_VALUES
+# (data/contract.py's DECISIONS). Every decision's series of a version exists, at 0, from its first answer.
+DECISION_LABEL = "decision"
+DECISION_VALUES = ("accepted", "unsure", "not_a_digit")
+DECISION_COUNT = _declare("digits_serving_decisions_total", "counter", ("model_name", "model_version", DECISION_LABEL))
 LOADED_VERSIONS = _declare("digits_serving_loaded_versions", "gauge", ("model_name", "model_version"))
 # The state of every version `digits serve` knows, as TF Serving's GetModelStatus reports it: 1 on the
 # version's current (state, error_code); a version that failed to load is state END with its error code.
@@ -128,6 +133,9 @@ REFERENCE_CONFIDENCE_MEAN = _declare("digits_serving_reference_confidence_mean",
 REFERENCE_CONFIDENCE_BUCKET_SHARE = _declare("digits_serving_reference_confidence_share", "gauge",
                                              ("model_name", "model_version", "le"))
 REFERENCE_EXAMPLES = _declare("digits_serving_reference_examples", "gauge", ("model_name", "model_version"))
+# The share of each decision on the eval split (models without abstention outputs have none).
+REFERENCE_DECISION_SHARE = _declare("digits_serving_reference_decision_share", "gauge",
+                                    ("model_name", "model_version", DECISION_LABEL))
 
 # -- The web app's backend (`digits web`, web/metrics.py) ---------------------------------------------
 # Besides PREDICTIONS and CONFIDENCE above (same names and labels as `digits serve`, so the drift panels

@@ -76,6 +76,14 @@ def _training_options(command):
                      show_default=True, help="Share of training images whose strokes are made thicker or thinner."),
         click.option("--blur-augmentation", type=float, default=TrainerConfig.blur_probability, show_default=True,
                      help="Share of training images blurred."),
+        click.option("--outlier-share", type=float, default=TrainerConfig.outlier_share, show_default=True,
+                     help="Non-digits in each training batch, as a share of the batch size (outlier exposure; "
+                          "0: none, and the model answers everything with confidence)."),
+        click.option("--answer-share", type=float, default=None,
+                     help="The share of eval digits the exported model answers without a person; a third of "
+                          "the rest it calls not a digit, two thirds unsure. [default: "
+                          f"{TrainerConfig.abstention_ood_keep * TrainerConfig.abstention_confident_keep:.4f}: "
+                          f"{TrainerConfig.abstention_ood_keep} x {TrainerConfig.abstention_confident_keep}]"),
         click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16"]),
                      default=TrainerConfig.precision, show_default=True,
                      help="What training computes in; auto: mixed_bfloat16 on CPUs with bfloat16 instructions. "
@@ -102,6 +110,15 @@ def _training_options(command):
     return command
 
 
+def _operating_point(answer_share: float) -> dict[str, float]:
+    """The two shares kept (TrainerConfig's abstention_*) for a share of eval digits answered: of the
+    digits not answered, one third is left to the out-of-distribution threshold, two thirds to confidence."""
+    if not 0.5 <= answer_share <= 1.0:
+        raise ValueError(f"the share answered must be between 0.5 and 1, got {answer_share}")
+    ood_keep = 1.0 - (1.0 - answer_share) / 3.0
+    return {"abstention_ood_keep": round(ood_keep, 6), "abstention_confident_keep": round(answer_share / ood_keep, 6)}
+
+
 def _configs(options: dict, train_examples: int, **locations) -> PipelineConfig:
     """The typed configuration from the shared options; a bad value is a usage error in one line."""
     try:
@@ -112,7 +129,8 @@ def _configs(options: dict, train_examples: int, **locations) -> PipelineConfig:
             steps_per_epoch=options["steps_per_epoch"], early_stopping_patience=options["early_stopping_patience"],
             frozen_epochs=options["frozen_epochs"], fine_tune_learning_rate=options["fine_tune_learning_rate"],
             stroke_probability=options["stroke_augmentation"], blur_probability=options["blur_augmentation"],
-            precision=options["precision"],
+            precision=options["precision"], outlier_share=options["outlier_share"],
+            **(_operating_point(options["answer_share"]) if options["answer_share"] is not None else {}),
         )
         beam_args = beam.profile_args(options["beam_profile"], options["beam_args"], options.get("image"))
         return PipelineConfig(

@@ -293,6 +293,59 @@ class Report:
     summary: str  # one line for the console
 
 
+def _read_abstention(model_uri: str) -> dict | None:
+    from components import abstention
+
+    try:
+        return abstention.read(uri.join(model_uri, "Format-Serving"))
+    except (OSError, ValueError):
+        return None
+
+
+def _risk_coverage_image(curve: list, operating: tuple[float, float] | None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    coverage, risk = zip(*curve)
+    figure, axis = plt.subplots(figsize=(5.2, 3.4), dpi=110)
+    axis.plot(coverage, [100 * r for r in risk], color="#1f6feb", label="error among answers kept")
+    if operating is not None:
+        axis.plot([operating[0]], [100 * operating[1]], "o", color="#b42318", label="exported operating point")
+    axis.set_xlabel("coverage (share of eval digits answered)")
+    axis.set_ylabel("error among them (%)")
+    axis.set_title("Risk-coverage, eval split")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _abstention_section(point: dict) -> str:
+    measured = point.get("measured", {}).get("eval", {})
+    shares = measured.get("decision_share", {})
+    error = measured.get("error_among_accepted")
+    operating = (shares["accepted"], error) if "accepted" in shares and error is not None else None
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td class=n>{share:.1%}</td></tr>" for name, share in shares.items())
+    text = (
+        "<h2>When the model does not answer</h2>"
+        f"<p>{html.escape(point['method'])}; inside the SavedModel, in every signature "
+        "(<code>ood_score</code>, <code>confidence</code>, <code>decision</code>, <code>accepted</code>).</p>"
+        f"<p>not a digit: energy score above <b>{point['ood_threshold']:.2f}</b> (keeps {point['ood_keep']:.1%} of eval "
+        f"digits) or no ink &middot; unsure: calibrated confidence below <b>{point['confidence_threshold']:.3f}</b> "
+        f"(keeps {point['confident_keep']:.1%} of the rest) &middot; temperature {point['temperature']:.2f}</p>"
+    )
+    if measured:
+        text += (f"<div class=row><table><tr><th>on the {measured['examples']} eval digits</th><th>share</th></tr>"
+                 f"{rows}<tr><td>error among accepted</td><td class=n>"
+                 f"{'n/a' if error is None else f'{error:.2%}'}</td></tr>"
+                 f"<tr><td>error, all answered</td><td class=n>{measured['error_all']:.2%}</td></tr></table>"
+                 f"<img alt='risk-coverage curve' src='data:image/png;base64,"
+                 f"{_risk_coverage_image(measured['risk_coverage'], operating)}'></div>")
+    return text
+
+
 def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Path | None = None) -> Report:
     pipeline_root = Path(pipeline_root).resolve()
     run = _run_artifacts(pipeline_root / "metadata.sqlite", pipeline_name)
@@ -353,6 +406,12 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
             + "<h3>Settings</h3>" + settings_table(history["config"], _gates(run_props))
             + f"<img alt='training curves' src='data:image/png;base64,{_training_curves(history)}'>"
         )
+
+    # When the model does not answer: the operating point exported with it (components/abstention.py).
+    model = outputs.get("Trainer", {}).get("model")
+    operating_point = _read_abstention(model.uri) if model is not None else None
+    if operating_point is not None:
+        sections.append(_abstention_section(operating_point))
 
     # Evaluation, blessing and push.
     facts = _evaluation(outputs)

@@ -152,7 +152,7 @@ def test_the_report_shows_every_training_setting_in_a_group_and_the_gates():
               "a_setting_from_newer_code": 3}
     page = settings_table(config, BlessingGates())
     captions = re.findall(r"<caption>(\w+)</caption>", page)
-    assert captions == ["data", "model", "optimiser", "augmentation", "other", "gates"]
+    assert captions == ["data", "model", "optimiser", "augmentation", "abstention", "other", "gates"]
     for row in ("<td>learning rate</td><td class=n>0.001</td>", "<td>dense units</td><td class=n>64, 64</td>",
                 "<td>steps per epoch</td><td class=n>one pass over the train split</td>",
                 "<td>base weights sha256</td><td class=n>none</td>",

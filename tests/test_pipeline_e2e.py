@@ -76,7 +76,10 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
                      "examples: <b>50</b>", "<b>BLESSED</b>", "pushed version",
                      # the settings in groups, the gates read back from the Evaluator this run configured
                      "<caption>optimiser</caption>", "<tr><td>epochs</td><td class=n>1</td></tr>",
-                     "<caption>gates</caption>", "<tr><td>every digit's recall at least</td><td class=n>0</td></tr>"):
+                     "<caption>gates</caption>", "<tr><td>every digit's recall at least</td><td class=n>0</td></tr>",
+                     # when the model does not answer: the operating point it was exported with, and its curve
+                     "When the model does not answer", "<caption>abstention</caption>", "alt='risk-coverage curve'",
+                     "keeps 99.0% of eval digits", "keeps 98.0% of the rest"):
         assert expected in report, expected
 
     # Every component left its artifact; the data had no anomalies; the model was blessed.
