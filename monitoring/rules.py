@@ -60,6 +60,11 @@ MIN_PREDICTIONS_FOR_DRIFT = 500
 PSI_THRESHOLD = 0.2  # population stability index: < 0.1 stable, 0.1-0.2 moderate, > 0.2 a real shift
 PSI_FLOOR = 1e-4  # shares are floored so that a class never predicted does not make ln(0)
 CONFIDENCE_DROP = 0.05  # live mean top-class confidence this far below the reference
+# The model refuses ("not a digit") or asks a person ("unsure") more than this many times as often as on
+# its eval split, and by at least REFUSAL_MARGIN: people send it what it was not made for, or their
+# digits changed. A drift signal that needs no labels.
+REFUSAL_RATIO = 2.0
+REFUSAL_MARGIN = 0.05
 QUEUING_P99_THRESHOLD_US = 50_000  # 50 ms waiting for a batch, when predicts themselves take ~10 ms
 LOAD_FAILURE_WINDOW = "15m"
 TRAFFIC_STOPPED_WINDOW = "30m"
@@ -94,6 +99,8 @@ CONFIDENCE_MEAN = f"model_version:digits_confidence:mean_rate{DRIFT_WINDOW}"
 REFERENCE_SHARE = "model_version_class:digits_reference_class_share:max"
 REFERENCE_CONFIDENCE = "model_version:digits_reference_confidence_mean:max"
 PSI = f"model_version:digits_prediction_psi:{DRIFT_WINDOW}"
+REFUSAL_SHARE = f"model_version:digits_refusals:share_rate{DRIFT_WINDOW}"
+REFERENCE_REFUSAL = "model_version:digits_reference_refusals:share"
 FEEDBACK_RATE = f"job_model_version:digits_feedback:rate{ONLINE_WINDOW}"
 ONLINE_ACCURACY = f"job_model_version:digits_online_accuracy:ratio_rate{ONLINE_WINDOW}"
 CORRECTIONS_RATE = f"job_model_version_class:digits_corrections:rate{ONLINE_WINDOW}"  # by predicted and corrected
@@ -261,6 +268,9 @@ def recording_rules() -> list[dict]:
     per_class = _sum(f"{by_job}, predicted_class", _rate(n.PREDICTIONS, DRIFT_WINDOW, ANSWERING))
     confidence = (f"{_sum(by_job, _rate(n.CONFIDENCE + '_sum', DRIFT_WINDOW, ANSWERING))}\n  /\n  "
                   f"{_sum(by_job, _rate(n.CONFIDENCE + '_count', DRIFT_WINDOW, ANSWERING))}")
+    not_accepted = f'{n.DECISION_LABEL}!="{n.DECISION_VALUES[0]}"'
+    refused = _sum(by_job, _rate(n.DECISION_COUNT, DRIFT_WINDOW, f"{ANSWERING},{not_accepted}"))
+    decided = _sum(by_job, _rate(n.DECISION_COUNT, DRIFT_WINDOW, ANSWERING))
     rules += [
         {"record": PREDICTIONS_RATE_BY_JOB, "expr": _sum(by_job, _rate(n.PREDICTIONS, DRIFT_WINDOW, ANSWERING))},
         {"record": PREDICTIONS_RATE, "expr": f"max by ({MODEL_VERSION}) (\n  {busiest}\n)"},
@@ -277,6 +287,13 @@ def recording_rules() -> list[dict]:
                       f'  "predicted_class", "$1", "{n.REFERENCE_CLASS_LABEL}", "(.+)"\n)')},
         {"record": REFERENCE_CONFIDENCE,
          "expr": f"max by ({MODEL_VERSION}) ({n.REFERENCE_CONFIDENCE_MEAN}{{{ANSWERING}}})"},
+        # The share of answers the model would not give alone (unsure, or not a digit), from the busiest job.
+        {"record": REFUSAL_SHARE,
+         "expr": f"max by ({MODEL_VERSION}) (\n  {refused}\n  and on ({by_job})\n  {busiest}\n)\n/ on ({MODEL_VERSION})\n"
+                 f"max by ({MODEL_VERSION}) (\n  {decided}\n  and on ({by_job})\n  {busiest}\n)"},
+        {"record": REFERENCE_REFUSAL,
+         "expr": f"max by ({MODEL_VERSION}) (\n  sum without ({n.DECISION_LABEL}) "
+                 f"({n.REFERENCE_DECISION_SHARE}{{{ANSWERING},{not_accepted}}})\n)"},
         # Population stability index of the predicted classes against the reference: sum over the ten
         # classes of (live - reference) * ln(live / reference). A class never predicted counts as 0
         # (the reference enumerates all ten), floored so that ln stays finite.
@@ -509,6 +526,23 @@ def alerting_rules(runbook_base: str = RUNBOOK_BASE) -> list[dict]:
               "{{ with $labels.namespace }} (namespace {{ . }}){{ end }}: "
               f"mean top-class confidence {{{{ $value | printf \"%.3f\" }}}} over {DRIFT_WINDOW}, more than "
               f"{CONFIDENCE_DROP} below the reference.",
+              runbook_base),
+        alert("DigitsRefusalsHigh",
+              f"{REFUSAL_SHARE}\n"
+              f"> on ({MODEL_VERSION})\n"
+              f"{REFERENCE_REFUSAL} * {REFUSAL_RATIO:g}\n"
+              f"and on ({MODEL_VERSION})\n"
+              f"{REFUSAL_SHARE}\n"
+              f"> on ({MODEL_VERSION})\n"
+              f"{REFERENCE_REFUSAL} + {REFUSAL_MARGIN:g}\n"
+              f"and on ({MODEL_VERSION})\n"
+              f"{PREDICTIONS_RATE} * {WINDOW_SECONDS[DRIFT_WINDOW]}"
+              f" >= {MIN_PREDICTIONS_FOR_DRIFT}", "1h", "warning",
+              "The model refuses or doubts far more answers than on its reference data.",
+              "Model {{ $labels.model_name }} version {{ $labels.model_version }}"
+              "{{ with $labels.namespace }} (namespace {{ . }}){{ end }}: "
+              f"{{{{ $value | humanizePercentage }}}} of the answers over {DRIFT_WINDOW} were \"not a digit\" or "
+              f"\"unsure\", more than {REFUSAL_RATIO:g} times the eval split's share and {REFUSAL_MARGIN:g} above it.",
               runbook_base),
         # Loaded by `digits serve`, or answering through the web app in front of the TF Serving container.
         alert("DigitsReferenceProfileMissing",

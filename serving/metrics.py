@@ -17,12 +17,21 @@ import threading
 from collections import defaultdict
 from collections.abc import Mapping
 
-from components.reference import CLASS_SHARE_KEY, CONFIDENCE_MEAN_KEY, CONFIDENCE_SHARE_KEY, EXAMPLES_KEY
+from components.reference import (
+    CLASS_SHARE_KEY,
+    CONFIDENCE_MEAN_KEY,
+    CONFIDENCE_SHARE_KEY,
+    DECISION_SHARE_KEY,
+    EXAMPLES_KEY,
+)
 from monitoring.names import (  # noqa: F401  (re-exported: serving's code and tests read them from here)
     BATCH_SIZE,
     BATCH_SIZE_BUCKETS,
     CONFIDENCE,
     CONFIDENCE_BUCKETS,
+    DECISION_COUNT,
+    DECISION_LABEL,
+    DECISION_VALUES,
     INPUT_BATCH_SIZE,
     LATENCY_BUCKETS_US,
     LOAD_ATTEMPT_COUNT,
@@ -40,6 +49,7 @@ from monitoring.names import (  # noqa: F401  (re-exported: serving's code and t
     REFERENCE_CLASS_SHARE,
     REFERENCE_CONFIDENCE_BUCKET_SHARE,
     REFERENCE_CONFIDENCE_MEAN,
+    REFERENCE_DECISION_SHARE,
     REFERENCE_EXAMPLES,
     REFUSED_BODY_TIMEOUT,
     REFUSED_BODY_TOO_LARGE,
@@ -156,9 +166,16 @@ class ServingMetrics:
                 self._observe(PADDING_SIZE, (("execution_batch_size", str(stats.batch_size)),), stats.padding)
                 self._count(WRAPPED_RUN_COUNT, ())
 
-    def record_predictions(self, model_name: str, version: int, classes, confidences) -> None:
-        """What the model answered: one count per predicted class and the top-class probability."""
+    def record_predictions(self, model_name: str, version: int, classes, confidences, decisions=None) -> None:
+        """What the model answered: one count per predicted class and the top-class probability, and per
+        decision code (contract.DECISIONS) of a model that decides."""
         with self._lock:
+            if decisions is not None:
+                model = (("model_name", model_name), ("model_version", str(version)))
+                for value in DECISION_VALUES:  # every decision's series from the version's first answer, at 0
+                    self._count(DECISION_COUNT, (*model, (DECISION_LABEL, value)), amount=0)
+                for code in decisions:
+                    self._count(DECISION_COUNT, (*model, (DECISION_LABEL, DECISION_VALUES[int(code)])))
             for predicted, confidence in zip(classes, confidences):
                 self._count(PREDICTIONS, (("model_name", model_name), ("model_version", str(version)),
                                           ("predicted_class", str(int(predicted)))))
@@ -188,7 +205,7 @@ class ServingMetrics:
         Replaces all reference gauges: a version left out (unloaded, or without a valid profile)
         has none, so a drift query never compares live traffic with a version that is gone.
         """
-        class_share, confidence_mean, confidence_share, examples = {}, {}, {}, {}
+        class_share, confidence_mean, confidence_share, examples, decision_share = {}, {}, {}, {}, {}
         for version, profile in profiles.items():
             model = (model_name, str(version))
             for name, share in profile[CLASS_SHARE_KEY].items():
@@ -197,11 +214,14 @@ class ServingMetrics:
                 confidence_share[(*model, le)] = share
             confidence_mean[model] = profile[CONFIDENCE_MEAN_KEY]
             examples[model] = profile[EXAMPLES_KEY]
+            for decision, share in profile.get(DECISION_SHARE_KEY, {}).items():
+                decision_share[(*model, decision)] = share
         with self._lock:
             self._set_gauge(REFERENCE_CLASS_SHARE, ("model_name", "model_version", REFERENCE_CLASS_LABEL), class_share)
             self._set_gauge(REFERENCE_CONFIDENCE_BUCKET_SHARE, ("model_name", "model_version", "le"), confidence_share)
             self._set_gauge(REFERENCE_CONFIDENCE_MEAN, ("model_name", "model_version"), confidence_mean)
             self._set_gauge(REFERENCE_EXAMPLES, ("model_name", "model_version"), examples)
+            self._set_gauge(REFERENCE_DECISION_SHARE, ("model_name", "model_version", DECISION_LABEL), decision_share)
 
     def _set_gauge(self, name: str, labels: tuple[str, ...], samples: dict[tuple, float]) -> None:
         """All samples of a gauge at once; with none, the gauge leaves the page (no empty family)."""

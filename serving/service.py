@@ -98,7 +98,11 @@ class PredictionService:
         probabilities = outputs.get(contract.PROBABILITIES_OUTPUT)
         if probabilities is None or probabilities.ndim != 2:
             return
-        self.metrics.record_predictions(model_name, version, probabilities.argmax(axis=1), probabilities.max(axis=1))
+        decisions = outputs.get(contract.DECISION_OUTPUT)
+        if decisions is not None and decisions.shape != probabilities.shape[:1]:
+            decisions = None  # not a digits model's decision: the classes are still counted
+        self.metrics.record_predictions(model_name, version, probabilities.argmax(axis=1), probabilities.max(axis=1),
+                                        decisions)
 
     def statuses(self, request: ModelRequest) -> list[VersionStatus]:
         return self.manager.statuses(request.name, request.version, request.label)

@@ -38,7 +38,8 @@ PROMETHEUS_SERIES = ("up", "scrape_duration_seconds")  # written by Prometheus f
 PROBE_SERIES = (names.PROBE_SUCCESS, names.PROBE_DURATION)  # written by the blackbox exporter per probe
 # What the model answered: counted by `digits serve` and by the web app in front of any model server.
 ANSWERED = {names.PREDICTIONS, names.CONFIDENCE, names.REFERENCE_CLASS_SHARE, names.REFERENCE_CONFIDENCE_MEAN,
-            names.REFERENCE_CONFIDENCE_BUCKET_SHARE, names.REFERENCE_EXAMPLES}
+            names.REFERENCE_CONFIDENCE_BUCKET_SHARE, names.REFERENCE_EXAMPLES, names.DECISION_COUNT,
+            names.REFERENCE_DECISION_SHARE}
 
 # TF Serving counters carry no `_total`: the declarations of monitoring/names.py say which are counters.
 COUNTERS = {metric.name for metric in names.METRICS.values() if metric.kind == "counter"}

@@ -12,7 +12,13 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from components.reference import CLASS_SHARE_KEY, CONFIDENCE_MEAN_KEY, CONFIDENCE_SHARE_KEY, EXAMPLES_KEY
+from components.reference import (
+    CLASS_SHARE_KEY,
+    CONFIDENCE_MEAN_KEY,
+    CONFIDENCE_SHARE_KEY,
+    DECISION_SHARE_KEY,
+    EXAMPLES_KEY,
+)
 from data.contract import NUM_CLASSES
 from monitoring import names as n
 
@@ -42,6 +48,8 @@ class WebMetrics:
         self.model_server_errors = _declared(n.WEB_MODEL_SERVER_ERRORS,
                                              "Calls to the model server that failed, by reason.", registry)
         self.predictions = _declared(n.PREDICTIONS, "Answers, by predicted digit.", registry)
+        self.decisions = _declared(n.DECISION_COUNT, "Answers, by the model's own verdict (accepted, unsure, "
+                                                     "not a digit).", registry)
         self.confidence = _declared(n.CONFIDENCE, "Probability of the predicted digit.", registry)
         self.feedback = _declared(n.WEB_FEEDBACK,
                                   "Answers people judged: right when predicted_class equals corrected_class.", registry)
@@ -57,15 +65,22 @@ class WebMetrics:
                                                    "Mean top-class confidence on the eval split.", registry)
         self.reference_examples = _declared(n.REFERENCE_EXAMPLES, "Examples the reference profile was made from.",
                                             registry)
+        self.reference_decision_share = _declared(n.REFERENCE_DECISION_SHARE,
+                                                  "Share of each decision on the eval split.", registry)
 
     def request(self, endpoint: str, outcome: str, seconds: float) -> None:
         self.requests.labels(endpoint, outcome).inc()
         self.duration.labels(endpoint, outcome).observe(seconds)
 
-    def prediction(self, model_name: str, version: int, digit: int, confidence: float) -> None:
+    def prediction(self, model_name: str, version: int, digit: int, confidence: float,
+                   decision: str | None = None) -> None:
         self._first_sight(model_name, version)
         self.predictions.labels(model_name, str(version), str(digit)).inc()
         self.confidence.labels(model_name, str(version)).observe(confidence)
+        if decision is not None:
+            for value in n.DECISION_VALUES:  # every decision's series from the version's first verdict, at 0
+                self.decisions.labels(model_name, str(version), value)
+            self.decisions.labels(model_name, str(version), decision).inc()
 
     def judged(self, model_name: str, version: int, predicted: int, corrected: int) -> None:
         self._first_sight(model_name, version)
@@ -97,6 +112,8 @@ class WebMetrics:
             self.reference_confidence_share.labels(*labels, le).set(share)
         self.reference_confidence_mean.labels(*labels).set(profile[CONFIDENCE_MEAN_KEY])
         self.reference_examples.labels(*labels).set(profile[EXAMPLES_KEY])
+        for decision, share in profile.get(DECISION_SHARE_KEY, {}).items():
+            self.reference_decision_share.labels(*labels, decision).set(share)
 
     def drop_reference(self, model_name: str, version: int, profile) -> None:
         """A version the model server no longer serves has no reference (no drift against a gone version)."""
@@ -107,6 +124,8 @@ class WebMetrics:
             self.reference_confidence_share.remove(*labels, le)
         self.reference_confidence_mean.remove(*labels)
         self.reference_examples.remove(*labels)
+        for decision in profile.get(DECISION_SHARE_KEY, {}):
+            self.reference_decision_share.remove(*labels, decision)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -515,6 +515,19 @@ def drift_panels() -> list:
              query(recorded(r.REFERENCE_CONFIDENCE), "reference v{{model_version}}"),
              query(f"{recorded(r.REFERENCE_CONFIDENCE)} - {r.CONFIDENCE_DROP:g}", "alert below v{{model_version}}")],
             width=8), "^(reference|alert).*"),
+        dashed(graph(
+            "Refused or unsure vs reference",
+            f"Share of the answers over {r.DRIFT_WINDOW} that the model called \"not a digit\" or \"unsure\" "
+            "(its decision output: a person should look), per version, against the share on its eval split. "
+            f"DigitsRefusalsHigh fires above the dashed alert line (the larger of {r.REFUSAL_RATIO:g} x the "
+            f"reference and the reference + {r.REFUSAL_MARGIN:g}).",
+            units.PercentUnit,
+            [query(recorded(r.REFUSAL_SHARE), "live v{{model_version}}"),
+             query(recorded(r.REFERENCE_REFUSAL), "reference v{{model_version}}"),
+             query(f"({recorded(r.REFERENCE_REFUSAL)} * {r.REFUSAL_RATIO:g} > {recorded(r.REFERENCE_REFUSAL)} + "
+                   f"{r.REFUSAL_MARGIN:g}) or ({recorded(r.REFERENCE_REFUSAL)} + {r.REFUSAL_MARGIN:g})",
+                   "alert above v{{model_version}}")],
+            width=8), "^(reference|alert).*"),
     ]
 
 
