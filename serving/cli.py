@@ -167,7 +167,8 @@ def _stop_before_serving(signum, frame) -> None:
 @click.option("--show-input", is_flag=True,
               help="Also draw the 28x28 image the model classified (its normalised input), in text.")
 def predict_command(images, rest_url, grpc_target, model_name, version, label, timeout, batch_size, show_input):
-    """Print the predicted digit and its confidence for each image file."""
+    """Print the predicted digit and its confidence for each image file, and the model's verdict when it
+    would not answer alone: "not a digit", or "unsure: 3 or 8 (0.52 / 0.41)" for a person to look at."""
     from serving.client import GrpcClient, RestClient, ServerError
 
     if rest_url and grpc_target:
@@ -188,7 +189,9 @@ def predict_command(images, rest_url, grpc_target, model_name, version, label, t
         raise click.ClickException(f"the server refused: {error}") from None
     width = max(len(str(path)) for path in images)
     for path, answer in zip(images, answers):
-        note = "  no ink found: a guess on an empty image" if answer.blank else ""
+        # The model's guess always; its verdict when it would not answer alone ("not a digit", "unsure: 3 or 8").
+        note = ("  no ink found: a guess on an empty image" if answer.blank
+                else f"  {answer.describe()}" if answer.accepted is False else "")
         click.echo(f"{str(path):<{width}}  {answer.digit}  ({answer.confidence:.3f}){note}")
         if answer.normalized_image is not None:
             click.echo(_text_picture(answer.normalized_image))

@@ -3,13 +3,15 @@
     from serving.client import RestClient, GrpcClient
     client = RestClient("http://127.0.0.1:8501")          # or GrpcClient("127.0.0.1:8500")
     [answer] = client.predict([open("digit.png", "rb").read()])
-    print(answer.digit, answer.confidence)
+    print(answer.digit, answer.confidence, answer.decision)
 
 Both send the `serving_default` signature's `image_bytes`; the server (the Transform
 graph inside the model) does all preprocessing, so clients send the file as it is.
 `predict(images, with_image=True)` uses the `normalized_image` signature instead and also
 returns the 28x28 image the model classified. `answer.blank` is true when the model found
-no ink at all (a blank canvas): its digit is then a guess on an empty image.
+no ink at all (a blank canvas): its digit is then a guess on an empty image. `answer.decision`
+is the model's own verdict ("accepted", "unsure" or "not_a_digit"; serving/answers.py), and
+`answer.describe()` says it in words.
 Many images go in several requests of at most `batch_size` each: TF Serving with
 batching on refuses a request larger than its `max_batch_size` (32 in docker/).
 """
@@ -17,9 +19,9 @@ batching on refuses a request larger than its `max_batch_size` (32 in docker/).
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
 
 from data import contract
+from serving.answers import Answer, BadAnswer, from_grpc, from_rest
 from serving.config import BatchingConfig
 
 DEFAULT_BATCH_SIZE = BatchingConfig.max_batch_size  # the server's and the container's max_batch_size
@@ -34,35 +36,10 @@ class ServerError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Answer:
-    digit: int
-    confidence: float  # the probability of `digit`
-    probabilities: tuple[float, ...]
-    ink_fraction: float | None = None  # None from models older than the ink_fraction output
-    normalized_image: tuple[tuple[float, ...], ...] | None = None  # 28x28 in [0, 1], with with_image=True
-
-    @property
-    def blank(self) -> bool:
-        """The model found no ink in the image (a blank canvas, a uniform photo)."""
-        return self.ink_fraction == 0.0
-
-
 def _chunks(images: list[bytes], batch_size: int) -> list[list[bytes]]:
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     return [images[start:start + batch_size] for start in range(0, len(images), batch_size)]
-
-
-def _answers(probabilities, ink_fractions=None, images=None) -> list[Answer]:
-    answers = []
-    for index, row in enumerate(probabilities):
-        row = tuple(float(value) for value in row)
-        digit = max(range(len(row)), key=row.__getitem__)
-        ink = None if ink_fractions is None else float(ink_fractions[index])
-        image = None if images is None else tuple(tuple(float(v) for v in line) for line in images[index])
-        answers.append(Answer(digit, row[digit], row, ink, image))
-    return answers
 
 
 def _signature(with_image: bool) -> str:
@@ -109,11 +86,11 @@ class RestClient:
         for chunk in _chunks(list(images), self._batch_size):
             body = {"signature_name": _signature(with_image),
                     "instances": [{"b64": base64.b64encode(image).decode("ascii")} for image in chunk]}
-            rows = self._call("POST", url, json=body)["predictions"]
-            inks = [row[contract.INK_FRACTION_OUTPUT] for row in rows] if rows and (
-                contract.INK_FRACTION_OUTPUT in rows[0]) else None
-            pictures = [row[contract.NORMALIZED_IMAGE_OUTPUT] for row in rows] if with_image else None
-            answers.extend(_answers([row[contract.PROBABILITIES_OUTPUT] for row in rows], inks, pictures))
+            document = self._call("POST", url, json=body)
+            try:
+                answers.extend(from_rest(document.get("predictions"), with_image, version))
+            except BadAnswer as error:
+                raise ServerError("BAD_ANSWER", str(error)) from None
         return answers
 
     def status(self, version: int | None = None) -> dict:
@@ -173,11 +150,11 @@ class GrpcClient:
                 dtype=types_pb2.DT_STRING, string_val=chunk,
                 tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(
                     size=len(chunk))])))
-            outputs = self._call(self._predict.Predict, request).outputs
-            inks = outputs.get(contract.INK_FRACTION_OUTPUT)
-            answers.extend(_answers(
-                tensor_floats(outputs[contract.PROBABILITIES_OUTPUT]), None if inks is None else tensor_floats(inks),
-                tensor_floats(outputs[contract.NORMALIZED_IMAGE_OUTPUT]) if with_image else None))
+            response = self._call(self._predict.Predict, request)
+            try:
+                answers.extend(from_grpc(response.outputs, with_image, response.model_spec.version.value or None))
+            except BadAnswer as error:
+                raise ServerError("BAD_ANSWER", str(error)) from None
         return answers
 
     def status(self, version: int | None = None):
@@ -196,13 +173,3 @@ class GrpcClient:
 
     def close(self) -> None:
         self._channel.close()
-
-
-def tensor_floats(tensor):
-    """A float32 TensorProto as a numpy array of its shape (TF Serving fills tensor_content; others float_val)."""
-    import numpy as np
-
-    shape = [dim.size for dim in tensor.tensor_shape.dim]
-    values = (np.frombuffer(tensor.tensor_content, dtype=np.float32) if tensor.tensor_content
-              else np.array(tensor.float_val, dtype=np.float32))
-    return values.reshape(shape)

@@ -42,7 +42,16 @@ def in_process(pushed_model):
 
     (version,) = pushed_model.iterdir()
     signature = tf.saved_model.load(str(version)).signatures[contract.SERVING_SIGNATURE]
-    return lambda images: signature(image_bytes=tf.constant(images))[contract.PROBABILITIES_OUTPUT].numpy()
+
+    class InProcess:
+        def __call__(self, images: list[bytes]) -> np.ndarray:
+            return self.outputs(images)[contract.PROBABILITIES_OUTPUT]
+
+        @staticmethod
+        def outputs(images: list[bytes]) -> dict[str, np.ndarray]:
+            return {name: value.numpy() for name, value in signature(image_bytes=tf.constant(images)).items()}
+
+    return InProcess()
 
 
 def test_rest_and_grpc_answer_as_the_model_does_in_process(model_server, pngs, in_process):
@@ -354,15 +363,28 @@ def test_sigterm_lets_in_flight_requests_finish(pushed_model, pngs, in_process):
 NO_INK_NOTE = "no ink found: a guess on an empty image"
 
 
-def _predicted_lines(stdout: str) -> list[tuple[str, int, float, bool]]:
-    """`digits predict`'s answer lines (`FILE  DIGIT  (CONFIDENCE)`, then the no-ink note if the model found
-    no ink) as (file, digit, confidence, noted)."""
+def _predicted_lines(stdout: str) -> list[tuple[str, int, float, str]]:
+    """`digits predict`'s answer lines (`FILE  DIGIT  (CONFIDENCE)`, then a note if the model found no ink or
+    would not answer alone) as (file, digit, confidence, note)."""
     answers = []
     for line in stdout.splitlines():
         name, digit, confidence, *note = line.split(maxsplit=3)
-        assert note in ([], [NO_INK_NOTE]), line
-        answers.append((name, int(digit), float(confidence.strip("()")), bool(note)))
+        answers.append((name, int(digit), float(confidence.strip("()")), note[0] if note else ""))
     return answers
+
+
+def _expected_note(outputs: dict, index: int) -> str:
+    """The note `digits predict` owes an image, from the model's own outputs in process."""
+    probabilities = outputs[contract.PROBABILITIES_OUTPUT][index]
+    decision = contract.DECISIONS[int(outputs[contract.DECISION_OUTPUT][index])]
+    if outputs[contract.INK_FRACTION_OUTPUT][index] <= 0:
+        return NO_INK_NOTE
+    if decision == "not_a_digit":
+        return "not a digit"
+    if decision == "unsure":
+        first, second = np.argsort(-probabilities, kind="stable")[:2]
+        return f"unsure: {first} or {second} ({probabilities[first]:.2f} / {probabilities[second]:.2f})"
+    return ""
 
 
 def _uniform_png(path: Path) -> Path:
@@ -383,15 +405,17 @@ def test_digits_predict_over_rest_and_grpc(model_server, sample_tree, tmp_path, 
     digits = [sorted((sample_tree / "testing" / str(digit)).iterdir())[0] for digit in range(10)]
     blanks = [_uniform_png(tmp_path / "blank-a.png"), _uniform_png(tmp_path / "blank-b.png")]
     files = [*digits[:3], blanks[0], *digits[3:8], blanks[1], *digits[8:]]
-    probabilities = in_process([path.read_bytes() for path in files])
-    expected = [(str(path), int(row.argmax()), float(row.max()), path in blanks)
-                for path, row in zip(files, probabilities)]
+    outputs = in_process.outputs([path.read_bytes() for path in files])
+    probabilities = outputs[contract.PROBABILITIES_OUTPUT]
+    expected = [(str(path), int(row.argmax()), float(row.max()), _expected_note(outputs, index))
+                for index, (path, row) in enumerate(zip(files, probabilities))]
+    assert [note == NO_INK_NOTE for *_, note in expected] == [path in blanks for path in files]
     for transport in (["--rest", model_server.rest_url], ["--grpc", model_server.grpc_target]):
         result = run_digits("predict", *files, *transport, timeout=120)
         assert result.returncode == 0, result.stderr
         answers = _predicted_lines(result.stdout)
-        assert [(name, digit, noted) for name, digit, _, noted in answers] == \
-            [(name, digit, blank) for name, digit, _, blank in expected]
+        assert [(name, digit, note) for name, digit, _, note in answers] == \
+            [(name, digit, note) for name, digit, _, note in expected]
         np.testing.assert_allclose([answer[2] for answer in answers], [answer[2] for answer in expected],
                                    rtol=0, atol=5e-4 + 1e-5)
 
@@ -405,6 +429,46 @@ def test_digits_predict_over_rest_and_grpc(model_server, sample_tree, tmp_path, 
     assert len(refused.stderr.strip().splitlines()) == 1
     down = run_digits("predict", files[0], "--rest", "http://127.0.0.1:9", timeout=60)
     assert down.returncode == 1 and "cannot reach http://127.0.0.1:9" in down.stderr
+
+
+def test_the_decision_travels_with_the_model_and_every_transport_gives_it(model_server, pushed_model, pngs,
+                                                                         in_process, tmp_path):
+    """The abstention outputs come from constants inside the SavedModel: the thresholds in
+    assets.extra/abstention.json decide exactly what the graph decided in process, and REST, gRPC and
+    the Python clients return the same decisions. Non-digits (made by data/nondigits.py) and a blank
+    image are among the inputs, so every decision the model can make has a chance to appear."""
+    import io
+
+    from PIL import Image
+
+    from components import abstention
+    from data import nondigits
+    from data.sample import encode_png
+    from serving.client import GrpcClient, RestClient
+
+    (version,) = pushed_model.iterdir()
+    point = abstention.read(str(version))
+    assert point is not None and point["eval_examples"] > 0
+    digits = np.stack([np.asarray(Image.open(io.BytesIO(png))) for _, png in pngs])
+    others = [encode_png(image) for images in nondigits.corpus(2, 0, digits).values() for image in images]
+    blank = io.BytesIO()
+    Image.new("L", (28, 28), 200).save(blank, format="PNG")
+    images = [png for _, png in pngs] + others + [blank.getvalue()]
+    outputs = in_process.outputs(images)
+    scores, confidence = outputs[contract.OOD_SCORE_OUTPUT], outputs[contract.CONFIDENCE_OUTPUT]
+    ink, decisions = outputs[contract.INK_FRACTION_OUTPUT], outputs[contract.DECISION_OUTPUT]
+    expected = np.where((scores > point["ood_threshold"]) | (ink <= 0), 2,
+                        np.where(confidence < point["confidence_threshold"], 1, 0))
+    assert decisions.tolist() == expected.tolist()
+    assert decisions[-1] == 2  # no ink: not a digit, whatever the model guessed
+    np.testing.assert_array_equal(outputs[contract.ACCEPTED_OUTPUT], decisions == 0)
+    names = [contract.DECISIONS[code] for code in decisions]
+    for client in (RestClient(model_server.rest_url), GrpcClient(model_server.grpc_target)):
+        answers = client.predict(images)
+        assert [answer.decision for answer in answers] == names
+        assert [answer.accepted for answer in answers] == [name == "accepted" for name in names]
+        np.testing.assert_allclose([answer.calibrated_confidence for answer in answers], confidence, atol=1e-5)
+        np.testing.assert_allclose([answer.ood_score for answer in answers], scores, rtol=1e-5, atol=1e-4)
 
 
 def test_python_client_is_importable_for_users_code(model_server, pngs):

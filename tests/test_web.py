@@ -333,17 +333,23 @@ def _check_counted_as_the_model_servers(before: dict, after: dict, reason: str) 
     assert predictions[0] == predictions[1]
 
 
-NOT_A_DIGITS_ANSWER = "has no probabilities, ink fraction and normalised image"
+NOT_ROWS = "the answer's predictions are not a list of objects"
+NOT_ONE_ROW = "answered for more or fewer images than it was sent"
 # What a model server may answer instead of a digits model's answer: (HTTP status, body, reason, words).
 MALFORMED_REST_ANSWERS = {
-    "no predictions": (200, {"outputs": [WELL_FORMED_ROW]}, "bad_answer", NOT_A_DIGITS_ANSWER),
-    "no rows": (200, {"predictions": []}, "bad_answer", NOT_A_DIGITS_ANSWER),
-    "two rows for one image": (200, {"predictions": [WELL_FORMED_ROW] * 2}, "bad_answer", NOT_A_DIGITS_ANSWER),
-    "a row of numbers": (200, {"predictions": [[0.1] * 10]}, "bad_answer", NOT_A_DIGITS_ANSWER),
+    "no predictions": (200, {"outputs": [WELL_FORMED_ROW]}, "bad_answer", NOT_ROWS),
+    "no rows": (200, {"predictions": []}, "bad_answer", NOT_ONE_ROW),
+    "two rows for one image": (200, {"predictions": [WELL_FORMED_ROW] * 2}, "bad_answer", NOT_ONE_ROW),
+    "a row of numbers": (200, {"predictions": [[0.1] * 10]}, "bad_answer", NOT_ROWS),
+    "no ink fraction": (200, {"predictions": [{name: value for name, value in WELL_FORMED_ROW.items()
+                                               if name != contract.INK_FRACTION_OUTPUT}]},
+                        "bad_answer", "has no 'ink_fraction'"),
     "nine probabilities": (200, {"predictions": [{**WELL_FORMED_ROW, contract.PROBABILITIES_OUTPUT: [0.1] * 9}]},
-                           "bad_answer", "9 probabilities and a 28-row image; expected 10 and 28"),
+                           "bad_answer", "9 probabilities; expected 10"),
     "a 27-row image": (200, {"predictions": [{**WELL_FORMED_ROW, contract.NORMALIZED_IMAGE_OUTPUT: [[0.0] * 28] * 27}]},
-                       "bad_answer", "10 probabilities and a 27-row image"),
+                       "bad_answer", "normalised image is not 28x28"),
+    "a decision no model makes": (200, {"predictions": [{**WELL_FORMED_ROW, contract.DECISION_OUTPUT: 7}]},
+                                  "bad_answer", "decision 7 is none of"),
     "text for numbers": (200, {"predictions": [{**WELL_FORMED_ROW, contract.PROBABILITIES_OUTPUT: ["high"] * 10}]},
                          "bad_answer", "is not a digits model's"),
     # TF Serving writes a broken model's NaN as it is: valid to Python's json, not to the page's JSON.parse.
@@ -477,18 +483,18 @@ GRPC_WELL_FORMED = {contract.PROBABILITIES_OUTPUT: (WELL_FORMED_ROW[contract.PRO
                     contract.NORMALIZED_IMAGE_OUTPUT: ([0.0] * 28 * 28, [1, 28, 28])}
 # What a model server may answer over gRPC instead of a digits model's answer: (outputs, reason, words).
 MALFORMED_GRPC_ANSWERS = {
-    "no outputs": ({}, "bad_answer", NOT_A_DIGITS_ANSWER),
+    "no outputs": ({}, "bad_answer", "has no 'probabilities'"),
     "no normalised image": ({name: GRPC_WELL_FORMED[name] for name in (contract.PROBABILITIES_OUTPUT,
                                                                         contract.INK_FRACTION_OUTPUT)},
-                            "bad_answer", NOT_A_DIGITS_ANSWER),
+                            "bad_answer", "has no 'normalized_image'"),
     "nine probabilities": ({**GRPC_WELL_FORMED, contract.PROBABILITIES_OUTPUT: ([0.1] * 9, [1, 9])},
-                           "bad_answer", "9 probabilities and a 28-row image; expected 10 and 28"),
+                           "bad_answer", "9 probabilities; expected 10"),
     "a 27-row image": ({**GRPC_WELL_FORMED, contract.NORMALIZED_IMAGE_OUTPUT: ([0.0] * 27 * 28, [1, 27, 28])},
-                       "bad_answer", "10 probabilities and a 27-row image"),
+                       "bad_answer", "normalised image is not 28x28"),
     "values that do not fill the shape": ({**GRPC_WELL_FORMED, contract.PROBABILITIES_OUTPUT: ([0.1] * 10, [1, 12])},
-                                          "bad_answer", NOT_A_DIGITS_ANSWER),
+                                          "bad_answer", "an output holds 10 values for the shape [1, 12]"),
     "strings for numbers": ({**GRPC_WELL_FORMED, contract.PROBABILITIES_OUTPUT: ([b"high"] * 10, [1, 10])},
-                            "bad_answer", NOT_A_DIGITS_ANSWER),
+                            "bad_answer", "an output of type DT_STRING, not a number"),
     "NaN probabilities": ({**GRPC_WELL_FORMED, contract.PROBABILITIES_OUTPUT: ([math.nan] * 10, [1, 10])},
                           "bad_answer", "not numbers (NaN or infinity)"),
     "an internal error": ("INTERNAL", "error", "answered INTERNAL: scripted failure"),

@@ -119,7 +119,7 @@ def _answer(page, action) -> tuple[bytes, dict]:
 def _shown(page) -> dict:
     """What the page shows: the digit, the ten bars (digit, text, width), the version and the 28x28 image."""
     return page.evaluate("""() => ({
-        digit: document.querySelector('#announce strong').textContent,
+        digit: document.querySelector('#announce strong')?.textContent ?? null,
         announce: document.querySelector('#announce').textContent,
         bars: [...document.querySelectorAll('#bars li')].map((li) => ({
             digit: li.dataset.digit, pct: li.querySelector('.pct').textContent, top: li.classList.contains('top'),
@@ -136,8 +136,15 @@ def _check_page_shows(page, sent: bytes, answer: dict, model_server) -> None:
     assert answer["digit"] == direct.digit
     assert answer["probabilities"] == pytest.approx(direct.probabilities, abs=1e-6)
     shown = _shown(page)
-    assert shown["digit"] == str(direct.digit)
-    assert f"{100 * direct.confidence:.1f}%" in shown["announce"]
+    # What the page says depends on what the model decided (test_the_page_says_what_the_model_decided...).
+    assert answer["decision"] == direct.decision
+    if direct.decision == "not_a_digit":
+        assert shown["digit"] is None and shown["announce"].startswith("That does not look like a digit")
+    elif direct.decision == "unsure":
+        assert shown["digit"] == str(direct.digit) and shown["announce"].startswith("Not sure: is it")
+    else:
+        assert shown["digit"] == str(direct.digit)
+        assert f"{100 * direct.confidence:.1f}%" in shown["announce"]
     assert [bar["pct"] for bar in shown["bars"]] == [f"{100 * p:.1f}%" for p in direct.probabilities]
     assert [bar["top"] for bar in shown["bars"]] == [d == direct.digit for d in range(10)]
     assert shown["bars"][direct.digit]["note"] == " (the model's answer)"  # marked by more than colour
@@ -309,10 +316,12 @@ def test_a_correction_is_stored(app, open_page, feedback_dir):
     page = open_page(app.url)
     _, answer = _answer(page, lambda: draw(page, SEVEN))
     wrong = (answer["digit"] + 1) % 10
-    assert page.locator(f"#digits button[data-digit='{answer['digit']}']").is_disabled()
+    # The model's own digit is offered unless it said the drawing is not a digit at all.
+    assert page.locator(f"#digits button[data-digit='{answer['digit']}']").is_disabled() == (
+        answer["decision"] != "not_a_digit")
     page.locator(f"#digits button[data-digit='{wrong}']").click()
     page.wait_for_function("() => document.querySelector('#feedback-status').classList.contains('ok')")
-    assert f"saved as a {wrong}" in page.locator("#feedback-status").text_content()
+    assert f"saved as {'an' if wrong == 8 else 'a'} {wrong}" in page.locator("#feedback-status").text_content()
     assert all(button.is_disabled() for button in page.locator("#feedback button").all())
     lines = [json.loads(line) for line in (feedback_dir / LOG_NAME).read_text().splitlines()]
     [line] = [line for line in lines if line["corrected"] == wrong and line["predicted"] == answer["digit"]][-1:]
@@ -346,13 +355,16 @@ def test_keyboard_only(app, open_page, sample_tree):
     assert page.evaluate("document.activeElement.id") == "upload"
     assert page.get_by_label("Upload an image").evaluate("(input) => input.id") == "upload"
     assert page.evaluate("document.activeElement.type") == "file"
-    _answer(page, lambda: page.locator("#upload:focus").set_input_files(str(path)))
+    _, answer = _answer(page, lambda: page.locator("#upload:focus").set_input_files(str(path)))
     assert page.locator("#announce").get_attribute("aria-live") == "polite"
-    for _ in range(20):
+    # "Yes, it is a 2", or, where the model said it is no digit at all, the digit's own button.
+    focused = ("document.activeElement.id === 'right'" if answer["decision"] != "not_a_digit"
+               else f"document.activeElement.dataset.digit === '{answer['digit']}'")
+    for _ in range(30):
         page.keyboard.press("Tab")
-        if page.evaluate("document.activeElement.id") == "right":
+        if page.evaluate(focused):
             break
-    assert page.evaluate("document.activeElement.id") == "right"
+    assert page.evaluate(focused)
     page.keyboard.press("Enter")
     page.wait_for_function("() => document.querySelector('#feedback-status').classList.contains('ok')")
     assert "noted as right" in page.locator("#feedback-status").text_content()
@@ -452,3 +464,61 @@ def test_a_correction_on_the_page_reaches_the_next_served_model(open_page, pushe
         _, again = _answer(page, lambda: draw(page, SEVEN))
         assert again["model_version"] == new_version
         assert page.locator("#model-version").get_attribute("data-version") == str(new_version)
+
+
+# The model's verdicts as a scripted model server answers them (TF Serving's REST rows, with the
+# abstention outputs): what the page must say and let the person do for each.
+VERDICT_ROW = {"probabilities": [0.0, 0.01, 0.01, 0.52, 0.01, 0.01, 0.01, 0.01, 0.41, 0.01], "ink_fraction": 0.12,
+               "normalized_image": [[0.0] * 28] * 28, "ood_score": -4.1, "confidence": 0.55}
+VERDICTS = {
+    "accepted": ("It is a 3 (52.0% sure).", "Yes, it is a 3", True),
+    "unsure": ("Not sure: is it a 3 or an 8?", "It is a 3", True),
+    "not_a_digit": ("That does not look like a digit. If it is one, which is it?", None, False),
+}
+
+
+@pytest.fixture(scope="module")
+def scripted_page_app(tmp_path_factory):
+    """`digits web` in front of a scripted TF Serving REST API whose answer each test sets."""
+    from test_web import ScriptedModelServer
+
+    feedback = tmp_path_factory.mktemp("verdicts")
+    with ScriptedModelServer([[1]], {1}) as server, \
+            start_web("--serving-url", server.url, "--feedback-dir", feedback) as web_app:
+        yield server, web_app, feedback
+
+
+@pytest.mark.parametrize("verdict", list(VERDICTS))
+def test_the_page_says_what_the_model_decided_and_asks_when_it_is_not_sure(scripted_page_app, open_page, sample_tree,
+                                                                          verdict):
+    """"It is a 3", "Not sure: is it a 3 or an 8?", "That does not look like a digit": painted, in its
+    place, with the buttons the person needs (for a non-digit, every digit and no "it is a 3"), and a
+    correction logged with the decision it corrected."""
+    from data import contract
+
+    server, web_app, feedback = scripted_page_app
+    server.answer = (200, json.dumps({"predictions": [{**VERDICT_ROW, "decision": contract.DECISIONS.index(verdict),
+                                                       "accepted": verdict == "accepted"}]}))
+    page = open_page(web_app.url, **PHONE)
+    path = sorted((sample_tree / "testing" / "3").iterdir())[0]
+    _, answer = _answer(page, lambda: page.locator("#upload").set_input_files(str(path)))
+    assert answer["decision"] == verdict and answer["runner_up"] == 8
+    said, right_button, predicted_disabled = VERDICTS[verdict]
+    announce = _painted(page, "#announce")
+    assert page.locator("#announce").text_content() == said
+    assert announce["onTop"] and announce["visibility"] == "visible" and announce["opacity"] == "1", announce
+    assert 0 <= announce["left"] and announce["right"] <= announce["screenWidth"] and announce["height"] > 10, announce
+    right = page.locator("#right")
+    if right_button is None:
+        assert right.is_hidden()
+    else:
+        assert right.is_visible() and right.text_content() == right_button and right.is_enabled()
+    assert page.locator("#digits button[data-digit='3']").is_disabled() == predicted_disabled
+    assert page.locator("#digits button[data-digit='8']").is_enabled()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"verdict-{verdict}.png"), full_page=True)
+    page.locator("#digits button[data-digit='8']").click()
+    page.wait_for_function("() => document.querySelector('#feedback-status').classList.contains('ok')")
+    assert "saved as an 8" in page.locator("#feedback-status").text_content()
+    logged = json.loads((feedback / LOG_NAME).read_text().splitlines()[-1])
+    assert (logged["predicted"], logged["corrected"], logged["decision"]) == (3, 8, verdict)

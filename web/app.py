@@ -126,6 +126,11 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
+def _article(digit: int) -> str:
+    """"an 8", "a 3": the digit's name as said."""
+    return "an" if digit == 8 else "a"
+
+
 def _json(document: dict, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(document), status=status, content_type="application/json",
                         headers={"Cache-Control": "no-store"})
@@ -179,7 +184,7 @@ class WebApp:
         await self._reference(prediction.model_version)
         answer_id = self.recent.add(prediction)
         self.metrics.prediction(self.config.model_name, prediction.model_version, prediction.digit,
-                                prediction.confidence)
+                                prediction.confidence, prediction.decision)
         self.metrics.request(n.WEB_PREDICT_ENDPOINT, "ok", time.perf_counter() - started)
         return _json({
             "id": answer_id,
@@ -187,6 +192,11 @@ class WebApp:
             "confidence": prediction.confidence,
             "probabilities": list(prediction.probabilities),
             "ink_fraction": prediction.ink_fraction,
+            # The model's own verdict (contract.DECISIONS), None from models without it; the page asks
+            # the person when it is not "accepted".
+            "decision": prediction.decision,
+            "calibrated_confidence": prediction.calibrated_confidence,
+            "runner_up": prediction.runner_up,
             # What the model classified, as 8-bit gray rows (ink light), straight from its normalized_image output.
             "normalized_image": [[round(min(max(value, 0.0), 1.0) * 255) for value in row]
                                  for row in prediction.normalized_image],
@@ -205,7 +215,7 @@ class WebApp:
                                         "came since): classify the digit again, then correct it", "expired")
             earlier = self.recent.judged(answer_id)
             if earlier is not None:
-                verdict = "right" if earlier == prediction.digit else f"a {earlier}"
+                verdict = "right" if earlier == prediction.digit else f"{_article(earlier)} {earlier}"
                 raise RequestError(409, f"this answer was already judged (as {verdict})", "already_judged")
             right = digit == prediction.digit
             stored = None
@@ -214,7 +224,7 @@ class WebApp:
                     stored = await asyncio.to_thread(
                         self.feedback.add, prediction.normalized_image, predicted=prediction.digit, corrected=digit,
                         confidence=prediction.confidence, model_name=self.config.model_name,
-                        model_version=prediction.model_version)
+                        model_version=prediction.model_version, decision=prediction.decision)
                 except OSError as error:
                     log.error("cannot store a correction in %s: %s", self.config.feedback_dir, error)
                     raise RequestError(500, "the correction could not be saved (the server's feedback directory "
@@ -228,7 +238,7 @@ class WebApp:
         if right:
             return _json({"right": True, "stored": False, "message": f"Thanks: {digit} noted as right."})
         return _json({"right": False, "stored": True, "duplicate": stored.duplicate, "image": stored.image,
-                      "message": f"Thanks: saved as a {digit} for the next training run."})
+                      "message": f"Thanks: saved as {_article(digit)} {digit} for the next training run."})
 
     async def _feedback_request(self, request: web.Request) -> tuple[str, int]:
         body = await self._read(request, 4096)

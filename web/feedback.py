@@ -48,6 +48,10 @@ class Correction:
     image: str  # path of the stored PNG, relative to the feedback directory
     sha256: str  # of the stored PNG
     duplicate: bool  # this image was already stored (under this or another digit)
+    # The model's own verdict on the answer corrected (contract.DECISIONS: a correction of an "unsure"
+    # answer is the model asking, one of an "accepted" answer a confident mistake); None from models
+    # without abstention outputs.
+    decision: str | None = None
 
 
 def digit_png(normalized_image) -> bytes:
@@ -82,7 +86,7 @@ class FeedbackStore:
         return resolved
 
     def add(self, normalized_image, *, predicted: int, corrected: int, confidence: float, model_name: str,
-            model_version: int) -> Correction:
+            model_version: int, decision: str | None = None) -> Correction:
         """Stores the image the model classified as a `corrected` digit and appends the log line."""
         if isinstance(corrected, bool) or not (isinstance(corrected, int) and 0 <= corrected < contract.NUM_CLASSES):
             raise ValueError(f"the corrected digit must be 0-{contract.NUM_CLASSES - 1}, got {corrected!r}")
@@ -109,7 +113,7 @@ class FeedbackStore:
                 time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), model_name=model_name,
                 model_version=int(model_version), predicted=int(predicted), corrected=corrected,
                 confidence=round(float(confidence), 6), image=target.relative_to(self.root.resolve()).as_posix(),
-                sha256=digest, duplicate=duplicate)
+                sha256=digest, duplicate=duplicate, decision=decision)
             self._append(json.dumps(asdict(record), sort_keys=True))
         return record
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import time
-from dataclasses import dataclass
 
 from data import contract
+from serving.answers import Answer, BadAnswer, from_grpc, from_rest
 
 # Why a call failed, as the `reason` label of the model-server error counter and in messages.
 UNAVAILABLE = "unavailable"  # not reachable, refused, or it says it is unavailable / has no version
@@ -35,36 +34,21 @@ class ModelServerError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Prediction:
-    digit: int
-    confidence: float
-    probabilities: tuple[float, ...]
-    ink_fraction: float
-    normalized_image: tuple[tuple[float, ...], ...]  # 28x28, ink light, in [0, 1]
-    model_version: int
-
-    @property
-    def blank(self) -> bool:
-        return self.ink_fraction <= 0.0
+# What the web backend gets back: the shared decoder's answer (serving/answers.py), with the
+# normalised image and the version that answered always present.
+Prediction = Answer
 
 
-def _prediction(probabilities, ink_fraction, image, version: int) -> Prediction:
+def _decoded(decode, payload, version: int) -> Prediction:
     try:
-        row = tuple(float(value) for value in probabilities)
-        picture = tuple(tuple(float(value) for value in line) for line in image)
-        ink = float(ink_fraction)
-    except (TypeError, ValueError) as error:
+        [answer] = decode(payload, with_image=True, model_version=version)
+    except BadAnswer as error:
         raise ModelServerError(BAD_ANSWER, f"the model server's answer is not a digits model's: {error}") from None
-    size = contract.NORMALIZED_IMAGE_SIZE
-    if len(row) != contract.NUM_CLASSES or len(picture) != size or any(len(line) != size for line in picture):
-        raise ModelServerError(BAD_ANSWER, f"the model server's answer has {len(row)} probabilities and a "
-                                           f"{len(picture)}-row image; expected {contract.NUM_CLASSES} and {size}")
-    if not all(math.isfinite(value) for value in (*row, ink, *(value for line in picture for value in line))):
-        raise ModelServerError(BAD_ANSWER, "the model server's answer has values that are not numbers (NaN or "
-                                           "infinity): is the model broken?")
-    digit = max(range(len(row)), key=row.__getitem__)
-    return Prediction(digit, row[digit], row, ink, picture, version)
+    except ValueError:
+        raise ModelServerError(BAD_ANSWER, "the model server answered for more or fewer images than it was sent") from None
+    if answer.ink_fraction is None:
+        raise ModelServerError(BAD_ANSWER, f"the model server's answer has no {contract.INK_FRACTION_OUTPUT!r}")
+    return answer
 
 
 class RestModelServer:
@@ -155,14 +139,7 @@ class RestModelServer:
                 continue  # the version was unloaded since it was read: ask which is newest now
             if status != 200:
                 raise _http_error(status, document)
-            try:
-                [row] = document["predictions"]
-                return _prediction(row[contract.PROBABILITIES_OUTPUT], row[contract.INK_FRACTION_OUTPUT],
-                                   row[contract.NORMALIZED_IMAGE_OUTPUT], version)
-            except (KeyError, TypeError, ValueError):
-                raise ModelServerError(BAD_ANSWER, "the model server's answer has no probabilities, ink fraction "
-                                                   "and normalised image (is it a digits model, exported with the "
-                                                   f"{contract.NORMALIZED_SIGNATURE} signature?)") from None
+            return _decoded(from_rest, document.get("predictions"), version)
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
@@ -250,17 +227,7 @@ class GrpcModelServer:
             dtype=types_pb2.DT_STRING, string_val=[image],
             tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)])))
         response = await self._call(stub.Predict, request)
-        from serving.client import tensor_floats as _floats
-
-        try:
-            outputs = response.outputs
-            probabilities = _floats(outputs[contract.PROBABILITIES_OUTPUT])[0]
-            ink = _floats(outputs[contract.INK_FRACTION_OUTPUT])[0]
-            picture = _floats(outputs[contract.NORMALIZED_IMAGE_OUTPUT])[0]
-        except (KeyError, IndexError, ValueError):
-            raise ModelServerError(BAD_ANSWER, "the model server's answer has no probabilities, ink fraction and "
-                                               "normalised image") from None
-        return _prediction(probabilities, ink, picture, response.model_spec.version.value)
+        return _decoded(from_grpc, response.outputs, response.model_spec.version.value)
 
     async def close(self) -> None:
         if self._channel is not None:

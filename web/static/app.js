@@ -216,6 +216,7 @@
   // -- the answer ----------------------------------------------------------------------------------
 
   const percent = (p) => `${(100 * p).toFixed(1)}%`;
+  const a = (digit) => (digit === 8 ? "an" : "a"); // "an 8", "a 3"
 
   function buildBars() {
     for (let digit = 0; digit < 10; digit++) {
@@ -229,7 +230,7 @@
       button.type = "button";
       button.textContent = String(digit);
       button.dataset.digit = String(digit);
-      button.setAttribute("aria-label", `It is a ${digit}`);
+      button.setAttribute("aria-label", `It is ${a(digit)} ${digit}`);
       button.addEventListener("click", () => sendFeedback(digit));
       digitButtons.appendChild(button);
     }
@@ -238,11 +239,23 @@
   function show(body) {
     answer = body;
     errorBox.hidden = true;
+    // The model's own verdict (models without one answer everything: "accepted").
+    const verdict = body.decision || "accepted";
+    document.body.dataset.decision = verdict;
     announce.innerHTML = "";
-    announce.append("It is a ");
-    const strong = document.createElement("strong");
-    strong.textContent = String(body.digit);
-    announce.append(strong, ` (${percent(body.confidence)} sure).`);
+    const strong = (digit) => {
+      const element = document.createElement("strong");
+      element.textContent = String(digit);
+      return element;
+    };
+    if (verdict === "not_a_digit") {
+      announce.append("That does not look like a digit. If it is one, which is it?");
+    } else if (verdict === "unsure") {
+      announce.append(`Not sure: is it ${a(body.digit)} `, strong(body.digit), ` or ${a(body.runner_up)} `,
+        strong(body.runner_up), "?");
+    } else {
+      announce.append(`It is ${a(body.digit)} `, strong(body.digit), ` (${percent(body.confidence)} sure).`);
+    }
     for (const item of bars.children) {
       const digit = Number(item.dataset.digit), p = body.probabilities[digit];
       item.dataset.probability = String(p);
@@ -256,9 +269,12 @@
     versionText.dataset.version = String(body.model_version);
     document.body.dataset.answerId = body.id;
     elapsedText.textContent = `${Math.round(body.elapsed_ms)} ms`;
-    rightButton.textContent = `Yes, it is a ${body.digit}`;
-    rightButton.disabled = false;
-    for (const button of digitButtons.children) button.disabled = Number(button.dataset.digit) === body.digit;
+    rightButton.textContent = `${verdict === "accepted" ? "Yes, it" : "It"} is ${a(body.digit)} ${body.digit}`;
+    rightButton.hidden = verdict === "not_a_digit";
+    rightButton.disabled = verdict === "not_a_digit";
+    for (const button of digitButtons.children) {
+      button.disabled = verdict !== "not_a_digit" && Number(button.dataset.digit) === body.digit;
+    }
     feedbackStatus.textContent = "";
     feedbackStatus.className = "small";
     details.hidden = false;
