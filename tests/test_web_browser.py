@@ -514,6 +514,8 @@ def test_the_page_says_what_the_model_decided_and_asks_when_it_is_not_sure(scrip
     else:
         assert right.is_visible() and right.text_content() == right_button and right.is_enabled()
     assert page.locator("#digits button[data-digit='3']").is_disabled() == predicted_disabled
+    assert page.locator("#wrong-label").text_content() == ("Wrong? It is a:" if verdict == "accepted"
+                                                           else "Which digit is it?")
     assert page.locator("#digits button[data-digit='8']").is_enabled()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"verdict-{verdict}.png"), full_page=True)

@@ -271,6 +271,8 @@
     elapsedText.textContent = `${Math.round(body.elapsed_ms)} ms`;
     rightButton.textContent = `${verdict === "accepted" ? "Yes, it" : "It"} is ${a(body.digit)} ${body.digit}`;
     rightButton.hidden = verdict === "not_a_digit";
+    // The model asked (unsure) or refused: the person is asked for the digit, not told the model was wrong.
+    $("wrong-label").textContent = verdict === "accepted" ? "Wrong? It is a:" : "Which digit is it?";
     rightButton.disabled = verdict === "not_a_digit";
     for (const button of digitButtons.children) {
       button.disabled = verdict !== "not_a_digit" && Number(button.dataset.digit) === body.digit;
