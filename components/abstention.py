@@ -17,7 +17,7 @@ Fitted by the Trainer once the model is trained, exported inside the SavedModel 
 `benchmarks/abstention.py` measured this against the alternatives side by side (the top-class
 probability, temperature scaling, Mahalanobis distance and k nearest neighbours on the features,
 combinations; docs/abstention.md). This module owns the decision codes, the fitted constants and the
-file the run report reads them from. Fitting is numpy; TensorFlow is imported only by `outputs`.
+file the run report reads them from. Fitting is numpy; TensorFlow is imported only by `outputs` and `write`.
 """
 
 from __future__ import annotations
