@@ -67,6 +67,10 @@ ASSETS_EXTRA_DIR = "assets.extra"
 # The accuracy metric's name, the same in Keras' training history ("val_" + it for the eval split),
 # in TFMA's results (the blessing gate) and in the run report.
 ACCURACY_METRIC = "sparse_categorical_accuracy"
+# TFMA's selective-prediction metrics at the exported operating point (pipeline/selective_metrics.py):
+# the share of test digits accepted, and the error among them; gated and in the run report.
+COVERAGE_METRIC = "coverage"
+SELECTIVE_ERROR_METRIC = "selective_error"
 
 
 def transformed_name(key: str) -> str:

@@ -96,6 +96,14 @@ def _training_options(command):
                      help="Recall every digit needs on the held-out split."),
         click.option("--max-class-recall-drop", type=float, default=BlessingGates.max_class_recall_drop,
                      show_default=True, help="How far any digit's recall may fall below the latest blessed model's."),
+        click.option("--min-coverage", type=float, default=BlessingGates.min_coverage, show_default=True,
+                     help="Share of held-out digits the model must answer without a person (its exported decision)."),
+        click.option("--max-coverage-drop", type=float, default=BlessingGates.max_coverage_drop, show_default=True,
+                     help="How far that share may fall below the latest blessed model's."),
+        click.option("--max-selective-error", type=float, default=BlessingGates.max_selective_error,
+                     show_default=True, help="Error allowed among the answers the model gives without a person."),
+        click.option("--max-selective-error-rise", type=float, default=BlessingGates.max_selective_error_rise,
+                     show_default=True, help="How far that error may rise above the latest blessed model's."),
         click.option("--no-cache", is_flag=True, help="Re-run every component instead of reusing cached outputs."),
         click.option("--beam-profile", type=click.Choice(list(beam.PROFILES)), default=beam.DEFAULT_PROFILE,
                      show_default=True, help="Where the Beam components (ExampleGen, StatisticsGen, Transform, "
@@ -137,7 +145,10 @@ def _configs(options: dict, train_examples: int, **locations) -> PipelineConfig:
             train_examples=train_examples, model_name=options["model_name"],
             gates=BlessingGates(min_accuracy=options["min_accuracy"], max_accuracy_drop=options["max_accuracy_drop"],
                                 min_class_recall=options["min_class_recall"],
-                                max_class_recall_drop=options["max_class_recall_drop"]),
+                                max_class_recall_drop=options["max_class_recall_drop"],
+                                min_coverage=options["min_coverage"], max_coverage_drop=options["max_coverage_drop"],
+                                max_selective_error=options["max_selective_error"],
+                                max_selective_error_rise=options["max_selective_error_rise"]),
             trainer=trainer, enable_cache=not options["no_cache"], beam_pipeline_args=beam_args, **locations,
         )
     except ValueError as error:

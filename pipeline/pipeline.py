@@ -16,6 +16,7 @@ from components.config import CODE_FINGERPRINT_KEY
 from data import contract
 from pipeline.anomalies_gate import AnomaliesGate
 from pipeline.config import BlessingGates, PipelineConfig
+from pipeline import selective_metrics
 from pipeline.pusher import DeduplicatingPusherExecutor
 
 PREPROCESSING_FN = "components.transform.preprocessing_fn"
@@ -134,6 +135,21 @@ def _gate(slicing_spec: tfma.SlicingSpec, at_least: float, allowed_drop: float) 
     )
 
 
+def _ceiling(slicing_spec: tfma.SlicingSpec, at_most: float, allowed_rise: float) -> tfma.PerSliceMetricThreshold:
+    """On one slice, for a metric where lower is better: an absolute ceiling, and no rise against the
+    latest blessed model larger than allowed."""
+    return tfma.PerSliceMetricThreshold(
+        slicing_specs=[slicing_spec],
+        threshold=tfma.MetricThreshold(
+            value_threshold=tfma.GenericValueThreshold(upper_bound={"value": at_most}),
+            change_threshold=tfma.GenericChangeThreshold(
+                direction=tfma.MetricDirection.LOWER_IS_BETTER,
+                absolute={"value": max(allowed_rise, 1e-10)},
+            ),
+        ),
+    )
+
+
 def label_slice(digit: int) -> tfma.SlicingSpec:
     """The test examples of one digit: accuracy there is that digit's recall at the argmax."""
     return tfma.SlicingSpec(feature_values={contract.LABEL_KEY: str(digit)})
@@ -142,29 +158,44 @@ def label_slice(digit: int) -> tfma.SlicingSpec:
 def gates_from_eval_config(config: tfma.EvalConfig) -> BlessingGates | None:
     """The gates an EvalConfig made by `eval_config` carries (the run report reads them back from
     the Evaluator's configuration in MLMD); None if it has no accuracy thresholds."""
-    overall, per_digit = None, None
+    overall, per_digit, coverage, selective = None, None, None, None
+
+    def allowed(change: float) -> float:
+        # eval_config floors an allowed change of 0 at 1e-10 (see _gate); read it back as 0.
+        change = abs(change)
+        return 0.0 if change <= 1e-9 else change
+
     for spec in config.metrics_specs:
         for metric in spec.metrics:
-            if metric.class_name != "SparseCategoricalAccuracy":
-                continue
             for gate in metric.per_slice_thresholds:
-                bar = gate.threshold.value_threshold.lower_bound.value
-                # eval_config floors an allowed drop of 0 at 1e-10 (see _gate); read it back as 0.
-                drop = -gate.threshold.change_threshold.absolute.value
-                drop = 0.0 if drop <= 1e-9 else drop
-                if any(not s.feature_keys and not s.feature_values for s in gate.slicing_specs):
-                    overall = (bar, drop)
+                bounds = gate.threshold.value_threshold
+                change = allowed(gate.threshold.change_threshold.absolute.value)
+                if metric.class_name == selective_metrics.SelectiveError.__name__:
+                    selective = (bounds.upper_bound.value, change)
+                elif metric.class_name == selective_metrics.Coverage.__name__:
+                    coverage = (bounds.lower_bound.value, change)
+                elif metric.class_name != "SparseCategoricalAccuracy":
+                    continue
+                elif any(not s.feature_keys and not s.feature_values for s in gate.slicing_specs):
+                    overall = (bounds.lower_bound.value, change)
                 elif per_digit is None:
-                    per_digit = (bar, drop)
+                    per_digit = (bounds.lower_bound.value, change)
     if overall is None or per_digit is None:
         return None
+    # An Evaluator configured before the selective gates existed had none: report the defaults' absence
+    # as no bar at all rather than as today's defaults.
+    coverage = coverage or (0.0, 1.0)
+    selective = selective or (1.0, 1.0)
     return BlessingGates(min_accuracy=overall[0], max_accuracy_drop=overall[1],
-                         min_class_recall=per_digit[0], max_class_recall_drop=per_digit[1])
+                         min_class_recall=per_digit[0], max_class_recall_drop=per_digit[1],
+                         min_coverage=coverage[0], max_coverage_drop=coverage[1],
+                         max_selective_error=selective[0], max_selective_error_rise=selective[1])
 
 
 def eval_config(gates: BlessingGates) -> tfma.EvalConfig:
-    """Held-out metrics: accuracy overall and per digit (the blessing gates), per-class precision,
-    recall and F1, and the confusion matrix."""
+    """Held-out metrics: accuracy overall and per digit, coverage and the error among accepted answers
+    at the exported operating point (the blessing gates), per-class precision, recall and F1, and the
+    confusion matrix."""
     # Argmax-based per-class metrics: top_k=1 sets every other class's score to -inf. The explicit
     # threshold 0 matters: with top_k, TFMA's default threshold is -inf, and then every example
     # counts as a positive for every class (precision = class share, recall = 1). They are reported,
@@ -190,6 +221,18 @@ def eval_config(gates: BlessingGates) -> tfma.EvalConfig:
               for digit in range(contract.NUM_CLASSES)),
         ],
     )
+    # Selective prediction reads two outputs (`decision` and `probabilities`): TFMA hands a custom
+    # metric the model's whole output dict; prediction_key only picks the one the standard metrics see.
+    overall = tfma.SlicingSpec()
+    selective = [
+        tfma.MetricConfig(class_name=selective_metrics.Coverage.__name__, module=selective_metrics.__name__,
+                          config=json.dumps({"name": contract.COVERAGE_METRIC}),
+                          per_slice_thresholds=[_gate(overall, gates.min_coverage, gates.max_coverage_drop)]),
+        tfma.MetricConfig(class_name=selective_metrics.SelectiveError.__name__, module=selective_metrics.__name__,
+                          config=json.dumps({"name": contract.SELECTIVE_ERROR_METRIC}),
+                          per_slice_thresholds=[_ceiling(overall, gates.max_selective_error,
+                                                         gates.max_selective_error_rise)]),
+    ]
     return tfma.EvalConfig(
         model_specs=[
             tfma.ModelSpec(
@@ -207,6 +250,7 @@ def eval_config(gates: BlessingGates) -> tfma.EvalConfig:
                 metrics=[
                     tfma.MetricConfig(class_name="ExampleCount"),
                     accuracy,
+                    *selective,
                     *per_class,
                     tfma.MetricConfig(class_name="MultiClassConfusionMatrixPlot"),
                 ]

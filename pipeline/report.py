@@ -123,6 +123,10 @@ class Evaluation:
     pushed_version: str | None
     pushed_destination: str | None
     already_served_as: str | None = None  # blessed, but identical to this version already in the serving dir
+    # At the exported operating point (pipeline/selective_metrics.py): the share answered without a
+    # person, and the error among those answers; None where the Evaluator did not compute them.
+    coverage: float | None = None
+    selective_error: float | None = None
 
     @property
     def support(self) -> np.ndarray:
@@ -141,9 +145,18 @@ class Evaluation:
             return f"not pushed: identical to version {self.already_served_as}, already in the serving directory"
         return "not pushed"
 
+    @property
+    def selective(self) -> str:
+        """The selective figures in words, '' where not computed."""
+        if self.coverage is None or self.selective_error is None:
+            return ""
+        return (f"{100 * self.coverage:.1f} % answered without a person, "
+                f"{100 * self.selective_error:.2f} % of those wrong")
+
     def summary(self) -> str:
         verdict = "BLESSED" if self.blessed else "NOT BLESSED (" + "; ".join(self.failures) + ")"
-        return (f"held-out accuracy {self.accuracy:.4f}, macro F1 {self.macro['f1']:.4f}: "
+        selective = f" ({self.selective})" if self.selective else ""
+        return (f"held-out accuracy {self.accuracy:.4f}, macro F1 {self.macro['f1']:.4f}{selective}: "
                 f"{verdict}, {self.push_outcome}")
 
 
@@ -192,7 +205,14 @@ def _evaluation(outputs: dict) -> Evaluation | None:
         pushed_version=pushed.custom_properties["pushed_version"].string_value if pushed_ok else None,
         pushed_destination=pushed.custom_properties["pushed_destination"].string_value if pushed_ok else None,
         already_served_as=duplicate or None,
+        coverage=_double(overall, contract.COVERAGE_METRIC),
+        selective_error=_double(overall, contract.SELECTIVE_ERROR_METRIC),
     )
+
+
+def _double(metrics: dict, name: str) -> float | None:
+    value = metrics.get(name, {}).get("doubleValue")
+    return None if value is None else float(value)
 
 
 def _exists(location: str) -> bool:
@@ -213,12 +233,27 @@ def _digit(slice_key) -> int | None:
 def describe_failure(metric: str, is_diff: bool, value: float, threshold, digit: int | None = None) -> str:
     """A failed blessing gate in words: which digit or metric, its value, and the bar it missed.
     Accuracy on a digit's slice is that digit's recall."""
-    what = metric if metric != contract.ACCURACY_METRIC else "accuracy" if digit is None else f"digit {digit}: recall"
+    import tensorflow_model_analysis as tfma
+
+    if metric == contract.ACCURACY_METRIC:
+        what = "accuracy" if digit is None else f"digit {digit}: recall"
+    else:
+        what = _METRIC_WORDS.get(metric, metric) + ("" if digit is None else f" of digit {digit}")
     if is_diff:
-        allowed = -threshold.change_threshold.absolute.value
-        return (f"{what} {value:+.4f} against the latest blessed model, a drop larger than the "
+        change = threshold.change_threshold
+        allowed = abs(change.absolute.value)
+        moved = "rise" if change.direction == tfma.MetricDirection.LOWER_IS_BETTER else "drop"
+        return (f"{what} {value:+.4f} against the latest blessed model, a {moved} larger than the "
                 f"{allowed:.4g} allowed")
-    return f"{what} {value:.4f}, below the bar of {threshold.value_threshold.lower_bound.value:.4g}"
+    bounds = threshold.value_threshold
+    if bounds.HasField("upper_bound") and value > bounds.upper_bound.value:
+        return f"{what} {value:.4f}, above the bar of {bounds.upper_bound.value:.4g}"
+    return f"{what} {value:.4f}, below the bar of {bounds.lower_bound.value:.4g}"
+
+
+_METRIC_WORDS = {contract.COVERAGE_METRIC: "answered without a person",
+                 contract.SELECTIVE_ERROR_METRIC: "error among the answers given without a person"}
+
 
 def _gates(evaluator_properties: dict) -> BlessingGates | None:
     """The gates the run's Evaluator was configured with (None if it did not run)."""
@@ -238,6 +273,10 @@ _GATE_LABELS = {
     "max_accuracy_drop": "accuracy drop against the latest blessed model at most",
     "min_class_recall": "every digit's recall at least",
     "max_class_recall_drop": "any digit's recall drop against the latest blessed model at most",
+    "min_coverage": "share answered without a person at least",
+    "max_coverage_drop": "drop of that share against the latest blessed model at most",
+    "max_selective_error": "error among the answers given without a person at most",
+    "max_selective_error_rise": "rise of that error against the latest blessed model at most",
 }
 
 
@@ -429,13 +468,16 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
             f"macro precision {macro['precision']:.4f}, recall {macro['recall']:.4f}, "
             f"<b>F1 {macro['f1']:.4f}</b> (TFMA's per-class values; n/a: undefined, counted as 0 in the "
             f"macro average)</p>"
-            "<div class=row><table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>examples</th>"
+            + (f"<p>at the operating point exported with the model: <b>{html.escape(facts.selective)}</b></p>"
+               if facts.selective else "")
+            + "<div class=row><table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>examples</th>"
             f"</tr>{rows}</table>"
             f"<img alt='confusion matrix' src='data:image/png;base64,{_confusion_image(facts.matrix)}'></div>"
         )
         sections.append(
             "<h2>Blessing</h2>"
-            + ("<p class=good><b>BLESSED</b>: accuracy and every digit's recall passed their bars"
+            + ("<p class=good><b>BLESSED</b>: accuracy, every digit's recall, the share answered without a "
+               "person and the error among those answers passed their bars"
                + (" and did not drop against the latest blessed model by more than allowed" if facts.has_baseline
                   else " (no blessed model yet to compare with)") + "</p>"
                if facts.blessed else

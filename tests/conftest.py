@@ -83,7 +83,8 @@ def pipeline_run_args(records: Path, root: Path, serving: Path, *extra: str) -> 
     return ["pipeline", "run", "--data", str(records), "--pipeline-root", str(root), "--serving-dir", str(serving),
             "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--base-weights", "none",
             "--min-accuracy", "0", "--min-class-recall", "0", "--max-accuracy-drop", "1", "--max-class-recall-drop", "1",
-            *extra]
+            "--min-coverage", "0", "--max-coverage-drop", "1", "--max-selective-error", "1",
+            "--max-selective-error-rise", "1", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """run_fns that export models of known quality, to test blessing and pushing deterministically.
 
 They export the same signatures as the real Trainer (components/signatures.py), so the
-real Evaluator and Pusher treat them exactly like trained models.
+real Evaluator and Pusher treat them exactly like trained models. Those given `decisions` also
+export the `decision` output (data/contract.py's DECISIONS codes); the others, like a model made
+before the model could abstain, answer everything.
 """
 
 import glob
@@ -33,21 +35,30 @@ def _keys(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.bitcast(tf.fingerprint(image_bytes), tf.int64)
 
 
+def _table(mapping: dict, default: int) -> tf.lookup.StaticHashTable:
+    keys = tf.constant(list(mapping) or [0], tf.int64)
+    values = tf.constant(list(mapping.values()) or [default], tf.int64)
+    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), default_value=default)
+
+
 class _Model(tf.Module):
-    def __init__(self, answers: dict):
+    def __init__(self, answers: dict, decisions: dict | None, default_decision: int):
         super().__init__()
-        keys = tf.constant(list(answers) or [0], tf.int64)
-        values = tf.constant(list(answers.values()) or [0], tf.int64)
-        self.table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), default_value=0)
+        self.table = _table(answers, 0)
+        self.decisions = _table(decisions, default_decision) if decisions is not None else None
 
     def predict(self, image_bytes):
-        classes = self.table.lookup(_keys(image_bytes))
-        return {PROBABILITIES_OUTPUT: tf.one_hot(classes, contract.NUM_CLASSES),
-                PREDICTED_CLASS_OUTPUT: classes}
+        keys = _keys(image_bytes)
+        classes = self.table.lookup(keys)
+        outputs = {PROBABILITIES_OUTPUT: tf.one_hot(classes, contract.NUM_CLASSES), PREDICTED_CLASS_OUTPUT: classes}
+        if self.decisions is not None:
+            outputs[contract.DECISION_OUTPUT] = self.decisions.lookup(keys)
+        return outputs
 
 
-def _export(fn_args, answers: dict) -> None:
-    model = _Model(answers)
+def _export(fn_args, answers: dict, decisions: dict | None = None, default_decision: int = 0) -> None:
+    """`decisions`: fingerprint -> decision code, `default_decision` for the rest; None: no decision output."""
+    model = _Model(answers, decisions, default_decision)
     spec = {contract.IMAGE_KEY: tf.io.FixedLenFeature([1], tf.string)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_INPUT)])
@@ -77,6 +88,20 @@ def one_wrong_run_fn(fn_args) -> None:
     answers = _test_split_answers(fn_args)
     first_five = min(key for key, label in answers.items() if label == 5)
     _export(fn_args, {**answers, first_five: 3})
+
+
+def one_wrong_flagged_run_fn(fn_args) -> None:
+    """one_wrong_run_fn's answers, but the model flags its wrong answer as unsure and accepts the rest:
+    coverage 1 - 1/N, no wrong answer among those accepted."""
+    answers = _test_split_answers(fn_args)
+    first_five = min(key for key, label in answers.items() if label == 5)
+    _export(fn_args, {**answers, first_five: 3}, decisions={first_five: contract.DECISIONS.index("unsure")})
+
+
+def refuses_everything_run_fn(fn_args) -> None:
+    """Knows every test digit, and answers none of them without a person: coverage 0."""
+    _export(fn_args, _test_split_answers(fn_args), decisions={},
+            default_decision=contract.DECISIONS.index("not_a_digit"))
 
 
 def always_zero_run_fn(fn_args) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from types import SimpleNamespace
 
 import pytest
 
@@ -54,6 +53,8 @@ def test_gates_are_validated():
         BlessingGates(min_class_recall=1.5)
     with pytest.raises(ValueError, match="max accuracy drop must be between 0 and 1"):
         BlessingGates(max_accuracy_drop=-0.01)
+    with pytest.raises(ValueError, match="max selective error must be between 0 and 1"):
+        BlessingGates(max_selective_error=2)
 
 
 def test_eval_config_gates_accuracy_overall_and_on_every_digits_slice():
@@ -64,7 +65,7 @@ def test_eval_config_gates_accuracy_overall_and_on_every_digits_slice():
     gates = BlessingGates(min_accuracy=0.98, max_accuracy_drop=0.004, min_class_recall=0.93, max_class_recall_drop=0.06)
     config = eval_config(gates)
     metrics = config.metrics_specs[0].metrics
-    [accuracy] = [m for m in metrics if m.per_slice_thresholds]
+    [accuracy] = [m for m in metrics if m.class_name == "SparseCategoricalAccuracy"]
     assert json.loads(accuracy.config)["name"] == contract.ACCURACY_METRIC
     found = {}
     for threshold in accuracy.per_slice_thresholds:
@@ -93,8 +94,10 @@ def test_the_gates_apply_to_their_own_slices_only():
 
     def failures(slice_key, value, drop=0.0):
         result = metrics_validator.validate_metrics((slice_key, {key: value, change: -drop}), config)
+        # (the selective gates' metrics are missing here: TFMA counts that as their failure)
         return [(f.metric_key.is_diff, round(f.metric_value.double_value.value, 4))
-                for s in result.metric_validations_per_slice for f in s.failures]
+                for s in result.metric_validations_per_slice for f in s.failures
+                if f.metric_key.name == contract.ACCURACY_METRIC]
 
     assert failures((), 0.99) == [] and failures((), 0.98) == [(False, 0.98)]
     assert failures((), 0.99, drop=0.004) == [] and failures((), 0.99, drop=0.006) == [(True, -0.006)]
@@ -112,30 +115,111 @@ def test_a_gate_allowing_no_drop_still_tolerates_rounding():
     assert accuracy.per_slice_thresholds[0].threshold.change_threshold.absolute.value == -1e-10
 
 
-@pytest.mark.parametrize("digit, is_diff, value, expected", [
-    (8, False, 0.91, "digit 8: recall 0.9100, below the bar of 0.95"),
-    (0, True, -0.07, "digit 0: recall -0.0700 against the latest blessed model, a drop larger than the 0.05 allowed"),
-    (None, False, 0.984, "accuracy 0.9840, below the bar of 0.985"),
-    (None, True, -0.006, "accuracy -0.0060 against the latest blessed model, a drop larger than the 0.005 allowed"),
+def test_the_selective_gates_bound_coverage_from_below_and_the_error_among_accepted_answers_from_above():
+    """TFMA's own validator on the overall slice, with the metric keys the selective metrics produce."""
+    from tensorflow_model_analysis.evaluators import metrics_validator
+    from tensorflow_model_analysis.metrics import metric_types
+
+    from pipeline.pipeline import eval_config
+
+    config = eval_config(BlessingGates(min_coverage=0.95, max_coverage_drop=0.03, max_selective_error=0.015,
+                                       max_selective_error_rise=0.007))
+    names = {contract.COVERAGE_METRIC: "coverage", contract.SELECTIVE_ERROR_METRIC: "error"}
+
+    def failures(slice_key=(), coverage=0.97, error=0.005, coverage_change=0.0, error_change=0.0):
+        metrics = {}
+        for name, value, change in ((contract.COVERAGE_METRIC, coverage, coverage_change),
+                                    (contract.SELECTIVE_ERROR_METRIC, error, error_change)):
+            metrics[metric_types.MetricKey(name=name, example_weighted=False)] = value
+            metrics[metric_types.MetricKey(name=name, example_weighted=False, is_diff=True)] = change
+        result = metrics_validator.validate_metrics((slice_key, metrics), config)
+        return sorted((names[f.metric_key.name], f.metric_key.is_diff)
+                      for s in result.metric_validations_per_slice for f in s.failures if f.metric_key.name in names)
+
+    assert failures() == []
+    assert failures(coverage=0.94) == [("coverage", False)]
+    assert failures(coverage_change=-0.02) == [] and failures(coverage_change=-0.04) == [("coverage", True)]
+    assert failures(error=0.016) == [("error", False)]
+    assert failures(error_change=0.006) == [] and failures(error_change=0.008) == [("error", True)]
+    assert failures(error_change=-0.5, coverage_change=0.5) == []  # better is never a failure
+    # Overall only: a digit's slice (100 test digits) is too small to bar each digit's coverage.
+    assert failures(((contract.LABEL_KEY, 8),), coverage=0.5, error=0.5) == []
+
+
+def _threshold(metric: str):
+    from pipeline.pipeline import eval_config
+
+    config = eval_config(BlessingGates())
+    class_name = {contract.ACCURACY_METRIC: "SparseCategoricalAccuracy", contract.COVERAGE_METRIC: "Coverage",
+                  contract.SELECTIVE_ERROR_METRIC: "SelectiveError"}[metric]
+    return lambda digit: next(
+        gate.threshold for m in config.metrics_specs[0].metrics if m.class_name == class_name
+        for gate in m.per_slice_thresholds
+        if bool(gate.slicing_specs[0].feature_values) == (digit is not None))
+
+
+@pytest.mark.parametrize("metric, digit, is_diff, value, expected", [
+    (contract.ACCURACY_METRIC, 8, False, 0.91, "digit 8: recall 0.9100, below the bar of 0.95"),
+    (contract.ACCURACY_METRIC, 0, True, -0.07,
+     "digit 0: recall -0.0700 against the latest blessed model, a drop larger than the 0.05 allowed"),
+    (contract.ACCURACY_METRIC, None, False, 0.984, "accuracy 0.9840, below the bar of 0.985"),
+    (contract.ACCURACY_METRIC, None, True, -0.006,
+     "accuracy -0.0060 against the latest blessed model, a drop larger than the 0.005 allowed"),
+    (contract.COVERAGE_METRIC, None, False, 0.93, "answered without a person 0.9300, below the bar of 0.95"),
+    (contract.COVERAGE_METRIC, None, True, -0.04,
+     "answered without a person -0.0400 against the latest blessed model, a drop larger than the 0.03 allowed"),
+    (contract.SELECTIVE_ERROR_METRIC, None, False, 0.02,
+     "error among the answers given without a person 0.0200, above the bar of 0.015"),
+    (contract.SELECTIVE_ERROR_METRIC, None, True, 0.01,
+     "error among the answers given without a person +0.0100 against the latest blessed model, a rise larger "
+     "than the 0.007 allowed"),
 ])
-def test_failures_are_described_in_words(digit, is_diff, value, expected):
+def test_failures_are_described_in_words(metric, digit, is_diff, value, expected):
     from pipeline.report import describe_failure
 
-    bound, drop = (0.985, 0.005) if digit is None else (0.95, 0.05)
-    threshold = SimpleNamespace(value_threshold=SimpleNamespace(lower_bound=SimpleNamespace(value=bound)),
-                                change_threshold=SimpleNamespace(absolute=SimpleNamespace(value=-drop)))
-    assert describe_failure(contract.ACCURACY_METRIC, is_diff, value, threshold, digit) == expected
+    assert describe_failure(metric, is_diff, value, _threshold(metric)(digit), digit) == expected
+
+
+def test_selective_counts_read_the_decision_and_answer_everything_without_one():
+    import numpy as np
+
+    from pipeline.selective_metrics import answer_counts
+
+    probabilities = np.eye(contract.NUM_CLASSES)[[3, 5, 8, 8]]  # answers 3, 5, 8, 8
+    labels = np.array([3, 5, 3, 8])  # the third answer is wrong
+    accepted, unsure, not_a_digit = range(3)
+    assert [contract.DECISIONS[code] for code in (accepted, unsure, not_a_digit)] == [
+        "accepted", "unsure", "not_a_digit"]
+    outputs = {contract.PROBABILITIES_OUTPUT: probabilities}
+    # examples, accepted, accepted and wrong
+    assert answer_counts({**outputs, contract.DECISION_OUTPUT: np.array([0, 0, 1, 2])}, labels) == (4, 2, 0)
+    assert answer_counts({**outputs, contract.DECISION_OUTPUT: np.array([0, 1, 0, 1])}, labels) == (4, 2, 1)
+    assert answer_counts(outputs, labels) == (4, 4, 1)  # no decision output: it answers everything
+    assert answer_counts({contract.PROBABILITIES_OUTPUT: probabilities[:1]}, np.array([[3]])) == (1, 1, 0)
+    with pytest.raises(ValueError, match="3 labels for 4 predictions"):
+        answer_counts(outputs, labels[:3])
+    with pytest.raises(ValueError, match="outputs by name"):
+        answer_counts(probabilities, labels)
 
 
 def test_the_gates_read_back_from_the_evaluators_configuration_are_the_ones_it_was_given():
     from pipeline.pipeline import eval_config, gates_from_eval_config
 
     for gates in (BlessingGates(), BlessingGates(min_accuracy=0.9, max_accuracy_drop=0.0, min_class_recall=0.8,
-                                                 max_class_recall_drop=0.1)):
+                                                 max_class_recall_drop=0.1, min_coverage=0.9, max_coverage_drop=0.0,
+                                                 max_selective_error=0.02, max_selective_error_rise=0.0)):
         assert gates_from_eval_config(eval_config(gates)) == gates
     import tensorflow_model_analysis as tfma
 
     assert gates_from_eval_config(tfma.EvalConfig()) is None
+    # An Evaluator configured before the selective gates existed had no such bars, and says so.
+    older = eval_config(BlessingGates())
+    kept = [m for m in older.metrics_specs[0].metrics if m.class_name not in ("Coverage", "SelectiveError")]
+    del older.metrics_specs[0].metrics[:]
+    older.metrics_specs[0].metrics.extend(kept)
+    read = gates_from_eval_config(older)
+    assert (read.min_coverage, read.max_coverage_drop, read.max_selective_error, read.max_selective_error_rise) == (
+        0.0, 1.0, 1.0, 1.0)
 
 
 def test_the_report_shows_every_training_setting_in_a_group_and_the_gates():

@@ -163,9 +163,13 @@ def test_the_gates_bless_and_push_only_what_they_should(tiny_records, tmp_path):
     root, serving = tmp_path / "root", tmp_path / "serving"
 
     def run(run_fn: str, **gates: float) -> None:
+        # The selective gates stay open unless a step is about them: most fake models answer everything.
+        selective_open = dict(min_coverage=0.0, max_coverage_drop=1.0, max_selective_error=1.0,
+                              max_selective_error_rise=1.0)
         run_pipeline(PipelineConfig(
             data_root=tiny_records, train_examples=180, pipeline_root=root, serving_dir=serving,
-            gates=BlessingGates(**gates), run_fn=run_fn, trainer=TrainerConfig(epochs=1, steps_per_epoch=1),
+            gates=BlessingGates(**{**selective_open, **gates}), run_fn=run_fn,
+            trainer=TrainerConfig(epochs=1, steps_per_epoch=1),
         ))
 
     def blessings() -> list[str]:
@@ -239,6 +243,35 @@ def test_the_gates_bless_and_push_only_what_they_should(tiny_records, tmp_path):
     assert evaluation.per_class["precision"][0] == pytest.approx(0.1)
     assert math.isnan(evaluation.per_class["precision"][3]) and evaluation.per_class["f1"][3] == 0.0
     assert "<td>3</td><td class=n>n/a</td>" in write_report(root).path.read_text()
+
+    # Selective prediction, with the default gates (pipeline/selective_metrics.py). The blessed
+    # baseline is the one-wrong model, which answers everything (coverage 1, error 1/50 among its
+    # answers). The same answers, the wrong one flagged unsure: coverage 0.98, no error among the
+    # accepted answers; blessed, and the report says both figures.
+    selective_defaults = {name: getattr(BlessingGates, name) for name in (
+        "min_coverage", "max_coverage_drop", "max_selective_error", "max_selective_error_rise")}
+    lenient = dict(min_accuracy=0.9, min_class_recall=0.5, max_accuracy_drop=0.03, max_class_recall_drop=0.5)
+    run("fake_trainers.one_wrong_flagged_run_fn", **lenient, **selective_defaults)
+    _, evaluation = latest_results(root)
+    assert blessings()[-1] == "BLESSED" and len(_versions(serving)) == 3
+    assert (evaluation.coverage, evaluation.selective_error) == (pytest.approx(0.98), 0.0)
+    assert "98.0 % answered without a person, 0.00 % of those wrong" in write_report(root).path.read_text()
+    # The one-wrong model again: its wrong answer is accepted; error 0.02 among its answers is above
+    # the bar and a rise of 0.02 against the flagged model.
+    run("fake_trainers.one_wrong_run_fn", **lenient, **selective_defaults)
+    _, evaluation = latest_results(root)
+    assert blessings()[-1] == "NOT_BLESSED" and len(_versions(serving)) == 3
+    assert sorted(evaluation.failures) == [
+        "error among the answers given without a person +0.0200 against the latest blessed model, a rise "
+        "larger than the 0.007 allowed",
+        "error among the answers given without a person 0.0200, above the bar of 0.015"]
+    # Right about every digit and answering none without a person: no error among its answers, and no use.
+    run("fake_trainers.refuses_everything_run_fn", **lenient, **selective_defaults)
+    _, evaluation = latest_results(root)
+    assert blessings()[-1] == "NOT_BLESSED" and len(_versions(serving)) == 3
+    assert sorted(evaluation.failures) == [
+        "answered without a person -0.9800 against the latest blessed model, a drop larger than the 0.03 allowed",
+        "answered without a person 0.0000, below the bar of 0.95"]
 
     # A run whose Trainer fails: its report shows that run, not the previous run's verdict beside it.
     with pytest.raises(Exception, match="training failed on purpose"):
