@@ -198,11 +198,13 @@ def write(saved_model_dir: str, abstention: Abstention, measured: dict[str, Any]
 
 
 def read(saved_model_dir: str) -> dict[str, Any] | None:
-    """The operating point written beside a SavedModel, or None if the model has none."""
+    """The operating point written beside a SavedModel, or None if the model has none. Through
+    tf.io.gfile, as written: a Vertex run's model lives under gs://."""
+    import tensorflow as tf
+
     target = path(saved_model_dir)
-    try:
-        with open(target, encoding="utf-8") as stream:
-            return json.load(stream)
-    except FileNotFoundError:
+    if not tf.io.gfile.exists(target):
         return None
+    with tf.io.gfile.GFile(target) as stream:
+        return json.load(stream)
 

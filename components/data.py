@@ -89,12 +89,12 @@ def outliers_per_batch(config: TrainerConfig) -> int:
 # Non-digits generated for one training run: enough that an image recurs about once every 6 epochs at
 # the default share (8 per batch x 57 steps x 20 epochs / 3,000), drawn in about a second.
 OUTLIER_POOL = 3000
-PAIR_DIGITS = 1000  # train digits the pairs are made of
+PAIR_DIGITS = 1000  # train digits the pairs and overlays are made of
 
 
 def outlier_pool(train_files: list[str], config: TrainerConfig) -> list[bytes]:
-    """Encoded non-digits of the training kinds (data/nondigits.py), seeded by `config.seed`; pairs of
-    digits from the train split only. Empty when the config trains without them."""
+    """Encoded non-digits of the training kinds (data/nondigits.py), seeded by `config.seed`; pairs and
+    overlays of digits from the train split only. Empty when the config trains without them."""
     import numpy as np
 
     from data import nondigits
@@ -111,6 +111,6 @@ def outlier_pool(train_files: list[str], config: TrainerConfig) -> list[bytes]:
         if image.shape[0] == contract.SOURCE_IMAGE_SIZE and image.shape[1] == contract.SOURCE_IMAGE_SIZE:
             digits.append(image.numpy()[..., 0])
     per_kind = OUTLIER_POOL // len(nondigits.TRAINING_KINDS)
-    kinds = [kind for kind in nondigits.TRAINING_KINDS if kind != "pairs" or len(digits) >= 2]
+    kinds = [kind for kind in nondigits.TRAINING_KINDS if kind not in nondigits.DIGIT_KINDS or len(digits) >= 2]
     corpus = nondigits.corpus(per_kind, config.seed, np.stack(digits) if digits else None, tuple(kinds))
     return [encode_png(image) for images in corpus.values() for image in images]

@@ -124,10 +124,37 @@ def test_the_non_digit_corpus_is_seeded_and_its_kinds_are_apart():
     for pair in first["pairs"]:
         assert pair.shape == (28, 56)
         assert pair[:, :24].max() > 100 and pair[:, 32:].max() > 100
+    # Overlays hold two digits' ink, each mostly uncovered: more ink than either digit alone.
+    two = digits[:2]
+    for overlay in nondigits.generate("overlays", 5, 0, two):
+        assert overlay.shape == (28, 28)
+        assert (overlay > 64).sum() > 1.2 * max((digit > 64).sum() for digit in two) * min(
+            1.0, contract.INK_BOX_SIZE / 28) ** 2
+    # Blobs are filled: on average most of their ink box is ink, far more than a digit's.
+    def filled(image):
+        ink = image > 128
+        rows, columns = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+        return ink[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1].mean()
+
+    blobs = np.mean([filled(image) for image in nondigits.generate("blobs", 40, 7)])
+    assert blobs > 0.55 and blobs > 1.5 * np.mean([filled(image) for image in digits])
     with pytest.raises(ValueError, match="unknown non-digit kind"):
         nondigits.generate("faces", 1, 0)
-    with pytest.raises(ValueError, match="pass at least two"):
-        nondigits.generate("pairs", 1, 0)
+    for kind in nondigits.DIGIT_KINDS:
+        with pytest.raises(ValueError, match=f"{kind} are made of digits: pass at least two"):
+            nondigits.generate(kind, 1, 0)
+
+
+def test_the_operating_point_is_read_back_from_a_remote_model_directory():
+    """Written and read through tf.io.gfile, as a Vertex run's model under gs:// is (TF's ram://
+    filesystem here); a model without one reads as None."""
+    fitted = _fitted(np.random.default_rng(3))
+    written = abstention.write("ram://models/digits/1", fitted, {"coverage": 0.97})
+    assert written == "ram://models/digits/1/" + contract.ASSETS_EXTRA_DIR + "/" + abstention.FILE
+    point = abstention.read("ram://models/digits/1")
+    assert point["measured"] == {"coverage": 0.97}
+    assert point == {**fitted.summary(), "measured": {"coverage": 0.97}}
+    assert abstention.read("ram://models/digits/2") is None
 
 
 def test_the_metric_labels_name_the_decisions_as_the_contract_does():
