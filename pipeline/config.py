@@ -18,8 +18,15 @@ class BlessingGates:
 
     Sized from measurement (docs/pipeline.md, "The gates"): runs of the recipe scored 0.984-0.988 on the
     1,000 test digits, so a retrain within 0.005 of the blessed model is as good as it (5 digits
-    of 1,000, just above that spread); per digit (100 each), two runs had their weakest digit at
-    0.96 and 0.95 and differed by at most 0.02 on any digit.
+    of 1,000, just above that spread); per digit (100 each), runs had their weakest digit at
+    0.96, 0.95 and 0.94 and differed by at most 0.02 on any digit.
+
+    The absolute floors are sized from the test split's own sampling error, so that a model at the
+    quality target is not refused by chance: 1,000 digits measure an accuracy near 0.985 to +-0.0038
+    (one standard deviation), so a model truly at 0.985 scores below 0.980 about once in 20 runs
+    (0.985 was the floor before: such a model was refused half the time, and one fresh run in three
+    of the default was); 100 digits measure a digit's recall near 0.97 to +-0.017, so a digit truly
+    at 0.97 falls below 0.93 (8 wrong of 100) about once in 100.
 
     Selective prediction, at the operating point exported with the model (pipeline/selective_metrics.py):
     the model answers ~97 % of test digits without a person (the threshold keeps 97 % of 400 eval
@@ -29,9 +36,9 @@ class BlessingGates:
     two runs, so a rise of 0.007 (7 answers) is two spreads, and 0.015 is three times the measured rate.
     """
 
-    min_accuracy: float = 0.985  # absolute bar on held-out accuracy
+    min_accuracy: float = 0.98  # absolute bar on held-out accuracy (the quality target is 0.985)
     max_accuracy_drop: float = 0.005  # allowed drop below the latest blessed model's accuracy
-    min_class_recall: float = 0.95  # every digit's recall (at the argmax) at least this
+    min_class_recall: float = 0.93  # every digit's recall (at the argmax) at least this
     max_class_recall_drop: float = 0.05  # allowed drop of any digit's recall below the blessed model's
     min_coverage: float = 0.95  # share of test digits answered without a person, at least this
     max_coverage_drop: float = 0.03  # allowed drop of that share below the blessed model's
