@@ -79,6 +79,9 @@ def _training_options(command):
         click.option("--outlier-share", type=float, default=TrainerConfig.outlier_share, show_default=True,
                      help="Non-digits in each training batch, as a share of the batch size (outlier exposure; "
                           "0: none, and the model answers everything with confidence)."),
+        click.option("--outlier-weight", type=float, default=TrainerConfig.outlier_weight, show_default=True,
+                     help="Weight of the non-digits' loss (their cross-entropy to the uniform answer) beside "
+                          "the digits' own."),
         click.option("--answer-share", type=float, default=None,
                      help="The share of eval digits the exported model answers without a person; a third of "
                           "the rest it calls not a digit, two thirds unsure. [default: "
@@ -138,6 +141,7 @@ def _configs(options: dict, train_examples: int, **locations) -> PipelineConfig:
             frozen_epochs=options["frozen_epochs"], fine_tune_learning_rate=options["fine_tune_learning_rate"],
             stroke_probability=options["stroke_augmentation"], blur_probability=options["blur_augmentation"],
             precision=options["precision"], outlier_share=options["outlier_share"],
+            outlier_weight=options["outlier_weight"],
             **(_operating_point(options["answer_share"]) if options["answer_share"] is not None else {}),
         )
         beam_args = beam.profile_args(options["beam_profile"], options["beam_args"], options.get("image"))

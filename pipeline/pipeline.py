@@ -119,32 +119,21 @@ def per_class_metric_name(metric: str, digit: int) -> str:
     return f"{metric.lower()}_class_{digit}"
 
 
-def _gate(slicing_spec: tfma.SlicingSpec, at_least: float, allowed_drop: float) -> tfma.PerSliceMetricThreshold:
-    """On one slice: an absolute bar, and no drop against the latest blessed model larger than allowed."""
+def _gate(slicing_spec: tfma.SlicingSpec, bar: float, allowed_change: float,
+          higher_is_better: bool = True) -> tfma.PerSliceMetricThreshold:
+    """On one slice: an absolute bar (a floor where higher is better, else a ceiling), and no move
+    the wrong way against the latest blessed model larger than allowed."""
+    bound = "lower_bound" if higher_is_better else "upper_bound"
     return tfma.PerSliceMetricThreshold(
         slicing_specs=[slicing_spec],
         threshold=tfma.MetricThreshold(
-            value_threshold=tfma.GenericValueThreshold(lower_bound={"value": at_least}),
+            value_threshold=tfma.GenericValueThreshold(**{bound: {"value": bar}}),
             change_threshold=tfma.GenericChangeThreshold(
-                direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-                # TFMA's change is candidate - baseline; -1e-10 rather than 0 keeps "no drop at all"
+                direction=(tfma.MetricDirection.HIGHER_IS_BETTER if higher_is_better
+                           else tfma.MetricDirection.LOWER_IS_BETTER),
+                # TFMA's change is candidate - baseline; 1e-10 rather than 0 keeps "no change at all"
                 # from failing on rounding.
-                absolute={"value": -max(allowed_drop, 1e-10)},
-            ),
-        ),
-    )
-
-
-def _ceiling(slicing_spec: tfma.SlicingSpec, at_most: float, allowed_rise: float) -> tfma.PerSliceMetricThreshold:
-    """On one slice, for a metric where lower is better: an absolute ceiling, and no rise against the
-    latest blessed model larger than allowed."""
-    return tfma.PerSliceMetricThreshold(
-        slicing_specs=[slicing_spec],
-        threshold=tfma.MetricThreshold(
-            value_threshold=tfma.GenericValueThreshold(upper_bound={"value": at_most}),
-            change_threshold=tfma.GenericChangeThreshold(
-                direction=tfma.MetricDirection.LOWER_IS_BETTER,
-                absolute={"value": max(allowed_rise, 1e-10)},
+                absolute={"value": max(allowed_change, 1e-10) * (-1 if higher_is_better else 1)},
             ),
         ),
     )
@@ -230,8 +219,8 @@ def eval_config(gates: BlessingGates) -> tfma.EvalConfig:
                           per_slice_thresholds=[_gate(overall, gates.min_coverage, gates.max_coverage_drop)]),
         tfma.MetricConfig(class_name=selective_metrics.SelectiveError.__name__, module=selective_metrics.__name__,
                           config=json.dumps({"name": contract.SELECTIVE_ERROR_METRIC}),
-                          per_slice_thresholds=[_ceiling(overall, gates.max_selective_error,
-                                                         gates.max_selective_error_rise)]),
+                          per_slice_thresholds=[_gate(overall, gates.max_selective_error,
+                                                      gates.max_selective_error_rise, higher_is_better=False)]),
     ]
     return tfma.EvalConfig(
         model_specs=[
