@@ -119,15 +119,21 @@ def per_class_metric_name(metric: str, digit: int) -> str:
     return f"{metric.lower()}_class_{digit}"
 
 
+BAR_TOLERANCE = 1e-6
+
+
 def _gate(slicing_spec: tfma.SlicingSpec, bar: float, allowed_change: float,
           higher_is_better: bool = True) -> tfma.PerSliceMetricThreshold:
     """On one slice: an absolute bar (a floor where higher is better, else a ceiling), and no move
     the wrong way against the latest blessed model larger than allowed."""
     bound = "lower_bound" if higher_is_better else "upper_bound"
+    # TFMA computes its metrics in float32: 95 right of 100 is 0.94999999, which a floor of 0.95
+    # refused. The bar is widened by BAR_TOLERANCE (and read back without it).
+    widened = bar - BAR_TOLERANCE if higher_is_better else bar + BAR_TOLERANCE
     return tfma.PerSliceMetricThreshold(
         slicing_specs=[slicing_spec],
         threshold=tfma.MetricThreshold(
-            value_threshold=tfma.GenericValueThreshold(**{bound: {"value": bar}}),
+            value_threshold=tfma.GenericValueThreshold(**{bound: {"value": widened}}),
             change_threshold=tfma.GenericChangeThreshold(
                 direction=(tfma.MetricDirection.HIGHER_IS_BETTER if higher_is_better
                            else tfma.MetricDirection.LOWER_IS_BETTER),
@@ -159,16 +165,18 @@ def gates_from_eval_config(config: tfma.EvalConfig) -> BlessingGates | None:
             for gate in metric.per_slice_thresholds:
                 bounds = gate.threshold.value_threshold
                 change = allowed(gate.threshold.change_threshold.absolute.value)
+                floor = round(bounds.lower_bound.value + BAR_TOLERANCE, 9)
+                ceiling = round(bounds.upper_bound.value - BAR_TOLERANCE, 9)
                 if metric.class_name == selective_metrics.SelectiveError.__name__:
-                    selective = (bounds.upper_bound.value, change)
+                    selective = (ceiling, change)
                 elif metric.class_name == selective_metrics.Coverage.__name__:
-                    coverage = (bounds.lower_bound.value, change)
+                    coverage = (floor, change)
                 elif metric.class_name != "SparseCategoricalAccuracy":
                     continue
                 elif any(not s.feature_keys and not s.feature_values for s in gate.slicing_specs):
-                    overall = (bounds.lower_bound.value, change)
+                    overall = (floor, change)
                 elif per_digit is None:
-                    per_digit = (bounds.lower_bound.value, change)
+                    per_digit = (floor, change)
     if overall is None or per_digit is None:
         return None
     # An Evaluator configured before the selective gates existed had none: report the defaults' absence

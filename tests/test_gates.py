@@ -70,7 +70,7 @@ def test_eval_config_gates_accuracy_overall_and_on_every_digits_slice():
     found = {}
     for threshold in accuracy.per_slice_thresholds:
         [spec] = threshold.slicing_specs
-        found[spec.SerializeToString()] = (threshold.threshold.value_threshold.lower_bound.value,
+        found[spec.SerializeToString()] = (round(threshold.threshold.value_threshold.lower_bound.value, 5),
                                            -threshold.threshold.change_threshold.absolute.value)
         assert threshold.threshold.change_threshold.direction == tfma.MetricDirection.HIGHER_IS_BETTER
     assert found == {tfma.SlicingSpec().SerializeToString(): (0.98, 0.004),
@@ -105,6 +105,30 @@ def test_the_gates_apply_to_their_own_slices_only():
     assert failures(digit_8, 0.96) == []  # 0.96 is under the overall bar, above the digit's
     assert failures(digit_8, 0.91) == [(False, 0.91)]
     assert failures(digit_8, 0.96, drop=0.04) == [] and failures(digit_8, 0.96, drop=0.06) == [(True, -0.06)]
+
+
+def test_a_value_exactly_at_the_bar_passes_in_tfmas_float32():
+    """95 of 100 digits right is 0.95 in words and 0.94999999 in TFMA's float32: at a bar of 0.95 it
+    passes; one digit fewer does not. Likewise at a ceiling."""
+    import numpy as np
+    from tensorflow_model_analysis.evaluators import metrics_validator
+    from tensorflow_model_analysis.metrics import metric_types
+
+    from pipeline.pipeline import eval_config
+
+    config = eval_config(BlessingGates(min_accuracy=0.95, min_class_recall=0.95, max_selective_error=0.01))
+
+    def failed(name, value):
+        key = metric_types.MetricKey(name=name, example_weighted=False)
+        result = metrics_validator.validate_metrics(((), {key: value}), config)
+        return any(f.metric_key.name == name and not f.metric_key.is_diff  # (no baseline given here)
+                   for s in result.metric_validations_per_slice for f in s.failures)
+
+    assert float(np.float32(95) / np.float32(100)) < 0.95
+    assert not failed(contract.ACCURACY_METRIC, float(np.float32(95) / np.float32(100)))
+    assert failed(contract.ACCURACY_METRIC, float(np.float32(94) / np.float32(100)))
+    assert not failed(contract.SELECTIVE_ERROR_METRIC, float(np.float32(1) / np.float32(100)))
+    assert failed(contract.SELECTIVE_ERROR_METRIC, float(np.float32(2) / np.float32(100)))
 
 
 def test_a_gate_allowing_no_drop_still_tolerates_rounding():
