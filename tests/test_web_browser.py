@@ -386,11 +386,34 @@ def test_phone_and_desktop_layouts(app, open_page, name, options):
                     .filter((b) => b.offsetParent).map((b) => b.getBoundingClientRect().height)};
     }""")
     assert layout["scroll"] <= layout["inner"], "the page scrolls sideways"
+    _assert_bars_painted(page)
     assert abs(layout["padWidth"] - layout["padHeight"]) < 1 and layout["padWidth"] >= 250
     assert layout["store"] == round(layout["padWidth"] * layout["ratio"])  # sharp on high-DPI screens
     assert min(layout["buttons"]) >= 44  # touch-sized
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _assert_bars_painted(page) -> None:
+    """Each probability bar's fill is painted across its share of the track: its width (not its
+    text) is the probability, it is as tall as the track, and its colour is not the track's."""
+    bars = page.evaluate("""() => [...document.querySelectorAll('#bars li')].map((item) => {
+        const track = item.querySelector('.track').getBoundingClientRect();
+        const fill = item.querySelector('.fill').getBoundingClientRect();
+        return {p: Number(item.dataset.probability), top: item.classList.contains('top'),
+                track: [track.left, track.width, track.height], fill: [fill.left, fill.width, fill.height],
+                colour: getComputedStyle(item.querySelector('.fill')).backgroundColor,
+                trackColour: getComputedStyle(item.querySelector('.track')).backgroundColor};
+    })""")
+    assert len(bars) == 10 and sum(bar["top"] for bar in bars) == 1
+    for bar in bars:
+        (track_left, track_width, track_height), (fill_left, fill_width, fill_height) = bar["track"], bar["fill"]
+        assert track_width > 50 and abs(fill_left - track_left) < 1, bar
+        assert abs(fill_width - bar["p"] * track_width) <= 1.5, bar
+        assert fill_width < 0.5 or abs(fill_height - track_height) < 1, bar
+        assert bar["colour"] != bar["trackColour"], bar
+    top = next(bar for bar in bars if bar["top"])
+    assert top["fill"][1] >= max(bar["fill"][1] for bar in bars) > 0
 
 
 def test_the_content_security_policy_is_enforced(app, open_page):
@@ -517,6 +540,7 @@ def test_the_page_says_what_the_model_decided_and_asks_when_it_is_not_sure(scrip
     assert page.locator("#wrong-label").text_content() == ("Wrong? It is a:" if verdict == "accepted"
                                                            else "Which digit is it?")
     assert page.locator("#digits button[data-digit='8']").is_enabled()
+    _assert_bars_painted(page)  # the 3 at 52 % of its track, the 8 at 41 %
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"verdict-{verdict}.png"), full_page=True)
     page.locator("#digits button[data-digit='8']").click()
