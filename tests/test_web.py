@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import math
 import re
 import socket
@@ -584,6 +585,31 @@ def test_a_correction_is_stored_as_a_labelled_png_with_a_log_line(web_app, feedb
     assert len(pairs) == 100
 
 
+def test_simultaneous_judgements_of_one_answer_are_taken_once(scripted, digits_by_class, tmp_path):
+    """24 corrections of one answer at the same moment: one is stored and counted, 23 get 409,
+    one log line, one image."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    feedback = tmp_path / "feedback"
+    with start_web("--serving-url", scripted.url, "--feedback-dir", feedback) as app:
+        answer = _predict(app, digits_by_class[9][0]).json()
+        assert answer["digit"] == 9
+        start = threading.Barrier(24)
+
+        def judge(digit: int) -> int:
+            start.wait(10)
+            return _feedback(app, {"id": answer["id"], "digit": digit}).status_code
+
+        with ThreadPoolExecutor(24) as pool:
+            statuses = list(pool.map(judge, [index % 9 for index in range(24)]))
+        assert sorted(statuses) == [200] + [409] * 23
+        assert len(_log(feedback)) == 1 and len(list(feedback.rglob("*.png"))) == 1
+        counted = sum(value for (name, labels), value in _metrics(app).items()
+                      if name == n.WEB_FEEDBACK and dict(labels)["verdict"] == "corrected")
+        assert counted == 1
+
+
 def test_a_right_answer_is_counted_and_stores_nothing(web_app, feedback_dir, digits_by_class):
     answer = _predict(web_app, digits_by_class[5][2]).json()
     files_before = sorted(feedback_dir.rglob("*.png")) if feedback_dir.exists() else []
@@ -663,6 +689,86 @@ def test_store_writes_28x28_gray_pngs_only_inside_its_directory(tmp_path):
         store.add(other, predicted=4, corrected=2, confidence=0.5, model_name="digits", model_version=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fb"]
     assert store.count() == 1
+
+
+def _store_state(root: Path) -> tuple[list[str], list[str]]:
+    """(image files under the store, relative; log lines): what a crash at any step may leave."""
+    images = sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()
+                    and path.name != LOG_NAME)
+    log = (root / LOG_NAME).read_text().splitlines() if (root / LOG_NAME).exists() else []
+    return images, log
+
+
+@pytest.mark.parametrize("step", ["image write", "rename", "log line", "log fsync"])
+def test_a_failed_step_leaves_neither_the_image_nor_the_log_line_without_the_other(tmp_path, monkeypatch, step):
+    """Each step of storing a correction made to fail in turn: the store is left as it was (the first
+    correction, once, with its line), the error reaches the caller, and the next try succeeds."""
+    import web.feedback as feedback
+
+    store = FeedbackStore(tmp_path / "fb")
+    first = [[0.25] * 28] * 28
+    store.add(first, predicted=4, corrected=3, confidence=0.5, model_name="digits", model_version=1)
+    before = _store_state(tmp_path / "fb")
+    picture = [[(x * y) / (27 * 27) for x in range(28)] for y in range(28)]
+
+    def broken(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    target = {"image write": (feedback.os, "fdopen"), "rename": (feedback.os, "replace"),
+              "log line": (feedback.os, "write"), "log fsync": (feedback.os, "fsync")}[step]
+    with monkeypatch.context() as patched:
+        if step == "log fsync":  # the image's own fsyncs pass; the log's (the last) fails
+            real, calls = os.fsync, []
+
+            def fsync(descriptor):
+                calls.append(descriptor)
+                if len(calls) > 2:
+                    broken()
+                return real(descriptor)
+            patched.setattr(*target, fsync)
+        else:
+            patched.setattr(*target, broken)
+        with pytest.raises(OSError, match="No space left"):
+            store.add(picture, predicted=4, corrected=9, confidence=0.7, model_name="digits", model_version=1)
+    assert _store_state(tmp_path / "fb") == before
+    # The same image moved to another digit: a failed log line moves it back.
+    with monkeypatch.context() as patched:
+        patched.setattr(feedback.os, "write", broken)
+        with pytest.raises(OSError):
+            store.add(first, predicted=4, corrected=5, confidence=0.5, model_name="digits", model_version=1)
+    assert _store_state(tmp_path / "fb") == before
+    store.add(picture, predicted=4, corrected=9, confidence=0.7, model_name="digits", model_version=1)
+    images, log = _store_state(tmp_path / "fb")
+    assert len(images) == 2 and len(log) == 2
+
+
+def test_a_short_write_still_appends_the_whole_log_line(tmp_path, monkeypatch):
+    import web.feedback as feedback
+
+    real = os.write
+    monkeypatch.setattr(feedback.os, "write", lambda descriptor, data: real(descriptor, bytes(data[:7])))
+    store = FeedbackStore(tmp_path / "fb")
+    record = store.add([[0.5] * 28] * 28, predicted=1, corrected=7, confidence=0.9, model_name="digits",
+                       model_version=3)
+    [line] = (tmp_path / "fb" / LOG_NAME).read_text().splitlines()
+    assert json.loads(line)["sha256"] == record.sha256
+
+
+def test_a_correction_that_could_not_be_stored_can_be_sent_again(scripted, digits_by_class, tmp_path):
+    """The store fails (its training directory is a file): 500, nothing stored, and the answer is not
+    marked judged, so the same correction succeeds once the store works."""
+    feedback_root = tmp_path / "feedback"
+    feedback_root.mkdir()
+    (feedback_root / "training").write_text("not a directory")
+    with start_web("--serving-url", scripted.url, "--feedback-dir", feedback_root) as app:
+        answer = _predict(app, digits_by_class[9][1]).json()
+        failed = _feedback(app, {"id": answer["id"], "digit": 4})
+        assert failed.status_code == 500 and "nothing was stored" in failed.json()["error"]
+        assert _log(feedback_root) == []
+        (feedback_root / "training").unlink()
+        again = _feedback(app, {"id": answer["id"], "digit": 4})
+        assert again.status_code == 200 and again.json()["stored"], again.text
+        assert len(_log(feedback_root)) == 1
 
 
 # -- metrics ----------------------------------------------------------------------------------------------

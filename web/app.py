@@ -80,11 +80,19 @@ class RecentAnswers:
     def get(self, answer_id: str) -> ms.Prediction | None:
         return self._items.get(answer_id)
 
-    def judged(self, answer_id: str) -> int | None:
-        return self._judged.get(answer_id)
+    def claim(self, answer_id: str, digit: int) -> int | None:
+        """Marks the answer judged as `digit` unless it already was: None when this call claimed it,
+        else the earlier judgement. Checked and marked in one step, with nothing awaited between
+        (the event loop runs one handler at a time), so that of many simultaneous judgements of
+        one answer exactly one is taken."""
+        earlier = self._judged.get(answer_id)
+        if earlier is None and answer_id in self._items:
+            self._judged[answer_id] = digit
+        return earlier
 
-    def mark_judged(self, answer_id: str, digit: int) -> None:
-        self._judged[answer_id] = digit
+    def release(self, answer_id: str) -> None:
+        """Undoes a claim whose judgement could not be recorded, so that the person can try again."""
+        self._judged.pop(answer_id, None)
 
 
 def check_image(body: bytes, config: WebConfig) -> str:
@@ -213,7 +221,7 @@ class WebApp:
             if prediction is None:
                 raise RequestError(410, "that answer is no longer known here (the app restarted or many answers "
                                         "came since): classify the digit again, then correct it", "expired")
-            earlier = self.recent.judged(answer_id)
+            earlier = self.recent.claim(answer_id, digit)
             if earlier is not None:
                 verdict = "right" if earlier == prediction.digit else f"{_article(earlier)} {earlier}"
                 raise RequestError(409, f"this answer was already judged (as {verdict})", "already_judged")
@@ -226,10 +234,10 @@ class WebApp:
                         confidence=prediction.confidence, model_name=self.config.model_name,
                         model_version=prediction.model_version, decision=prediction.decision)
                 except OSError as error:
+                    self.recent.release(answer_id)
                     log.error("cannot store a correction in %s: %s", self.config.feedback_dir, error)
                     raise RequestError(500, "the correction could not be saved (the server's feedback directory "
                                             "is not writable); nothing was stored", "error") from None
-            self.recent.mark_judged(answer_id, digit)
             self.metrics.judged(self.config.model_name, prediction.model_version, prediction.digit, digit)
         except RequestError as error:
             self.metrics.request(n.WEB_FEEDBACK_ENDPOINT, error.outcome, time.perf_counter() - started)

@@ -97,33 +97,53 @@ class FeedbackStore:
         with self._lock:
             existing = [self.root / contract.TRAINING_DIR / str(digit) / name for digit in range(contract.NUM_CLASSES)]
             existing = [path for path in existing if path.is_file()]
+            written, moved_from = False, None
             if target.is_file():
                 duplicate = True
             elif existing:
                 duplicate = True
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(existing[0], target)  # the newest correction wins
+                moved_from = existing[0]
+                os.replace(moved_from, target)  # the newest correction wins
+                _sync_directory(target.parent)
             else:
                 duplicate = False
                 _write_atomically(target, png)
-            for stale in existing:
-                if stale.resolve() != target and stale.is_file():
-                    stale.unlink()
+                written = True
             record = Correction(
                 time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), model_name=model_name,
                 model_version=int(model_version), predicted=int(predicted), corrected=corrected,
                 confidence=round(float(confidence), 6), image=target.relative_to(self.root.resolve()).as_posix(),
                 sha256=digest, duplicate=duplicate, decision=decision)
-            self._append(json.dumps(asdict(record), sort_keys=True))
+            try:
+                self._append(json.dumps(asdict(record), sort_keys=True))
+            except BaseException:
+                # Neither without the other: an image no log line accounts for is undone.
+                if written:
+                    target.unlink(missing_ok=True)
+                elif moved_from is not None:
+                    os.replace(target, moved_from)
+                raise
+            for stale in existing:  # after the log line: a failed one leaves the earlier state whole
+                if stale.resolve() != target and stale.is_file():
+                    stale.unlink()
         return record
 
     def _append(self, line: str) -> None:
-        """One whole line per write, flushed to disk: a crash loses at most the line being written."""
+        """One whole line, flushed to disk, or none: a failed write or flush takes back what it wrote
+        (a crash loses at most the line being written). Appends are serialised by the store's lock."""
         self.root.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(self._inside(self.log_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(descriptor, (line + "\n").encode())
-            os.fsync(descriptor)
+            size = os.fstat(descriptor).st_size
+            try:
+                payload = (line + "\n").encode()
+                while payload:  # os.write may write less than it is given
+                    payload = payload[os.write(descriptor, payload):]
+                os.fsync(descriptor)
+            except BaseException:
+                os.ftruncate(descriptor, size)  # no half line, and no line whose image is undone
+                raise
         finally:
             os.close(descriptor)
 
@@ -142,6 +162,15 @@ def _write_atomically(target: Path, payload: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o644)
         os.replace(temporary, target)
+        _sync_directory(target.parent)  # the rename itself survives a crash
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
