@@ -45,6 +45,8 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
+# The Server header: what it is, not which aiohttp and Python versions (a stranger's shopping list).
+SERVER_NAME = "digits-web"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Model-server failures: the HTTP status the page gets, and the outcome label of the request metrics.
@@ -127,7 +129,11 @@ def check_image(body: bytes, config: WebConfig) -> str:
 
 
 def _too_large(size: int, limit: int) -> str:
-    return f"the image is {size / 1e6:.1f} MB; the most this app takes is {limit / 1e6:.1f} MB"
+    return f"the request is {_size(size)}; the most this endpoint takes is {_size(limit)}"
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count:,} bytes"
 
 
 def _first_line(error: BaseException) -> str:
@@ -162,12 +168,20 @@ class WebApp:
     # -- the API ---------------------------------------------------------------------------------
 
     async def _read(self, request: web.Request, limit: int) -> bytes:
+        """The body, at most `limit` bytes of it, counted as they arrive: a chunked body (no
+        Content-Length) is refused once it passes the limit, not read whole first."""
         if request.content_length is not None and request.content_length > limit:
             raise RequestError(413, _too_large(request.content_length, limit), "too_large")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise RequestError(413, f"the request is larger than {limit / 1e6:.1f} MB", "too_large") from None
+        chunks, size = [], 0
+        while True:
+            chunk = await request.content.read(64 * 1024)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"the request is larger than the {_size(limit)} this endpoint takes",
+                                   "too_large")
+            chunks.append(chunk)
 
     async def predict(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -178,7 +192,7 @@ class WebApp:
                 prediction = await self.model_server.predict(body)
             except ms.ModelServerError as error:
                 self.metrics.model_server_errors.labels(error.reason).inc()
-                log.warning("model server: %s", error.message)
+                log.warning("model server %s: %s", self.model_server.description, error.message)
                 status = _MODEL_SERVER_STATUS[error.reason]
                 outcome = "bad_request" if error.reason == ms.REJECTED else f"model_{error.reason}"
                 raise RequestError(status, error.message, outcome) from None
@@ -252,7 +266,7 @@ class WebApp:
         body = await self._read(request, 4096)
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             raise RequestError(400, 'send JSON: {"id": "<answer id>", "digit": 0-9}', "bad_request") from None
         if not isinstance(document, dict):
             raise RequestError(400, 'send a JSON object: {"id": "<answer id>", "digit": 0-9}', "bad_request")
@@ -268,10 +282,10 @@ class WebApp:
         try:
             versions = await self.model_server.versions()
         except ms.ModelServerError as error:
-            return _json({"error": error.message, "model_server": self.model_server.description},
-                         _MODEL_SERVER_STATUS[error.reason])
-        return _json({"model_name": self.config.model_name, "model_server": self.model_server.description,
-                      "versions": versions})
+            log.warning("model server %s: %s", self.model_server.description, error.message)
+            return _json({"error": error.message}, _MODEL_SERVER_STATUS[error.reason])
+        # Not the model server's address: the page is public, the address is the operator's (in the log).
+        return _json({"model_name": self.config.model_name, "versions": versions})
 
     async def ready(self, request: web.Request) -> web.Response:
         try:
@@ -354,6 +368,7 @@ class WebApp:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+    response.headers["Server"] = SERVER_NAME  # aiohttp's default names itself and its version
 
 
 @web.middleware
@@ -365,6 +380,13 @@ async def _json_errors(request: web.Request, handler):
         if not request.path.startswith("/api/") or error.status < 400:
             raise
         return _json({"error": f"{error.reason}: {request.method} {request.path}"}, error.status)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise
+    except Exception:  # a bug: logged whole, answered in one JSON line without its details
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        if not request.path.startswith("/api/"):
+            raise
+        return _json({"error": "internal error (logged on the server)"}, 500)
 
 
 async def serve(config: WebConfig, on_ready=None, stop: asyncio.Event | None = None,

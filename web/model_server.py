@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import time
 
 from data import contract
@@ -27,8 +28,16 @@ BAD_ANSWER = "bad_answer"  # it answered something that is not a digits model's 
 ERROR = "error"  # any other error it reported
 
 
+# "<_io.BytesIO object at 0x7f...>" in a model server's message: a heap address, nobody's business.
+_HEAP_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 class ModelServerError(Exception):
+    """What went wrong with the model server, in words the page may show: never its address (the
+    app logs that beside the message) nor a heap address from its own message."""
+
     def __init__(self, reason: str, message: str):
+        message = _HEAP_ADDRESS.sub("", message)
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -82,11 +91,9 @@ class RestModelServer:
                 text = await response.text()
                 status = response.status
         except asyncio.TimeoutError:
-            raise ModelServerError(TIMEOUT, f"the model server at {self._url} did not answer within "
-                                            f"{self._timeout_s:g} s") from None
+            raise ModelServerError(TIMEOUT, f"the model server did not answer within {self._timeout_s:g} s") from None
         except aiohttp.ClientError as error:
-            raise ModelServerError(UNAVAILABLE, f"cannot reach the model server at {self._url} "
-                                                f"({type(error).__name__})") from None
+            raise ModelServerError(UNAVAILABLE, f"cannot reach the model server ({type(error).__name__})") from None
         try:
             import json
 
@@ -195,10 +202,9 @@ class GrpcModelServer:
         except grpc.aio.AioRpcError as error:
             code, detail = error.code(), error.details() or ""
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise ModelServerError(TIMEOUT, f"the model server at {self._target} did not answer within "
-                                                f"{self._timeout_s:g} s") from None
+                raise ModelServerError(TIMEOUT, f"the model server did not answer within {self._timeout_s:g} s") from None
             if code == grpc.StatusCode.UNAVAILABLE and not detail.startswith("Servable"):
-                raise ModelServerError(UNAVAILABLE, f"cannot reach the model server at {self._target}") from None
+                raise ModelServerError(UNAVAILABLE, "cannot reach the model server") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
                 raise ModelServerError(UNAVAILABLE, f"the model server is unavailable: {detail}") from None
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
