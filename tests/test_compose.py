@@ -483,3 +483,26 @@ def test_a_copy_that_breaks_the_compose_schema_is_caught(tmp_path):
     broken = tmp_path / "compose.yaml"
     broken.write_text(yaml.safe_dump(compose))
     assert "'restrat' was unexpected" in schema_errors(broken)
+
+
+def test_the_web_app_answers_the_host_names_it_is_reached_by():
+    """The web service's command is one `digits web` accepts (with the image's entry point), and its
+    Host allow-list holds every name it is reached by: Prometheus' scrape target and the published
+    loopback port's (or the scrape gets 421 and the drift rules go blind)."""
+    import shlex
+
+    from web.cli import web_command
+
+    service = load()["services"]["web"]
+    dockerfile = (REPO / "docker" / "web" / "Dockerfile").read_text()
+    [entry] = [line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT")]
+    entry_args = yaml.safe_load(entry.split(None, 1)[1])[3:]  # after python -m web
+    context = web_command.make_context("web", [*entry_args, *service["command"]])
+    hosts = set(context.params["allowed_hosts"])
+    prometheus = yaml.safe_load((REPO / "monitoring" / "prometheus" / "prometheus.yml").read_text())
+    scraped = {target.rsplit(":", 1)[0] for job in prometheus["scrape_configs"]
+               for group in job.get("static_configs", []) for target in group["targets"]
+               if target.rsplit(":", 1)[1] == "8080"}
+    assert scraped == {"web"} and scraped <= hosts, (scraped, hosts)
+    assert {"localhost", "127.0.0.1"} <= hosts
+    assert shlex.join(entry_args).startswith("--host 0.0.0.0")

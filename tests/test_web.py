@@ -55,7 +55,8 @@ def _predict(app, body: bytes, **headers) -> requests.Response:
 
 
 def _feedback(app, document) -> requests.Response:
-    return requests.post(f"{app.url}/api/feedback", data=json.dumps(document), timeout=30)
+    return requests.post(f"{app.url}/api/feedback", data=json.dumps(document), timeout=30,
+                         headers={"Content-Type": "application/json"})
 
 
 def _png(image) -> bytes:
@@ -657,7 +658,8 @@ def test_the_same_image_is_stored_once_and_moves_with_a_newer_correction(web_app
 def test_bad_feedback_is_a_400_and_writes_nothing(web_app, feedback_dir, document):
     before = sorted(p for p in feedback_dir.rglob("*")) if feedback_dir.exists() else []
     body = document if isinstance(document, str) else json.dumps(document)
-    response = requests.post(f"{web_app.url}/api/feedback", data=body, timeout=10)
+    response = requests.post(f"{web_app.url}/api/feedback", data=body, timeout=10,
+                             headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     assert "\n" not in response.json()["error"]
     assert (sorted(p for p in feedback_dir.rglob("*")) if feedback_dir.exists() else []) == before
@@ -666,7 +668,8 @@ def test_bad_feedback_is_a_400_and_writes_nothing(web_app, feedback_dir, documen
 def test_hostile_feedback_bodies_get_one_json_line(scripted, scripted_app):
     """Nested thousands deep (Python's json recurses): 400, not a 500; chunked past the 4,096 bytes
     feedback takes: 413 once the limit is passed, however long it would go on."""
-    response = requests.post(f"{scripted_app.url}/api/feedback", data="[" * 2000 + "]" * 2000, timeout=30)
+    response = requests.post(f"{scripted_app.url}/api/feedback", data="[" * 2000 + "]" * 2000, timeout=30,
+                             headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"].startswith("send JSON"), response.text
     # A chunked body that goes on: the answer comes once 4,096 bytes have passed, while the body is
     # still open (before, the app waited for all of it, in memory).
@@ -681,6 +684,59 @@ def test_hostile_feedback_bodies_get_one_json_line(scripted, scripted_app):
     assert status == "HTTP/1.1 413 Request Entity Too Large", answer
     assert json.loads(rest.split("\r\n\r\n", 1)[1]) == {
         "error": "the request is larger than the 4,096 bytes this endpoint takes"}
+
+
+def test_other_sites_and_other_host_names_are_refused_and_counted(scripted, scripted_app, digits_by_class):
+    """What a hostile page can make a visitor's browser send: a cross-site POST (its Origin and
+    Sec-Fetch-Site say so), a text/plain "simple" POST of a correction (no preflight), and, after
+    DNS rebinding, its own host name. Each is refused before any handler runs, and counted."""
+    answer = _predict(scripted_app, digits_by_class[9][2]).json()
+    url, host = scripted_app.url, urlsplit(scripted_app.url).netloc
+    correction = json.dumps({"id": answer["id"], "digit": 4})
+    json_type = {"Content-Type": "application/json"}
+    cases = [
+        ("feedback", {**json_type, "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}, 403),
+        ("feedback", {**json_type, "Origin": "https://evil.example"}, 403),  # an older browser: Origin only
+        ("feedback", {"Content-Type": "text/plain", "Sec-Fetch-Site": "same-origin"}, 415),
+        ("feedback", {**json_type, "Host": "evil.example:8080", "Origin": "http://evil.example:8080",
+                      "Sec-Fetch-Site": "same-origin"}, 421),  # DNS rebinding: the page's own origin
+        ("predict", {"Content-Type": "image/png", "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+         403),
+    ]
+    before = _metrics(scripted_app)
+    for endpoint, headers, status in cases:
+        body = correction if endpoint == "feedback" else digits_by_class[9][2]
+        response = requests.post(f"{url}/api/{endpoint}", data=body, headers=headers, timeout=30)
+        assert response.status_code == status, (headers, response.text)
+        assert "\n" not in response.json()["error"]
+    assert requests.get(url, headers={"Host": "rebound.example"}, timeout=30).status_code == 421
+    after = _metrics(scripted_app)
+    refused = {(dict(labels)["endpoint"], dict(labels)["outcome"]): after[(name, labels)] - before.get((name, labels), 0)
+               for name, labels in after if name == n.WEB_REQUESTS}
+    assert refused[("feedback", "cross_site")] == 2 and refused[("feedback", "unsupported_media_type")] == 1
+    assert refused[("feedback", "misdirected")] == 1 and refused[("predict", "cross_site")] == 1
+    assert refused[("other", "misdirected")] == 1
+    # The page's own requests pass: same origin, by the loopback name or the address.
+    same = requests.post(f"{url}/api/feedback", data=correction, timeout=30,
+                         headers={**json_type, "Origin": url, "Sec-Fetch-Site": "same-origin"})
+    assert same.status_code == 200, same.text
+    assert requests.get(url.replace("127.0.0.1", "localhost"), timeout=30).status_code == 200
+    assert host.startswith("127.0.0.1:")
+
+
+def test_which_host_names_the_app_answers():
+    from web.app import _host_name
+
+    assert WebConfig().hosts_answered == ("localhost", "127.0.0.1", "::1")  # listening on loopback
+    assert WebConfig(host="0.0.0.0").hosts_answered is None  # behind a proxy: any, unless given
+    assert WebConfig(host="0.0.0.0", allowed_hosts=("Digits.Example",)).hosts_answered == ("digits.example",)
+    assert WebConfig(allowed_origins=("https://forms.example/",)).allowed_origins == ("https://forms.example",)
+    for bad in ({"allowed_hosts": ("http://digits.example",)}, {"allowed_hosts": ("digits.example:80",)},
+                {"allowed_origins": ("forms.example",)}, {"allowed_origins": ("https://forms.example/app",)}):
+        with pytest.raises(ValueError, match="--allowed-"):
+            WebConfig(**bad)
+    assert [_host_name(h) for h in ("127.0.0.1:8080", "[::1]:8080", "LocalHost", "evil.example:80", None)] == [
+        "127.0.0.1", "::1", "localhost", "evil.example", ""]
 
 
 def test_no_version_or_heap_address_is_shown(scripted, scripted_app, digits_by_class):

@@ -24,6 +24,7 @@ import socket
 import time
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -148,6 +149,14 @@ def _article(digit: int) -> str:
 def _json(document: dict, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(document), status=status, content_type="application/json",
                         headers={"Cache-Control": "no-store"})
+
+
+def _host_name(host: str | None) -> str:
+    """A Host header's name, lower-case, without its port ('[::1]:8080' -> '::1')."""
+    host = (host or "").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _error(error: RequestError) -> web.Response:
@@ -348,9 +357,49 @@ class WebApp:
             self._sync_task.cancel()
         await self.model_server.close()
 
+    # -- who may ask ---------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        """Refuses, before any handler runs: a Host the app does not answer for (DNS rebinding), and
+        a state-changing request from another site (its Origin or Sec-Fetch-Site), or feedback that is
+        not JSON (a text/plain POST is a "simple" cross-site request, sent without a preflight)."""
+        refusal = self._refusal(request)
+        if refusal is None:
+            return await handler(request)
+        endpoint = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT}.get(
+            request.path, "other")
+        self.metrics.request(endpoint, refusal.outcome, 0.0)
+        log.warning("refused %s %s (Host %r, Origin %r): %s", request.method, request.path, request.host,
+                    request.headers.get("Origin"), refusal.message)
+        if request.path.startswith("/api/"):
+            return _error(refusal)
+        return web.Response(text=refusal.message + "\n", status=refusal.status)
+
+    def _refusal(self, request: web.Request) -> RequestError | None:
+        hosts = self.config.hosts_answered
+        name = _host_name(request.host)
+        if hosts is not None and name not in hosts:
+            return RequestError(421, f"this app does not answer for the host {name!r}", "misdirected")
+        if request.method not in ("POST", "PUT", "PATCH", "DELETE"):
+            return None
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and origin.rstrip("/").lower() in self.config.allowed_origins
+        if not allowed:
+            site = request.headers.get("Sec-Fetch-Site")
+            if site is not None and site not in ("same-origin", "none"):
+                return RequestError(403, f"requests from another site ({site}) are refused", "cross_site")
+            if origin is not None and urlsplit(origin).netloc.lower() != (request.host or "").lower():
+                return RequestError(403, f"requests from another origin ({origin}) are refused", "cross_site")
+        if request.path == "/api/feedback" and request.content_type != "application/json":
+            return RequestError(415, 'send the correction as Content-Type: application/json: '
+                                     '{"id": "<answer id>", "digit": 0-9}', "unsupported_media_type")
+        return None
+
     def application(self) -> web.Application:
         # The largest body is an image; aiohttp refuses more before the handler reads it.
-        app = web.Application(client_max_size=self.config.max_image_bytes + 1, middlewares=[_json_errors])
+        app = web.Application(client_max_size=self.config.max_image_bytes + 1,
+                              middlewares=[_json_errors, self._guard])
         app.router.add_get("/", self.page)
         app.router.add_static("/static/", self._static, follow_symlinks=False, show_index=False)
         app.router.add_post("/api/predict", self.predict)

@@ -11,6 +11,9 @@ from monitoring.names import DEFAULT_MODEL_NAME
 DEFAULT_PORT = 8080
 DEFAULT_SERVING_URL = "http://127.0.0.1:8501"  # `digits serve`'s and TF Serving's REST port
 DEFAULT_FEEDBACK_DIR = Path("data") / "feedback"
+# Host headers a loopback-bound app answers by default: a DNS-rebinding page (evil.example resolving
+# to 127.0.0.1) sends its own name, and is refused.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,16 @@ class WebConfig:
     # Answers kept so that a correction can refer to one by id (what the model said and saw is the
     # server's own record, not what the browser claims); the oldest go first. ~20 KB each.
     recent_answers: int = 1024
+    # Host header names (without port) the app answers; empty: loopback names when it listens on
+    # loopback, any name otherwise (behind a proxy that checks them, or give them here).
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins besides the page's own allowed to send state-changing requests (a separate front end).
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feedback_dir", Path(self.feedback_dir))
+        object.__setattr__(self, "allowed_hosts", tuple(host.lower().strip("[]") for host in self.allowed_hosts))
+        object.__setattr__(self, "allowed_origins", tuple(origin.rstrip("/").lower() for origin in self.allowed_origins))
         if self.model_dir is not None:
             object.__setattr__(self, "model_dir", Path(self.model_dir))
         problems = []
@@ -65,10 +75,44 @@ class WebConfig:
             problems.append(f"--model-timeout must be positive, got {self.model_timeout_s}")
         if self.version_ttl_s < 0:
             problems.append(f"version TTL must be >= 0 s, got {self.version_ttl_s}")
+        for host in self.allowed_hosts:
+            if not host or any(c in host for c in "/:@ ") and not _is_ipv6(host):
+                problems.append(f"--allowed-host takes a host name without scheme or port, got {host!r}")
+        for origin in self.allowed_origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+                problems.append(f"--allowed-origin takes scheme://host[:port], got {origin!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def hosts_answered(self) -> tuple[str, ...] | None:
+        """The Host names the app answers; None: any."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        return LOOPBACK_HOSTS if _is_loopback(self.host) else None
 
     @property
     def model_server(self) -> str:
         """The model server as a person reads it in logs and on the page."""
         return self.serving_url if self.serving_url is not None else f"grpc://{self.grpc_target}"
+
+
+def _is_ipv6(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
