@@ -3,6 +3,7 @@ and of scripted model servers for the answers a real one does not give (malforme
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import http.server
 import io
@@ -258,6 +259,9 @@ class ScriptedModelServer:
                  answer: tuple[int, str] = WELL_FORMED_ANSWER):
         self.statuses, self.loaded, self.answer = list(statuses), set(loaded), answer
         self.requests: list[str] = []
+        self.delay_s = 0.0  # each predict takes this long
+        self.in_flight = self.most_in_flight = 0
+        self._count = threading.Lock()
         script = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -284,7 +288,15 @@ class ScriptedModelServer:
                 script.requests.append(f"POST {self.path}")
                 found = re.fullmatch(rf"{STATUS_PATH}/versions/(\d+):predict", self.path)
                 if found and int(found.group(1)) in script.loaded:
-                    self._send(*script.answer)
+                    with script._count:
+                        script.in_flight += 1
+                        script.most_in_flight = max(script.most_in_flight, script.in_flight)
+                    try:
+                        time.sleep(script.delay_s)
+                        self._send(*script.answer)
+                    finally:
+                        with script._count:
+                            script.in_flight -= 1
                 else:
                     version = found.group(1) if found else "?"
                     self._send(404, json.dumps(
@@ -324,6 +336,7 @@ def scripted_app(scripted_server, tmp_path_factory):
 def scripted(scripted_server):
     """The scripted model server, reset: version 1 loaded and answering well."""
     scripted_server.statuses, scripted_server.loaded, scripted_server.answer = [[1]], {1}, WELL_FORMED_ANSWER
+    scripted_server.delay_s, scripted_server.most_in_flight = 0.0, 0
     return scripted_server
 
 
@@ -410,6 +423,49 @@ def test_a_well_formed_scripted_answer_is_shown(scripted_app, scripted, digits_b
     assert answer["probabilities"] == pytest.approx(WELL_FORMED_ROW[contract.PROBABILITIES_OUTPUT])
 
 
+def test_an_overloaded_model_server_is_a_503_with_retry_after(scripted, scripted_app, digits_by_class):
+    """`digits serve` answers 429 past its admission limit: the page hears 503 and when to try again,
+    not a 502 (before: 502), counted as the model server's overload."""
+    scripted.answer = (429, json.dumps({"error": "too many requests in flight (limit 64); retry later"}))
+    before = _metrics(scripted_app)
+    response = _predict(scripted_app, digits_by_class[2][0])
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1", response.text
+    assert response.json()["error"] == "the model server is busy: too many requests in flight (limit 64); retry later"
+    _check_counted_as_the_model_servers(before, _metrics(scripted_app), "overloaded")
+
+
+def test_a_flood_waits_for_the_model_servers_slots_and_is_never_a_502(scripted, digits_by_class, tmp_path):
+    """200 predictions at once through an app allowed 4 model-server connections, each predict taking
+    50 ms: the model server never sees more than 4 at once. With a 1 s model timeout most wait too
+    long: those are 503 with Retry-After; nothing else but 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scripted.delay_s = 0.05
+    image = digits_by_class[2][0]
+    with start_web("--serving-url", scripted.url, "--feedback-dir", tmp_path, "--model-connections", "4",
+                   "--model-timeout", "1") as app:
+        session = requests.Session()
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=200))
+        with ThreadPoolExecutor(200) as pool:
+            answers = list(pool.map(lambda _: session.post(f"{app.url}/api/predict", data=image, timeout=60,
+                                                           headers={"Content-Type": "image/png"}), range(200)))
+    statuses = collections.Counter(answer.status_code for answer in answers)
+    assert set(statuses) <= {200, 503} and statuses[200] >= 4, statuses
+    assert all(answer.headers.get("Retry-After") == "1" for answer in answers if answer.status_code == 503)
+    assert scripted.most_in_flight <= 4
+
+
+@pytest.mark.parametrize("detail, status", [
+    ("too many requests in flight (limit 64); retry later", 503),  # digits serve's admission limit
+    ("Received message larger than max (5000000 vs. 4194304)", 400),  # gRPC's own size limit: the image's fault
+])
+def test_grpc_resource_exhausted_is_told_apart(scripted_grpc_app, scripted_grpc, digits_by_class, detail, status):
+    scripted_grpc.answer = ("RESOURCE_EXHAUSTED", detail)
+    response = _predict(scripted_grpc_app, digits_by_class[2][0])
+    assert response.status_code == status, response.text
+    assert (response.headers.get("Retry-After") == "1") == (status == 503)
+
+
 def test_a_version_unloaded_meanwhile_is_read_again_once(digits_by_class, tmp_path):
     """REST predicts name their version (the newest AVAILABLE one, from the model status); when it was
     unloaded since (TF Serving's 404), the app reads the status again and retries once, with what it reads now."""
@@ -452,8 +508,10 @@ class ScriptedGrpcModelServer:
         class Service(prediction_service_pb2_grpc.PredictionServiceServicer):
             def Predict(self, request, context):
                 script.predicts += 1
-                if isinstance(script.answer, str):
-                    context.abort(getattr(grpc.StatusCode, script.answer), "scripted failure")
+                if isinstance(script.answer, (str, tuple)):
+                    code, detail = (script.answer, "scripted failure") if isinstance(script.answer, str) \
+                        else script.answer
+                    context.abort(getattr(grpc.StatusCode, code), detail)
                 response = predict_pb2.PredictResponse()
                 response.model_spec.name = request.model_spec.name
                 response.model_spec.version.value = 1

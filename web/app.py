@@ -51,7 +51,9 @@ SERVER_NAME = "digits-web"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Model-server failures: the HTTP status the page gets, and the outcome label of the request metrics.
-_MODEL_SERVER_STATUS = {ms.UNAVAILABLE: 503, ms.TIMEOUT: 504, ms.REJECTED: 400, ms.BAD_ANSWER: 502, ms.ERROR: 502}
+_MODEL_SERVER_STATUS = {ms.UNAVAILABLE: 503, ms.OVERLOADED: 503, ms.TIMEOUT: 504, ms.REJECTED: 400,
+                        ms.BAD_ANSWER: 502, ms.ERROR: 502}
+RETRY_AFTER_S = 1  # on every 503: the model server is busy or starting; the page may try again
 
 
 class RequestError(Exception):
@@ -160,7 +162,10 @@ def _host_name(host: str | None) -> str:
 
 
 def _error(error: RequestError) -> web.Response:
-    return _json({"error": error.message}, error.status)
+    response = _json({"error": error.message}, error.status)
+    if error.status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 class WebApp:
@@ -173,8 +178,23 @@ class WebApp:
         self._profiles: dict[int, dict | None] = {}  # version -> its reference profile (None: has none)
         self._sync_task: asyncio.Task | None = None
         self._static = Path(str(resources.files("web") / "static"))
+        # Predicts in flight to the model server, at most what it admits; the rest wait their turn.
+        self._model_slots = asyncio.Semaphore(config.model_connections)
 
     # -- the API ---------------------------------------------------------------------------------
+
+    async def _predict_in_turn(self, body: bytes):
+        """The model server's answer, once one of its admitted slots is free: waiting longer than the
+        model timeout is the model server being overloaded (503 with Retry-After), not a 5xx of ours."""
+        try:
+            await asyncio.wait_for(self._model_slots.acquire(), self.config.model_timeout_s)
+        except asyncio.TimeoutError:
+            raise ms.ModelServerError(ms.OVERLOADED, f"the model server is busy ({self.config.model_connections} "
+                                                     "predicts in flight): try again in a moment") from None
+        try:
+            return await self.model_server.predict(body)
+        finally:
+            self._model_slots.release()
 
     async def _read(self, request: web.Request, limit: int) -> bytes:
         """The body, at most `limit` bytes of it, counted as they arrive: a chunked body (no
@@ -198,7 +218,7 @@ class WebApp:
             body = await self._read(request, self.config.max_image_bytes)
             await asyncio.to_thread(check_image, body, self.config)
             try:
-                prediction = await self.model_server.predict(body)
+                prediction = await self._predict_in_turn(body)
             except ms.ModelServerError as error:
                 self.metrics.model_server_errors.labels(error.reason).inc()
                 log.warning("model server %s: %s", self.model_server.description, error.message)

@@ -34,6 +34,9 @@ class WebConfig:
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # a decompression bomb is refused before the model server sees it
     model_timeout_s: float = 10.0  # a model server that does not answer in time: 504, the page says so
+    # Predicts sent to the model server at once, the rest wait (at most --model-timeout, then 503 with
+    # Retry-After): `digits serve` admits 64 (--max-concurrent-requests) and answers more with 429.
+    model_connections: int = 64
     # How long the newest AVAILABLE version, read from the model status, is used before asking again
     # (REST predict answers do not say which version answered, so the backend names the version).
     version_ttl_s: float = 5.0
@@ -68,7 +71,7 @@ class WebConfig:
             problems.append(f"--model-name must be a plain name, got {self.model_name!r}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be 0-65535, got {self.port}")
-        for name in ("max_image_bytes", "max_image_pixels", "recent_answers"):
+        for name in ("max_image_bytes", "max_image_pixels", "recent_answers", "model_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.model_timeout_s <= 0:

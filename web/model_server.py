@@ -23,6 +23,7 @@ from serving.answers import Answer, BadAnswer, from_grpc, from_rest
 # Why a call failed, as the `reason` label of the model-server error counter and in messages.
 UNAVAILABLE = "unavailable"  # not reachable, refused, or it says it is unavailable / has no version
 TIMEOUT = "timeout"
+OVERLOADED = "overloaded"  # it has more requests in flight than it admits (429 / RESOURCE_EXHAUSTED): retry soon
 REJECTED = "rejected"  # it refused this input (a 4xx / INVALID_ARGUMENT): the input's fault
 BAD_ANSWER = "bad_answer"  # it answered something that is not a digits model's answer
 ERROR = "error"  # any other error it reported
@@ -63,8 +64,10 @@ def _decoded(decode, payload, version: int) -> Prediction:
 class RestModelServer:
     """TF Serving's REST API (`/v1/models/<name>...`) over one pooled aiohttp session."""
 
-    def __init__(self, url: str, model_name: str, timeout_s: float, version_ttl_s: float = 5.0):
+    def __init__(self, url: str, model_name: str, timeout_s: float, version_ttl_s: float = 5.0,
+                 connections: int = 64):
         self._url = url.rstrip("/")
+        self._connections = connections
         self._model = model_name
         self._timeout_s = timeout_s
         self._version_ttl_s = version_ttl_s
@@ -80,7 +83,9 @@ class RestModelServer:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
+            # No more connections than the model server admits predicts at once (WebConfig.model_connections).
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+                                                  connector=aiohttp.TCPConnector(limit=self._connections))
         return self._session
 
     async def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -159,6 +164,8 @@ def _http_error(status: int, document: dict) -> ModelServerError:
     message = str(document.get("error", document))[:300]
     if status in (400, 413):
         return ModelServerError(REJECTED, f"the model server refused the image: {message}")
+    if status == 429:  # `digits serve`'s admission limit
+        return ModelServerError(OVERLOADED, f"the model server is busy: {message}")
     if status in (503, 404):
         return ModelServerError(UNAVAILABLE, f"the model server is unavailable: {message}")
     if status == 504:
@@ -207,6 +214,10 @@ class GrpcModelServer:
                 raise ModelServerError(UNAVAILABLE, "cannot reach the model server") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
                 raise ModelServerError(UNAVAILABLE, f"the model server is unavailable: {detail}") from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" not in detail:
+                # Too many requests in flight, or a batch queue timeout; not the image's fault (that
+                # RESOURCE_EXHAUSTED is gRPC's own "Received message larger than max").
+                raise ModelServerError(OVERLOADED, f"the model server is busy: {detail}") from None
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 raise ModelServerError(REJECTED, f"the model server refused the image: {detail}") from None
             raise ModelServerError(ERROR, f"the model server answered {code.name}: {detail}") from None
@@ -245,4 +256,5 @@ def connect(config) -> RestModelServer | GrpcModelServer:
     """The client for a WebConfig: REST unless a gRPC target was given."""
     if config.grpc_target is not None:
         return GrpcModelServer(config.grpc_target, config.model_name, config.model_timeout_s)
-    return RestModelServer(config.serving_url, config.model_name, config.model_timeout_s, config.version_ttl_s)
+    return RestModelServer(config.serving_url, config.model_name, config.model_timeout_s, config.version_ttl_s,
+                           config.model_connections)
