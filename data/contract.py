@@ -61,6 +61,12 @@ ACCEPTED_OUTPUT = "accepted"
 # The decision codes, the same in the graph, the clients, the metrics and the feedback log.
 DECISIONS = ("accepted", "unsure", "not_a_digit")
 NORMALIZED_IMAGE_OUTPUT = "normalized_image"  # float [N, 28, 28] in [0, 1], ink light (NORMALIZED_SIGNATURE only)
+# The largest encoded image `digits serve` takes in one instance (its --max-image-bytes default); the
+# web app reduces larger photos to fit, so one phone photo is never refused for its size alone.
+MAX_SERVED_IMAGE_BYTES = 1024 * 1024
+# The longest side the web app sends: far more than the 28x28 the model reads.
+MAX_SENT_IMAGE_SIDE = 1024
+
 # Beside each exported version; TF Serving reads only its warmup file there and ignores the rest.
 ASSETS_EXTRA_DIR = "assets.extra"
 

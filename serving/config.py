@@ -133,7 +133,7 @@ class ServerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     max_body_bytes: int = 8 * 1024 * 1024  # larger REST bodies or gRPC messages: 413 / RESOURCE_EXHAUSTED
     max_instances: int = 256  # examples in one request (with batching on, its max_batch_size limits it too)
-    max_image_bytes: int = 1024 * 1024  # one encoded image
+    max_image_bytes: int = contract.MAX_SERVED_IMAGE_BYTES  # one encoded image
     max_image_pixels: int = 4096 * 4096  # width x height of one image, read from its header before decoding
     max_request_pixels: int = 64 * 1024 * 1024  # all images of one request together (~200 MB decoded)
     # Predict calls in flight, REST and gRPC together; more get 429 / RESOURCE_EXHAUSTED at once instead of

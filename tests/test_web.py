@@ -118,6 +118,51 @@ def test_jpeg_and_rgba_canvas_exports_are_answered(web_app, digits_by_class):
         assert response.json()["ink_fraction"] > 0
 
 
+def _photo(digit_png: bytes, side: int, orientation: int | None = None, grain: float = 0.0) -> bytes:
+    """A phone photo of a digit: dark ink on light paper, `side` pixels, as a JPEG. With `orientation`
+    6 the pixels are stored turned a quarter to the left and EXIF says to turn them back to the right
+    (a phone held upright); `grain` adds sensor noise, which JPEG cannot compress away."""
+    import numpy as np
+    from PIL import Image
+
+    digit = Image.open(io.BytesIO(digit_png)).convert("L").resize((side, side), Image.Resampling.BILINEAR)
+    paper = 235 - np.asarray(digit, dtype=np.float64) * 0.8
+    if grain:
+        paper = paper + np.random.default_rng(0).normal(0, grain, paper.shape)
+    photo = Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8)).convert("RGB")
+    out, exif = io.BytesIO(), Image.Exif()
+    if orientation is not None:
+        photo = photo.rotate(90, expand=True)  # stored turned left; orientation 6 turns it right to view
+        exif[0x0112] = orientation
+    photo.save(out, format="JPEG", quality=92, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def test_a_phone_photo_is_read_upright_as_the_page_shows_it(web_app, digits_by_class):
+    """EXIF orientation 6 (a phone held upright): the model sees the digit as the page shows it, not on
+    its side (before: on its side)."""
+    import numpy as np
+
+    image = digits_by_class[7][0]
+    seen = {name: np.asarray(_predict(web_app, body).json()["normalized_image"], dtype=np.float64)
+            for name, body in (("upright", _photo(image, 600)), ("turned, EXIF 6", _photo(image, 600, orientation=6)),
+                               ("on its side", _photo(image, 600, orientation=1)))}
+    assert np.abs(seen["turned, EXIF 6"] - seen["upright"]).mean() < 8
+    assert np.abs(seen["on its side"] - seen["upright"]).mean() > 20
+
+
+def test_a_photo_larger_than_the_model_server_takes_is_reduced_not_refused(web_app, digits_by_class):
+    """A 1.5 MB photo (the app takes 4 MB, `digits serve` 1 MB an image): reduced to 1,024 pixels a
+    side before it is sent, and answered (before: the model server's 400)."""
+    from data import contract
+
+    photo = _photo(digits_by_class[3][0], 2400, grain=12)
+    assert contract.MAX_SERVED_IMAGE_BYTES < len(photo) < WebConfig.max_image_bytes
+    response = _predict(web_app, photo)
+    assert response.status_code == 200, response.text
+    assert response.json()["ink_fraction"] > 0
+
+
 @pytest.mark.parametrize("case", ["blank", "not_an_image", "truncated", "empty", "gif", "bomb"])
 def test_bad_images_get_a_4xx_with_one_line(web_app, digits_by_class, case):
     from PIL import Image
@@ -780,6 +825,50 @@ def test_other_sites_and_other_host_names_are_refused_and_counted(scripted, scri
     assert same.status_code == 200, same.text
     assert requests.get(url.replace("127.0.0.1", "localhost"), timeout=30).status_code == 200
     assert host.startswith("127.0.0.1:")
+
+
+def test_one_client_is_rate_limited_and_cannot_evict_other_peoples_answers(scripted, digits_by_class, tmp_path):
+    """Past its predicts (or judgements) per minute a client gets 429 with Retry-After, counted; and
+    its flood of answers pushes out its own oldest, not the answers others are about to judge."""
+    image = digits_by_class[2][0]
+    with start_web("--serving-url", scripted.url, "--feedback-dir", tmp_path, "--predicts-per-minute", "5",
+                   "--feedback-per-minute", "2") as app:
+        statuses = [_predict(app, image) for _ in range(7)]
+        assert [r.status_code for r in statuses] == [200] * 5 + [429] * 2
+        limited = statuses[-1]
+        assert 1 <= int(limited.headers["Retry-After"]) <= 12, limited.headers
+        assert limited.json()["error"].startswith("too many requests from this address")
+        ids = [r.json()["id"] for r in statuses[:5]]
+        judged = [_feedback(app, {"id": answer_id, "digit": 3}).status_code for answer_id in ids[:3]]
+        assert judged == [200, 200, 429]
+        counted = {dict(labels)["endpoint"]: value for (name, labels), value in _metrics(app).items()
+                   if name == n.WEB_REQUESTS and dict(labels)["outcome"] == "rate_limited"}
+        assert counted == {"predict": 2, "feedback": 1}
+
+
+def test_the_answers_kept_are_shared_fairly_between_clients():
+    from web.app import RecentAnswers, RateLimiter
+
+    recent = RecentAnswers(max_count=100, per_client=3)
+    theirs = recent.add("their answer", client="10.0.0.2")
+    mine = [recent.add(f"mine {index}", client="10.0.0.1") for index in range(50)]
+    assert recent.get(theirs) == "their answer"  # 50 of mine evicted only mine
+    assert [recent.get(answer_id) for answer_id in mine[-3:]] == ["mine 47", "mine 48", "mine 49"]
+    assert recent.get(mine[0]) is None
+    assert recent.claim(mine[0], 3) is None and recent.claim(mine[-1], 3) is None  # a forgotten one is not claimed
+    assert recent.claim(mine[-1], 4) == 3
+    # The overall bound still holds across many clients, the oldest out first.
+    crowded = RecentAnswers(max_count=4, per_client=3)
+    kept = [crowded.add(index, client=f"10.0.1.{index}") for index in range(6)]
+    assert [crowded.get(answer_id) for answer_id in kept] == [None, None, 2, 3, 4, 5]
+    # The token bucket: a minute's worth at once, then one every 60/rate seconds.
+    now = [0.0]
+    limiter = RateLimiter(per_minute=6, max_clients=2, clock=lambda: now[0])
+    assert [limiter.take("a") for _ in range(6)] == [0.0] * 6
+    assert limiter.take("a") == pytest.approx(10.0)
+    now[0] = 10.0
+    assert limiter.take("a") == 0.0 and limiter.take("b") == 0.0 and limiter.take("c") == 0.0
+    assert limiter.take("a") == 0.0  # three clients in a table of two: the longest idle, a, was forgotten
 
 
 def test_which_host_names_the_app_answers():

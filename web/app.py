@@ -19,6 +19,7 @@ import collections
 import io
 import json
 import logging
+import math
 import secrets
 import socket
 import time
@@ -59,28 +60,48 @@ RETRY_AFTER_S = 1  # on every 503: the model server is busy or starting; the pag
 class RequestError(Exception):
     """An answer other than 200: its status, the one-line message, and the metrics outcome."""
 
-    def __init__(self, status: int, message: str, outcome: str):
+    def __init__(self, status: int, message: str, outcome: str, retry_after_s: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.outcome = outcome
+        self.retry_after_s = retry_after_s
 
 
 class RecentAnswers:
-    """The last answers, by id (the oldest out first): what a correction refers to."""
+    """The last answers, by id (the oldest out first): what a correction refers to. One client holds
+    at most `per_client` of them: its newest push out its own oldest, so that no one client's
+    flood of predictions evicts the answers other people are about to judge."""
 
-    def __init__(self, max_count: int):
+    def __init__(self, max_count: int, per_client: int | None = None):
         self._items: collections.OrderedDict[str, ms.Prediction] = collections.OrderedDict()
+        self._owner: dict[str, str] = {}
+        self._by_client: dict[str, collections.deque] = {}
         self._judged: dict[str, int] = {}
         self._max_count = max_count
+        self._per_client = per_client or max_count
 
-    def add(self, prediction: ms.Prediction) -> str:
+    def add(self, prediction: ms.Prediction, client: str = "") -> str:
         answer_id = secrets.token_hex(16)
+        mine = self._by_client.setdefault(client, collections.deque())
+        while len(mine) >= self._per_client:
+            self._forget(mine[0])
         self._items[answer_id] = prediction
+        self._owner[answer_id] = client
+        mine.append(answer_id)
         while len(self._items) > self._max_count:
-            old_id, _ = self._items.popitem(last=False)
-            self._judged.pop(old_id, None)
+            self._forget(next(iter(self._items)))
         return answer_id
+
+    def _forget(self, answer_id: str) -> None:
+        self._items.pop(answer_id, None)
+        self._judged.pop(answer_id, None)
+        client = self._owner.pop(answer_id, None)
+        queue = self._by_client.get(client)
+        if queue is not None:
+            queue.remove(answer_id)
+            if not queue:
+                del self._by_client[client]
 
     def get(self, answer_id: str) -> ms.Prediction | None:
         return self._items.get(answer_id)
@@ -102,6 +123,38 @@ class RecentAnswers:
 
 def check_image(body: bytes, config: WebConfig) -> str:
     """'png' or 'jpeg' for an image the model server may see; RequestError (4xx) for anything else."""
+    return _open_image(body, config)[0]
+
+
+def prepare_image(body: bytes, config: WebConfig) -> bytes:
+    """The image to send the model server: checked (RequestError, 4xx, for anything it may not see),
+    then, if its EXIF says it is turned (phone photos) or it is larger than the model server takes
+    (contract.MAX_SERVED_IMAGE_BYTES), turned upright as the page shows it and reduced to at most
+    contract.MAX_SENT_IMAGE_SIDE pixels a side, as a PNG. Otherwise the bytes as they came."""
+    from PIL import ImageOps
+
+    kind, orientation, size = _open_image(body, config)
+    turned = orientation not in (None, 1)
+    if not turned and len(body) <= contract.MAX_SERVED_IMAGE_BYTES:
+        return body
+    from PIL import Image
+
+    with Image.open(io.BytesIO(body)) as image:
+        upright = ImageOps.exif_transpose(image)
+        upright = upright.convert("RGBA" if "A" in upright.getbands() else "RGB")
+        upright.thumbnail((contract.MAX_SENT_IMAGE_SIDE, contract.MAX_SENT_IMAGE_SIDE), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        upright.save(out, format="PNG")
+    sent = out.getvalue()
+    if len(sent) > contract.MAX_SERVED_IMAGE_BYTES:  # a noise field does not compress: no digit to read anyway
+        raise RequestError(413, f"the image is still {_size(len(sent))} at {upright.size[0]}x{upright.size[1]}; "
+                                f"the model server takes {_size(contract.MAX_SERVED_IMAGE_BYTES)}", "too_large")
+    return sent
+
+
+def _open_image(body: bytes, config: WebConfig) -> tuple[str, int | None, tuple[int, int]]:
+    """(kind, EXIF orientation or None, size) of an image the model server may see, decoded once to
+    know; RequestError (4xx) for anything else."""
     if not body:
         raise RequestError(400, "the request has no image: send a PNG or JPEG file as the body", "bad_request")
     if len(body) > config.max_image_bytes:
@@ -121,6 +174,7 @@ def check_image(body: bytes, config: WebConfig) -> str:
                 raise RequestError(413, f"the image is {width}x{height} pixels; the most this app takes is "
                                         f"{config.max_image_pixels:,} pixels", "too_large")
             image.load()  # a truncated or corrupt file fails here, not in the model server
+            orientation = image.getexif().get(0x0112)  # EXIF Orientation
     except RequestError:
         raise
     except Image.DecompressionBombError:
@@ -128,7 +182,7 @@ def check_image(body: bytes, config: WebConfig) -> str:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise RequestError(400, f"the {kind.upper()} file cannot be decoded: {_first_line(error)}",
                            "bad_request") from None
-    return kind
+    return kind, orientation if isinstance(orientation, int) else None, (width, height)
 
 
 def _too_large(size: int, limit: int) -> str:
@@ -163,9 +217,41 @@ def _host_name(host: str | None) -> str:
 
 def _error(error: RequestError) -> web.Response:
     response = _json({"error": error.message}, error.status)
-    if error.status == 503:
-        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    if error.retry_after_s is not None or error.status == 503:
+        response.headers["Retry-After"] = str(error.retry_after_s or RETRY_AFTER_S)
     return response
+
+
+def _client(request: web.Request) -> str:
+    """Who is asking, for rate limits and answer quotas: the peer's address."""
+    return request.remote or ""
+
+
+class RateLimiter:
+    """A token bucket per client: `per_minute` requests a minute, bursts up to a minute's worth. The
+    table of clients is bounded (the longest idle go first): a spray of addresses cannot grow it."""
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000, clock=time.monotonic):
+        self._rate = per_minute / 60.0
+        self._burst = float(per_minute)
+        self._clock = clock
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+        self._max_clients = max_clients
+
+    def take(self, client: str) -> float:
+        """0 if the client may go ahead now (one token taken), else the seconds until it may."""
+        now = self._clock()
+        tokens, then = self._buckets.pop(client, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - then) * self._rate)
+        if tokens >= 1.0:
+            tokens -= 1.0
+            wait = 0.0
+        else:
+            wait = (1.0 - tokens) / self._rate
+        self._buckets[client] = (tokens, now)
+        while len(self._buckets) > self._max_clients:
+            self._buckets.popitem(last=False)
+        return wait
 
 
 class WebApp:
@@ -174,7 +260,9 @@ class WebApp:
         self.model_server = model_server if model_server is not None else ms.connect(config)
         self.metrics = metrics or WebMetrics()
         self.feedback = FeedbackStore(config.feedback_dir)
-        self.recent = RecentAnswers(config.recent_answers)
+        self.recent = RecentAnswers(config.recent_answers, config.answers_per_client)
+        self._rates = {n.WEB_PREDICT_ENDPOINT: RateLimiter(config.predicts_per_minute),
+                       n.WEB_FEEDBACK_ENDPOINT: RateLimiter(config.feedback_per_minute)}
         self._profiles: dict[int, dict | None] = {}  # version -> its reference profile (None: has none)
         self._sync_task: asyncio.Task | None = None
         self._static = Path(str(resources.files("web") / "static"))
@@ -216,7 +304,7 @@ class WebApp:
         started = time.perf_counter()
         try:
             body = await self._read(request, self.config.max_image_bytes)
-            await asyncio.to_thread(check_image, body, self.config)
+            body = await asyncio.to_thread(prepare_image, body, self.config)
             try:
                 prediction = await self._predict_in_turn(body)
             except ms.ModelServerError as error:
@@ -233,7 +321,7 @@ class WebApp:
             return _error(error)
         model_ms = (time.perf_counter() - started) * 1e3
         await self._reference(prediction.model_version)
-        answer_id = self.recent.add(prediction)
+        answer_id = self.recent.add(prediction, _client(request))
         self.metrics.prediction(self.config.model_name, prediction.model_version, prediction.digit,
                                 prediction.confidence, prediction.decision)
         self.metrics.request(n.WEB_PREDICT_ENDPOINT, "ok", time.perf_counter() - started)
@@ -414,6 +502,12 @@ class WebApp:
         if request.path == "/api/feedback" and request.content_type != "application/json":
             return RequestError(415, 'send the correction as Content-Type: application/json: '
                                      '{"id": "<answer id>", "digit": 0-9}', "unsupported_media_type")
+        endpoint = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT}.get(request.path)
+        if endpoint is not None:
+            wait_s = self._rates[endpoint].take(_client(request))
+            if wait_s > 0:
+                return RequestError(429, f"too many requests from this address: try again in {math.ceil(wait_s)} s",
+                                    "rate_limited", retry_after_s=math.ceil(wait_s))
         return None
 
     def application(self) -> web.Application:

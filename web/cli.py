@@ -35,13 +35,18 @@ from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, 
 @click.option("--model-connections", type=int, default=WebConfig.model_connections, show_default=True,
               help="Predicts sent to the model server at once; more wait (up to --model-timeout, then 503). "
                    "Match the model server's admission limit (digits serve --max-concurrent-requests).")
+@click.option("--predicts-per-minute", type=int, default=WebConfig.predicts_per_minute, show_default=True,
+              help="Predictions one client (address) may ask for per minute; more get 429 with Retry-After.")
+@click.option("--feedback-per-minute", type=int, default=WebConfig.feedback_per_minute, show_default=True,
+              help="Judgements one client may send per minute; more get 429 with Retry-After.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A Host name the app answers (repeatable); others get 421. Default: loopback names when "
                    "--host is loopback (a DNS-rebinding page is refused), any name otherwise.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True, metavar="SCHEME://HOST[:PORT]",
               help="An origin besides the page's own that may send predictions and corrections (repeatable).")
 def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, model_dir, model_timeout,
-                max_image_bytes, model_connections, allowed_hosts, allowed_origins):
+                max_image_bytes, model_connections, predicts_per_minute, feedback_per_minute, allowed_hosts,
+                allowed_origins):
     """Serve the web page: draw or upload a digit, see what the model answers, correct it."""
     if serving_url is None and grpc_target is None:
         serving_url = DEFAULT_SERVING_URL
@@ -49,6 +54,7 @@ def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, 
         config = WebConfig(serving_url=serving_url, grpc_target=grpc_target, model_name=model_name, host=host,
                            port=port, feedback_dir=feedback_dir, model_dir=model_dir, model_timeout_s=model_timeout,
                            max_image_bytes=max_image_bytes, model_connections=model_connections,
+                           predicts_per_minute=predicts_per_minute, feedback_per_minute=feedback_per_minute,
                            allowed_hosts=allowed_hosts,
                            allowed_origins=allowed_origins)
     except ValueError as error:

@@ -43,6 +43,13 @@ class WebConfig:
     # Answers kept so that a correction can refer to one by id (what the model said and saw is the
     # server's own record, not what the browser claims); the oldest go first. ~20 KB each.
     recent_answers: int = 1024
+    # Of those, one client's at most: its newest push out its own oldest, never others' (a client is
+    # its address; behind a proxy, the proxy's, unless it is the one client).
+    answers_per_client: int = 64
+    # Requests per minute one client may send (a token bucket, bursts up to the minute's worth):
+    # more get 429 with Retry-After. A person draws a few digits a minute.
+    predicts_per_minute: int = 120
+    feedback_per_minute: int = 30
     # Host header names (without port) the app answers; empty: loopback names when it listens on
     # loopback, any name otherwise (behind a proxy that checks them, or give them here).
     allowed_hosts: tuple[str, ...] = ()
@@ -71,7 +78,8 @@ class WebConfig:
             problems.append(f"--model-name must be a plain name, got {self.model_name!r}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be 0-65535, got {self.port}")
-        for name in ("max_image_bytes", "max_image_pixels", "recent_answers", "model_connections"):
+        for name in ("max_image_bytes", "max_image_pixels", "recent_answers", "model_connections",
+                     "answers_per_client", "predicts_per_minute", "feedback_per_minute"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.model_timeout_s <= 0:

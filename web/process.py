@@ -22,9 +22,16 @@ class WebProcess(ChildProcess):
         self.url = f"http://127.0.0.1:{port}"
 
 
-def start_web(*args: str, timeout: float = 60, cwd: Path | None = None) -> WebProcess:
-    """Starts `digits web --host 127.0.0.1 --port 0 ARGS...` and waits until it listens."""
-    process, output, errors = spawn_digits("web", "--host", "127.0.0.1", "--port", "0", *args, cwd=cwd)
+# Tests and benchmarks are one client (loopback) sending far more than a person: without rate limits
+# unless they set them (the rate-limit test does).
+UNLIMITED = ("--predicts-per-minute", "1000000", "--feedback-per-minute", "1000000")
+
+
+def start_web(*args: str | Path, timeout: float = 60, cwd: Path | None = None) -> WebProcess:
+    """Starts `digits web --host 127.0.0.1 --port 0 ARGS...` and waits until it listens; without rate
+    limits unless ARGS give them."""
+    limits = () if any(str(arg).endswith("-per-minute") for arg in args) else UNLIMITED
+    process, output, errors = spawn_digits("web", "--host", "127.0.0.1", "--port", "0", *limits, *args, cwd=cwd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = "".join(output)

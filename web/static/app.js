@@ -300,21 +300,31 @@
   async function sendFeedback(digit) {
     if (!answer) return;
     const buttons = [rightButton, ...digitButtons.children];
+    const enabled = buttons.map((b) => !b.disabled);
     buttons.forEach((b) => { b.disabled = true; });
     feedbackStatus.className = "small";
     feedbackStatus.textContent = "Saving\u2026";
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort("timeout"), REQUEST_TIMEOUT_MS);
+    let final = false;  // judged (or the answer is gone): the buttons stay disabled
     try {
       const response = await fetch("/api/feedback", {
-        method: "POST", headers: { "Content-Type": "application/json" },
+        method: "POST", headers: { "Content-Type": "application/json" }, signal: controller.signal,
         body: JSON.stringify({ id: answer.id, digit }),
       });
       const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+      final = response.ok || response.status === 409 || response.status === 410;
       if (!response.ok) throw new Error(body.error);
       feedbackStatus.textContent = body.message;
       feedbackStatus.classList.add("ok");
     } catch (e) {
-      feedbackStatus.textContent = `Not saved: ${e.message}`;
+      const why = controller.signal.aborted ? "the web app did not answer within 20 seconds"
+        : e instanceof TypeError ? "the web app cannot be reached" : e.message;
+      feedbackStatus.textContent = `Not saved: ${why}.` + (final ? "" : " Try again.");
       feedbackStatus.classList.add("bad");
+    } finally {
+      clearTimeout(timer);
+      if (!final) buttons.forEach((b, i) => { b.disabled = !enabled[i]; });
     }
   }
   rightButton.addEventListener("click", () => answer && sendFeedback(answer.digit));
