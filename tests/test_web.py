@@ -871,6 +871,36 @@ def test_the_answers_kept_are_shared_fairly_between_clients():
     assert limiter.take("a") == 0.0  # three clients in a table of two: the longest idle, a, was forgotten
 
 
+def test_decodes_and_predicts_wait_their_turn_and_a_long_wait_is_a_503(tmp_path):
+    """At most `decode_slots` uploads are decoded at once (a 4096x4096 photo is ~64 MB decoded); the
+    rest wait, and one that would wait past the model timeout is told the app is busy."""
+    import asyncio
+
+    from web.app import RequestError, WebApp
+
+    app = WebApp(WebConfig(decode_slots=2, model_timeout_s=0.3, feedback_dir=tmp_path), model_server=object())
+    running, peak = 0, 0
+
+    async def work(seconds: float) -> float:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(seconds)
+        running -= 1
+        return seconds
+
+    async def main() -> None:
+        busy = RequestError(503, "busy", "busy")
+        assert await asyncio.gather(*(app._in_turn(app._decode_slots, busy, work, 0.05) for _ in range(8))) == [
+            0.05] * 8
+        assert peak == 2
+        waited = await asyncio.gather(*(app._in_turn(app._decode_slots, busy, work, 0.5) for _ in range(3)),
+                                      return_exceptions=True)
+        assert waited.count(busy) == 1 and waited.count(0.5) == 2
+
+    asyncio.run(main())
+
+
 def test_which_host_names_the_app_answers():
     from web.app import _host_name
 

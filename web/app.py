@@ -268,21 +268,27 @@ class WebApp:
         self._static = Path(str(resources.files("web") / "static"))
         # Predicts in flight to the model server, at most what it admits; the rest wait their turn.
         self._model_slots = asyncio.Semaphore(config.model_connections)
+        self._decode_slots = asyncio.Semaphore(config.decode_slots)  # memory: decoded photos at once
 
     # -- the API ---------------------------------------------------------------------------------
 
     async def _predict_in_turn(self, body: bytes):
-        """The model server's answer, once one of its admitted slots is free: waiting longer than the
-        model timeout is the model server being overloaded (503 with Retry-After), not a 5xx of ours."""
+        """The model server's answer, once one of its admitted slots is free."""
+        busy = ms.ModelServerError(ms.OVERLOADED, f"the model server is busy ({self.config.model_connections} "
+                                                  "predicts in flight): try again in a moment")
+        return await self._in_turn(self._model_slots, busy, self.model_server.predict, body)
+
+    async def _in_turn(self, slots: asyncio.Semaphore, busy: Exception, work, *args):
+        """`work(*args)` once one of `slots` is free; `busy` (a 503 with Retry-After, in the end) after
+        waiting longer than the model timeout: the app overloaded, not a 5xx of ours."""
         try:
-            await asyncio.wait_for(self._model_slots.acquire(), self.config.model_timeout_s)
+            await asyncio.wait_for(slots.acquire(), self.config.model_timeout_s)
         except asyncio.TimeoutError:
-            raise ms.ModelServerError(ms.OVERLOADED, f"the model server is busy ({self.config.model_connections} "
-                                                     "predicts in flight): try again in a moment") from None
+            raise busy from None
         try:
-            return await self.model_server.predict(body)
+            return await work(*args)
         finally:
-            self._model_slots.release()
+            slots.release()
 
     async def _read(self, request: web.Request, limit: int) -> bytes:
         """The body, at most `limit` bytes of it, counted as they arrive: a chunked body (no
@@ -304,7 +310,8 @@ class WebApp:
         started = time.perf_counter()
         try:
             body = await self._read(request, self.config.max_image_bytes)
-            body = await asyncio.to_thread(prepare_image, body, self.config)
+            busy = RequestError(503, "the app is busy reading other images: try again in a moment", "busy")
+            body = await self._in_turn(self._decode_slots, busy, asyncio.to_thread, prepare_image, body, self.config)
             try:
                 prediction = await self._predict_in_turn(body)
             except ms.ModelServerError as error:

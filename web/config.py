@@ -37,6 +37,8 @@ class WebConfig:
     # Predicts sent to the model server at once, the rest wait (at most --model-timeout, then 503 with
     # Retry-After): `digits serve` admits 64 (--max-concurrent-requests) and answers more with 429.
     model_connections: int = 64
+    # Uploads decoded at once (a 4096x4096 photo is ~64 MB decoded); the rest wait, as for the model.
+    decode_slots: int = 4
     # How long the newest AVAILABLE version, read from the model status, is used before asking again
     # (REST predict answers do not say which version answered, so the backend names the version).
     version_ttl_s: float = 5.0
@@ -79,7 +81,7 @@ class WebConfig:
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be 0-65535, got {self.port}")
         for name in ("max_image_bytes", "max_image_pixels", "recent_answers", "model_connections",
-                     "answers_per_client", "predicts_per_minute", "feedback_per_minute"):
+                     "answers_per_client", "predicts_per_minute", "feedback_per_minute", "decode_slots"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.model_timeout_s <= 0:
