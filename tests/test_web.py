@@ -4,6 +4,7 @@ and of scripted model servers for the answers a real one does not give (malforme
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import http.server
 import io
@@ -898,7 +899,9 @@ def test_decodes_and_predicts_wait_their_turn_and_a_long_wait_is_a_503(tmp_path)
                                       return_exceptions=True)
         assert waited.count(busy) == 1 and waited.count(0.5) == 2
 
-    asyncio.run(main())
+    # In a thread of its own: Playwright's sync API may have left an event loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, main()).result(timeout=60)
 
 
 def test_which_host_names_the_app_answers():
