@@ -55,6 +55,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MODEL_SERVER_STATUS = {ms.UNAVAILABLE: 503, ms.OVERLOADED: 503, ms.TIMEOUT: 504, ms.REJECTED: 400,
                         ms.BAD_ANSWER: 502, ms.ERROR: 502}
 RETRY_AFTER_S = 1  # on every 503: the model server is busy or starting; the page may try again
+# The API's state-changing paths, by the endpoint label their metrics carry.
+_ENDPOINTS = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT}
 
 
 class RequestError(Exception):
@@ -482,9 +484,7 @@ class WebApp:
         refusal = self._refusal(request)
         if refusal is None:
             return await handler(request)
-        endpoint = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT}.get(
-            request.path, "other")
-        self.metrics.request(endpoint, refusal.outcome, 0.0)
+        self.metrics.request(_ENDPOINTS.get(request.path, "other"), refusal.outcome, 0.0)
         log.warning("refused %s %s (Host %r, Origin %r): %s", request.method, request.path, request.host,
                     request.headers.get("Origin"), refusal.message)
         if request.path.startswith("/api/"):
@@ -509,7 +509,7 @@ class WebApp:
         if request.path == "/api/feedback" and request.content_type != "application/json":
             return RequestError(415, 'send the correction as Content-Type: application/json: '
                                      '{"id": "<answer id>", "digit": 0-9}', "unsupported_media_type")
-        endpoint = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT}.get(request.path)
+        endpoint = _ENDPOINTS.get(request.path)
         if endpoint is not None:
             wait_s = self._rates[endpoint].take(_client(request))
             if wait_s > 0:
