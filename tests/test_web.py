@@ -815,8 +815,8 @@ def test_other_sites_and_other_host_names_are_refused_and_counted(scripted, scri
         assert "\n" not in response.json()["error"]
     assert requests.get(url, headers={"Host": "rebound.example"}, timeout=30).status_code == 421
     after = _metrics(scripted_app)
-    refused = {(dict(labels)["endpoint"], dict(labels)["outcome"]): after[(name, labels)] - before.get((name, labels), 0)
-               for name, labels in after if name == n.WEB_REQUESTS}
+    refused = {(dict(labels)["endpoint"], dict(labels)["outcome"]): value - before.get((name, labels), 0)
+               for (name, labels), value in after.items() if name == n.WEB_REQUESTS}
     assert refused[("feedback", "cross_site")] == 2 and refused[("feedback", "unsupported_media_type")] == 1
     assert refused[("feedback", "misdirected")] == 1 and refused[("predict", "cross_site")] == 1
     assert refused[("other", "misdirected")] == 1
@@ -926,7 +926,8 @@ def test_no_version_or_heap_address_is_shown(scripted, scripted_app, digits_by_c
     scripted.answer = (400, json.dumps({"error": "cannot identify image file <_io.BytesIO object at 0x7f3a2c1b9e50>"}))
     response = _predict(scripted_app, digits_by_class[2][0])
     assert response.status_code == 400
-    assert response.json()["error"] == "the model server refused the image: cannot identify image file <_io.BytesIO object>"
+    assert response.json()["error"] == (
+        "the model server refused the image: cannot identify image file <_io.BytesIO object>")
 
 
 def test_feedback_on_an_unknown_answer_is_a_410(web_app):

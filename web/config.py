@@ -61,7 +61,8 @@ class WebConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "feedback_dir", Path(self.feedback_dir))
         object.__setattr__(self, "allowed_hosts", tuple(host.lower().strip("[]") for host in self.allowed_hosts))
-        object.__setattr__(self, "allowed_origins", tuple(origin.rstrip("/").lower() for origin in self.allowed_origins))
+        object.__setattr__(self, "allowed_origins",
+                           tuple(origin.rstrip("/").lower() for origin in self.allowed_origins))
         if self.model_dir is not None:
             object.__setattr__(self, "model_dir", Path(self.model_dir))
         problems = []

@@ -209,7 +209,8 @@ class GrpcModelServer:
         except grpc.aio.AioRpcError as error:
             code, detail = error.code(), error.details() or ""
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise ModelServerError(TIMEOUT, f"the model server did not answer within {self._timeout_s:g} s") from None
+                raise ModelServerError(TIMEOUT,
+                                       f"the model server did not answer within {self._timeout_s:g} s") from None
             if code == grpc.StatusCode.UNAVAILABLE and not detail.startswith("Servable"):
                 raise ModelServerError(UNAVAILABLE, "cannot reach the model server") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
