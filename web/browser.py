@@ -12,9 +12,10 @@ import os
 import shutil
 from urllib.parse import urlsplit
 
+from web.config import LOOPBACK_HOSTS
+
 CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_ENV = "DIGITS_CHROMIUM"  # a chromium binary of your own
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def chromium_path() -> str:

@@ -11,8 +11,9 @@ from monitoring.names import DEFAULT_MODEL_NAME
 DEFAULT_PORT = 8080
 DEFAULT_SERVING_URL = "http://127.0.0.1:8501"  # `digits serve`'s and TF Serving's REST port
 DEFAULT_FEEDBACK_DIR = Path("data") / "feedback"
-# Host headers a loopback-bound app answers by default: a DNS-rebinding page (evil.example resolving
-# to 127.0.0.1) sends its own name, and is refused.
+# Loopback's names: the Host headers a loopback-bound app answers by default (a DNS-rebinding page,
+# evil.example resolving to 127.0.0.1, sends its own name and is refused), and the only hosts a
+# tested page may reach (web/browser.py).
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
