@@ -135,7 +135,7 @@ def prepare_image(body: bytes, config: WebConfig) -> bytes:
     contract.MAX_SENT_IMAGE_SIDE pixels a side, as a PNG. Otherwise the bytes as they came."""
     from PIL import ImageOps
 
-    kind, orientation, size = _open_image(body, config)
+    _, orientation = _open_image(body, config)
     turned = orientation not in (None, 1)
     if not turned and len(body) <= contract.MAX_SERVED_IMAGE_BYTES:
         return body
@@ -154,8 +154,8 @@ def prepare_image(body: bytes, config: WebConfig) -> bytes:
     return sent
 
 
-def _open_image(body: bytes, config: WebConfig) -> tuple[str, int | None, tuple[int, int]]:
-    """(kind, EXIF orientation or None, size) of an image the model server may see, decoded once to
+def _open_image(body: bytes, config: WebConfig) -> tuple[str, int | None]:
+    """(kind, EXIF orientation or None) of an image the model server may see, decoded once to
     know; RequestError (4xx) for anything else."""
     if not body:
         raise RequestError(400, "the request has no image: send a PNG or JPEG file as the body", "bad_request")
@@ -184,7 +184,7 @@ def _open_image(body: bytes, config: WebConfig) -> tuple[str, int | None, tuple[
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise RequestError(400, f"the {kind.upper()} file cannot be decoded: {_first_line(error)}",
                            "bad_request") from None
-    return kind, orientation if isinstance(orientation, int) else None, (width, height)
+    return kind, orientation if isinstance(orientation, int) else None
 
 
 def _too_large(size: int, limit: int) -> str:
