@@ -36,9 +36,15 @@ TRAINING_DIR = "training"  # source of the train and eval splits
 TESTING_DIR = "testing"  # source of the held-out test split
 SOURCE_DIRS = (TRAINING_DIR, TESTING_DIR)
 
-# People's corrections from the web app (web/feedback.py): an mnist-png tree with training/ only, and
-# this append-only log at its root; `digits data build --extra-source` adds the tree to the train split.
+# People's corrections from the web app (web/feedback.py): proposals wait in pending/<digit>/ until a
+# reviewer accepts them into training/<digit>/ (an mnist-png tree) or rejects them into rejected/<digit>/;
+# two append-only logs at the root record each correction and each review. `digits data build
+# --extra-source` adds the accepted (training/) digits to the train split and only counts the others.
 FEEDBACK_LOG = "feedback.jsonl"
+REVIEW_LOG = "reviews.jsonl"
+PENDING_DIR = "pending"
+REJECTED_DIR = "rejected"
+ACCEPTED_DIR = TRAINING_DIR
 
 # The exported model's signatures: the contract between the Trainer, TF Serving, `digits serve` and clients.
 SERVING_SIGNATURE = "serving_default"  # encoded images in

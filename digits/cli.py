@@ -15,6 +15,7 @@ from pipeline.commands import pipeline_group
 from serving.cli import predict_command, serve_command
 from serving.docker_context import docker_group
 from web.cli import web_command
+from web.feedback_cli import feedback_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,6 +31,7 @@ cli.add_command(predict_command)
 cli.add_command(docker_group)
 cli.add_command(monitor_command)
 cli.add_command(web_command)
+cli.add_command(feedback_group)
 
 
 def main() -> None:

@@ -154,9 +154,13 @@ WEB_MODEL_SERVER_ERRORS = _declare("digits_web_model_server_errors_total", "coun
 # of "right" among all.
 WEB_FEEDBACK = _declare("digits_web_feedback_total", "counter",
                         ("model_name", "model_version", CLASS_LABEL, CORRECTED_CLASS_LABEL, VERDICT_LABEL))
+# Corrections waiting for a reviewer (web/feedback.py), read from the feedback directory at each
+# scrape, so reviews made with `digits feedback review` in another process count too.
+WEB_FEEDBACK_PENDING = _declare("digits_web_feedback_pending", "gauge", ())
 # The web app's endpoints, the `endpoint` label of its request metrics.
 WEB_PREDICT_ENDPOINT = "predict"
 WEB_FEEDBACK_ENDPOINT = "feedback"
+WEB_REVIEW_ENDPOINT = "review"  # the reviewers' API, behind a token
 
 # -- The blackbox exporter's probes (monitoring/blackbox/blackbox.yml) ----------------------------------
 # The one signal that sees requests that never arrive: a real predict of a known digit through REST

@@ -233,7 +233,10 @@ def secret_problems(compose: dict) -> list[str]:
     problems = []
     for name, service in compose["services"].items():
         for key, value in environment(service).items():
-            if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", key) and not re.fullmatch(rf"\$\{{\w+:\?[^}}]+\}}", value):
+            # Required (`${X:?why}`), or empty unless given (`${X:-}`: the feature it unlocks is off);
+            # never a value written here.
+            if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", key) and not re.fullmatch(
+                    rf"\$\{{\w+:\?[^}}]+\}}|\$\{{\w+:-\}}", value):
                 problems.append(f"{name}: {key} is not a required variable from the environment")
     grafana = environment(compose["services"]["grafana"])
     if not re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", grafana.get("GF_SECURITY_ADMIN_PASSWORD", "")):

@@ -1,7 +1,9 @@
-"""`digits data build --extra-source`: people's corrections (the web app's feedback tree) join the train split."""
+"""`digits data build --extra-source`: people's corrections (the web app's feedback tree) join the train
+split once a reviewer accepted them; pending and rejected ones are counted and never read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,14 +17,19 @@ from tfrecord_builder.config import BuildConfig
 from web.feedback import LOG_NAME, FeedbackStore
 
 
-def _feedback_tree(root, count: int = 6):
-    """What `digits web` writes: 28x28 normalised digits under training/<digit>/, and its log."""
+def _feedback_tree(root, count: int = 6, accept: bool = True):
+    """What `digits web` writes (28x28 normalised digits, queued, and its log), then a reviewer's
+    acceptance of each (they move to training/<digit>/)."""
     store = FeedbackStore(root)
     records = []
     for index in range(count):
         picture = [[1.0 if 8 <= x <= 19 and y == 4 + index else 0.0 for x in range(28)] for y in range(28)]
-        records.append(store.add(picture, predicted=1, corrected=index % 10, confidence=0.6, model_name="digits",
-                                 model_version=7))
+        record = store.add(picture, predicted=1, corrected=index % 10, confidence=0.6, model_name="digits",
+                           model_version=7, client="10.0.0.1")
+        if accept:
+            store.review(record.id, "accepted", reviewer="test")
+            record = dataclasses.replace(record, image=f"training/{record.corrected}/{record.id}.png")
+        records.append(record)
     return records
 
 
@@ -39,9 +46,11 @@ def test_corrections_join_the_train_split_only(small_tree, tmp_path):
     train = _read_split(tmp_path / "out", contract.TRAIN_SPLIT)
     for record in records:  # each correction, byte for byte, with the person's label
         assert ((feedback / record.image).read_bytes(), record.corrected) in train
-    assert with_feedback["extra_sources"] == [{"path": str(feedback.resolve()), "training_files": len(records)}]
+    assert with_feedback["extra_sources"] == [{"path": str(feedback.resolve()), "training_files": len(records),
+                                               "corrections": {"accepted": len(records), "pending": 0,
+                                                               "rejected": 0}}]
     assert with_feedback["options"]["extra_sources"] == [str(feedback)]
-    # The log is not a digit: not counted, not rejected.
+    # The logs and the lock file are not digits: not counted, not rejected.
     assert with_feedback["counts"]["rejected"] == plain["counts"]["rejected"] == 0
     manifest_io.verify(tmp_path / "out")
 
@@ -60,7 +69,7 @@ def test_a_testing_dir_in_an_extra_source_is_reported_not_used(small_tree, tmp_p
     assert manifest["splits"]["test"]["examples"] == 40
 
 
-def test_if_changed_rebuilds_when_corrections_arrive(small_tree, tmp_path):
+def test_if_changed_rebuilds_when_corrections_are_accepted(small_tree, tmp_path):
     tree = small_tree(train_per_class=10, test_per_class=4)
     feedback = tmp_path / "feedback"
     _feedback_tree(feedback, count=2)
@@ -68,8 +77,10 @@ def test_if_changed_rebuilds_when_corrections_arrive(small_tree, tmp_path):
     assert not build(config).up_to_date
     assert build(config).up_to_date
     store = FeedbackStore(feedback)
-    store.add([[0.0] * 28] * 27 + [[1.0] * 28], predicted=2, corrected=5, confidence=0.5, model_name="digits",
-              model_version=8)
+    record = store.add([[0.0] * 28] * 27 + [[1.0] * 28], predicted=2, corrected=5, confidence=0.5,
+                       model_name="digits", model_version=8)
+    assert build(config).up_to_date  # a proposal changes no training data
+    store.review(record.id, "accepted", reviewer="test")
     rebuilt = build(config)
     assert not rebuilt.up_to_date and rebuilt.manifest["extra_sources"][0]["training_files"] == 3
     # Without the extra source, the same output is a different build.

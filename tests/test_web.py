@@ -664,9 +664,9 @@ def test_a_correction_is_stored_as_a_labelled_png_with_a_log_line(web_app, feedb
     assert response.status_code == 200, response.text
     saved = response.json()
     assert saved["stored"] and not saved["right"]
-    stored = feedback_dir / saved["image"]
+    stored = feedback_dir / "pending" / str(wrong) / f"{saved['correction_id']}.png"  # until a reviewer decides
     digest = hashlib.sha256(stored.read_bytes()).hexdigest()
-    assert stored == feedback_dir / "training" / str(wrong) / f"{digest[:24]}.png"
+    assert saved["state"] == "pending" and saved["correction_id"] == digest[:24]
     # What is kept is what the model classified: its normalized_image, as MNIST's own format.
     [direct] = RestClient(model_server.rest_url).predict([image], with_image=True)
     assert stored.read_bytes() == digit_png(direct.normalized_image)
@@ -740,11 +740,11 @@ def test_the_same_image_is_stored_once_and_moves_with_a_newer_correction(web_app
     other = (first["digit"] + 3) % 10
     saved = _feedback(web_app, {"id": first["id"], "digit": wrong}).json()
     assert not saved["duplicate"]
-    name = Path(saved["image"]).name
+    name = f"{saved['correction_id']}.png"
     assert _feedback(web_app, {"id": second["id"], "digit": wrong}).json()["duplicate"]
-    assert [p.relative_to(feedback_dir).as_posix() for p in feedback_dir.rglob(name)] == [f"training/{wrong}/{name}"]
+    assert [p.relative_to(feedback_dir).as_posix() for p in feedback_dir.rglob(name)] == [f"pending/{wrong}/{name}"]
     assert _feedback(web_app, {"id": third["id"], "digit": other}).json()["duplicate"]
-    assert [p.relative_to(feedback_dir).as_posix() for p in feedback_dir.rglob(name)] == [f"training/{other}/{name}"]
+    assert [p.relative_to(feedback_dir).as_posix() for p in feedback_dir.rglob(name)] == [f"pending/{other}/{name}"]
     assert [line["corrected"] for line in _log(feedback_dir) if line["image"].endswith(name)] == [wrong, wrong, other]
 
 
@@ -942,7 +942,7 @@ def test_store_writes_28x28_gray_pngs_only_inside_its_directory(tmp_path):
     picture = [[(x * y) / (27 * 27) for x in range(28)] for y in range(28)]
     record = store.add(picture, predicted=4, corrected=9, confidence=0.7, model_name="digits", model_version=1)
     stored = tmp_path / "fb" / record.image
-    assert stored.parent == tmp_path / "fb" / "training" / "9"
+    assert stored.parent == tmp_path / "fb" / "pending" / "9"
     with Image.open(stored) as png:
         assert (png.format, png.mode, png.size) == ("PNG", "L", (28, 28))
         assert png.getpixel((27, 27)) == 255 and png.getpixel((0, 0)) == 0
@@ -952,18 +952,17 @@ def test_store_writes_28x28_gray_pngs_only_inside_its_directory(tmp_path):
     with pytest.raises(ValueError, match="not 28x28"):
         store.add([[0.5] * 10] * 10, predicted=4, corrected=3, confidence=0.5, model_name="digits", model_version=1)
     # A symlinked label directory that points outside is refused, not followed.
-    (tmp_path / "fb" / "training" / "2").symlink_to(tmp_path)
+    (tmp_path / "fb" / "pending" / "2").symlink_to(tmp_path)
     other = [[0.25] * 28] * 28
     with pytest.raises(ValueError, match="outside the feedback directory"):
         store.add(other, predicted=4, corrected=2, confidence=0.5, model_name="digits", model_version=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fb"]
-    assert store.count() == 1
+    assert store.counts() == {"pending": 1, "accepted": 0, "rejected": 0}
 
 
 def _store_state(root: Path) -> tuple[list[str], list[str]]:
     """(image files under the store, relative; log lines): what a crash at any step may leave."""
-    images = sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()
-                    and path.name != LOG_NAME)
+    images = sorted(path.relative_to(root).as_posix() for path in root.rglob("*.png"))
     log = (root / LOG_NAME).read_text().splitlines() if (root / LOG_NAME).exists() else []
     return images, log
 
@@ -1028,13 +1027,13 @@ def test_a_correction_that_could_not_be_stored_can_be_sent_again(scripted, digit
     marked judged, so the same correction succeeds once the store works."""
     feedback_root = tmp_path / "feedback"
     feedback_root.mkdir()
-    (feedback_root / "training").write_text("not a directory")
+    (feedback_root / "pending").write_text("not a directory")
     with start_web("--serving-url", scripted.url, "--feedback-dir", feedback_root) as app:
         answer = _predict(app, digits_by_class[9][1]).json()
         failed = _feedback(app, {"id": answer["id"], "digit": 4})
         assert failed.status_code == 500 and "nothing was stored" in failed.json()["error"]
         assert _log(feedback_root) == []
-        (feedback_root / "training").unlink()
+        (feedback_root / "pending").unlink()
         again = _feedback(app, {"id": answer["id"], "digit": 4})
         assert again.status_code == 200 and again.json()["stored"], again.text
         assert len(_log(feedback_root)) == 1

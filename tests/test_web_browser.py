@@ -329,7 +329,8 @@ def test_a_correction_is_stored(app, open_page, feedback_dir):
     lines = [json.loads(line) for line in (feedback_dir / LOG_NAME).read_text().splitlines()]
     [line] = [line for line in lines if line["corrected"] == wrong and line["predicted"] == answer["digit"]][-1:]
     stored = feedback_dir / line["image"]
-    assert stored.parent.name == str(wrong) and stored.parent.parent.name == "training"
+    assert stored.parent.name == str(wrong) and stored.parent.parent.name == "pending"  # until reviewed
+    assert "A reviewer checks it" in page.locator("#feedback-status").text_content()
     # The stored digit is the 28x28 image the page showed as "what the model saw".
     import numpy as np
     from PIL import Image
@@ -460,7 +461,10 @@ def test_a_correction_on_the_page_reaches_the_next_served_model(open_page, pushe
         [line] = [json.loads(text) for text in (feedback / LOG_NAME).read_text().splitlines()]
         stored = (feedback / line["image"]).read_bytes()
 
-        # The next build takes the corrections into its train split, and only there.
+        # A reviewer accepts it; the next build takes the accepted corrections into its train split, and
+        # only there.
+        reviewed = run_digits("feedback", "review", "--feedback-dir", feedback, "--accept", line["sha256"][:24])
+        assert reviewed.returncode == 0 and "accepted 1" in reviewed.stdout, reviewed.stderr
         records = tmp_path / "records"
         built = run_digits("data", "build", sample_tree, "--out", records, "--per-class", "20",
                            "--test-per-class", "5", "--workers", "1", "--extra-source", feedback, "--quiet",
@@ -578,3 +582,76 @@ def test_a_correction_that_fails_can_be_sent_again(scripted_page_app, open_page,
     page.wait_for_function("() => document.querySelector('#feedback-status').classList.contains('ok')")
     assert "saved as an 8" in page.locator("#feedback-status").text_content()
     assert all(button.is_disabled() for button in buttons.all())
+
+
+REVIEW_TOKEN = "browser-review-token-0123456789"
+
+
+@pytest.mark.parametrize("size", ["phone", "desktop"])
+def test_the_review_page_paints_each_proposal_and_records_the_verdicts(open_page, tmp_path, size):
+    """The reviewers' page, behind its token: each pending correction's 28x28 image painted in its
+    card (canvas pixels equal to the stored PNG, the card on screen and not overlapping the next), and
+    accept, accept as another digit and reject each move the file and leave the page in step."""
+    import numpy as np
+    from PIL import Image
+
+    from test_web import ScriptedModelServer
+    from web.feedback import FeedbackStore
+
+    feedback = tmp_path / "feedback"
+    store = FeedbackStore(feedback)
+    records = []
+    for index in range(3):  # three distinct bars: a 1-ish shape in different places
+        picture = [[1.0 if 10 + index * 3 <= x < 12 + index * 3 and 4 <= y < 24 else 0.0 for x in range(28)]
+                   for y in range(28)]
+        records.append(store.add(picture, predicted=7, corrected=1, confidence=0.93, model_name="digits",
+                                 model_version=4, decision="accepted", client=f"10.0.0.{index}"))
+    token_file = tmp_path / "token"
+    token_file.write_text(REVIEW_TOKEN)
+    with ScriptedModelServer([[1]], {1}) as server, \
+            start_web("--serving-url", server.url, "--feedback-dir", feedback, "--review-token-file", token_file) as app:
+        page = open_page(app.url, allow_errors=("status of 401",), **(PHONE if size == "phone" else DESKTOP))
+        page.goto(app.url + "/review")
+        page.fill("#token", "not-the-token-not-the-token")
+        page.click("#login button")
+        page.wait_for_function("() => !document.querySelector('#error').hidden")
+        assert "not the review token" in page.locator("#error").text_content()
+        assert page.locator("#login").is_visible()
+
+        page.fill("#token", REVIEW_TOKEN)
+        page.click("#login button")
+        page.wait_for_function("() => document.querySelectorAll('#queue li').length === 3")
+        assert not page.locator("#login").is_visible()
+        assert page.locator("#counts").text_content() == "3 waiting, 0 accepted, 0 rejected."
+        cards = page.evaluate("""() => [...document.querySelectorAll('#queue li')].map((li) => {
+            const canvas = li.querySelector('canvas'), box = canvas.getBoundingClientRect();
+            const card = li.getBoundingClientRect();
+            return {id: li.dataset.id, text: li.textContent, card: [card.left, card.top, card.right, card.bottom],
+                    canvas: [box.left, box.top, box.width, box.height],
+                    pixels: [...canvas.getContext('2d').getImageData(0, 0, 28, 28).data].filter((_, i) => i % 4 === 0)};
+        })""")
+        width = page.viewport_size["width"]
+        for card, record in zip(cards, records):
+            assert card["id"] == record.id and "proposed: 1" in card["text"] and "model said 7 (93 %, sure)" in card["text"]
+            with Image.open(feedback / record.image) as png:
+                assert card["pixels"] == np.asarray(png).flatten().tolist()  # what is painted is the stored image
+            left, top, canvas_width, canvas_height = card["canvas"]
+            assert (canvas_width, canvas_height) == (112, 112) and 0 <= left and left + canvas_width <= width
+            assert card["card"][2] <= width + 0.5  # no card runs off the screen
+        for first, second in zip(cards, cards[1:]):  # side by side or one under the other, never on top
+            a, b = first["card"], second["card"]
+            assert a[2] <= b[0] + 0.5 or a[3] <= b[1] + 0.5 or b[2] <= a[0] + 0.5
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"review-{size}.png"), full_page=True)
+
+        page.locator(f"li[data-id='{records[0].id}'] button.accept").click()
+        page.wait_for_function("() => document.querySelectorAll('#queue li').length === 2")
+        page.locator(f"li[data-id='{records[1].id}'] select").select_option("4")
+        page.wait_for_function("() => document.querySelectorAll('#queue li').length === 1")
+        page.locator(f"li[data-id='{records[2].id}'] button.reject").click()
+        page.wait_for_function("() => !document.querySelector('#empty').hidden")
+        assert page.locator("#counts").text_content() == "0 waiting, 2 accepted, 1 rejected."
+    assert sorted(p.relative_to(feedback).as_posix() for p in feedback.rglob("*.png")) == sorted([
+        f"training/1/{records[0].id}.png", f"training/4/{records[1].id}.png", f"rejected/1/{records[2].id}.png"])
+    reviews = [json.loads(line) for line in (feedback / "reviews.jsonl").read_text().splitlines()]
+    assert [review["reviewer"] for review in reviews] == ["web review page (127.0.0.1)"] * 3

@@ -65,7 +65,7 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
     entries = None
     if output.exists():
         if config.if_changed:
-            entries, extra_entries = walk(source), [(extra, walk(extra)) for extra in extras]
+            entries, extra_entries, queued = walk(source), *_walk_extras(extras)
             current = _current_build(output, config, _fingerprint(source, entries, extra_entries))
             if current is not None:
                 return BuildResult(output=output, manifest=current, seconds=time.perf_counter() - started,
@@ -76,7 +76,7 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
     # Worker processes start (spawn takes a while) while this process walks the tree.
     with _worker_pool(config.worker_count) as workers:
         if entries is None:
-            entries, extra_entries = walk(source), [(extra, walk(extra)) for extra in extras]
+            entries, extra_entries, queued = walk(source), *_walk_extras(extras)
         # Only --if-changed needs it (next time); it costs ~0.25 s of stat calls per 70,000 files.
         fingerprint = _fingerprint(source, entries, extra_entries) if config.if_changed else None
         candidates: list[Candidate] = []
@@ -92,7 +92,11 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
         try:
             results = _write_shards(workers, plan.tasks, staging, _checks(config), total, on_progress)
             extra_summary = [
-                {"path": str(extra), "training_files": sum(1 for c in extra_candidates if _under(c.path, extra))}
+                {"path": str(extra), "training_files": sum(1 for c in extra_candidates if _under(c.path, extra)),
+                 # A feedback tree's corrections by review state: only the accepted ones are training files.
+                 "corrections": {"accepted": sum(1 for c in extra_candidates if _under(c.path, extra)),
+                                 "pending": queued[extra][contract.PENDING_DIR],
+                                 "rejected": queued[extra][contract.REJECTED_DIR]}}
                 for extra in extras]
             manifest = _finish(staging, source, config, plan, results, layout_rejects,
                                len(candidates) + len(extra_candidates), fingerprint, extra_summary)
@@ -101,6 +105,15 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return BuildResult(output=output, manifest=manifest, seconds=time.perf_counter() - started)
+
+
+def _walk_extras(extras: list[Path]) -> tuple[list, dict]:
+    """The --extra-source trees' entries that count (their accepted digits), and their review queues' sizes."""
+    walked, queued = [], {}
+    for extra in extras:
+        entries, queued[extra] = _without_review_queue(extra, walk(extra))
+        walked.append((extra, entries))
+    return walked, queued
 
 
 # Options that change what is written (not how fast, nor what happens to an existing output).
@@ -118,11 +131,31 @@ def _under(path: str, root: Path) -> bool:
     return path.startswith(str(root) + os.sep)
 
 
+# What a feedback tree (web/feedback.py) holds besides its accepted training/ digits: counted, never read.
+_REVIEW_STATES = (contract.PENDING_DIR, contract.REJECTED_DIR)
+_FEEDBACK_FILES = (contract.FEEDBACK_LOG, contract.REVIEW_LOG, ".lock")
+
+
+def _without_review_queue(root: Path, entries) -> tuple[list, dict[str, int]]:
+    """An extra source's entries without its corrections that no reviewer accepted (pending/ and
+    rejected/) and the feedback store's own files, and how many there were of each state. They are
+    not part of the build, nor of its fingerprint: a new proposal does not make --if-changed rebuild."""
+    prefixes = {state: str(root / state) + os.sep for state in _REVIEW_STATES}
+    own = {str(root / name) for name in _FEEDBACK_FILES}
+    kept, counts = [], {state: 0 for state in _REVIEW_STATES}
+    for entry in entries:
+        state = next((s for s, prefix in prefixes.items() if entry.path.startswith(prefix)), None)
+        if state is not None:
+            counts[state] += entry.path.endswith(".png") and not os.path.basename(entry.path).startswith(".")
+        elif entry.path not in own:
+            kept.append(entry)
+    return kept, counts
+
+
 def _extra_candidates(extra_entries, layout_rejects: list[Reject]) -> list[Candidate]:
     """The training digits of the --extra-source trees; their testing/ files are reported, not used."""
     found = []
     for root, entries in extra_entries:
-        log = str(root / contract.FEEDBACK_LOG)
         for entry in entries:
             if type(entry) is Candidate:
                 if entry.part == contract.TRAINING_DIR:
@@ -130,7 +163,7 @@ def _extra_candidates(extra_entries, layout_rejects: list[Reject]) -> list[Candi
                 else:
                     layout_rejects.append(Reject(entry.path, "extra_testing", "an extra source adds training "
                                                  "digits only: the held-out test split comes from SOURCE"))
-            elif entry.path != log:  # the web app's feedback log, not a digit
+            else:
                 layout_rejects.append(entry)
     return found
 

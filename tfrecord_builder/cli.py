@@ -34,7 +34,9 @@ def _raise_interrupt(signum, frame):
                    "options; rebuild it otherwise.")
 @click.option("--extra-source", "extra_sources", multiple=True, type=click.Path(path_type=Path),
               help="Another tree whose training/<digit>/*.png all go to the train split (never eval or test; "
-                   "not limited by --per-class): the corrections `digits web` stores. Repeatable.")
+                   "not limited by --per-class): the corrections `digits web` stores, of which training/ holds "
+                   "the reviewed and accepted ones only (pending/ and rejected/ are counted, never used). "
+                   "Repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def build_command(source, output, eval_fraction, per_class, test_per_class, shards, workers, seed, expected_size,
                   overwrite, if_changed, extra_sources, quiet):

@@ -56,7 +56,9 @@ def check_extra_root(root: Path) -> None:
         raise LayoutError(f"extra source {root} does not exist")
     if not root.is_dir():
         raise LayoutError(f"extra source {root} is not a directory")
-    if not (root / contract.TRAINING_DIR).is_dir():
+    # A feedback tree (web/feedback.py) may have nothing accepted yet: only pending/ or rejected/.
+    if not any((root / part).is_dir() for part in (contract.TRAINING_DIR, contract.PENDING_DIR,
+                                                    contract.REJECTED_DIR)):
         raise LayoutError(f"extra source {root} has no {contract.TRAINING_DIR}/ directory "
                           f"(expected ROOT/{contract.TRAINING_DIR}/<digit>/<name>.png, as `digits web` writes)")
 

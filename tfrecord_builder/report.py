@@ -52,6 +52,13 @@ def print_summary(console: Console, result: BuildResult) -> None:
     if counts["not_selected"]:
         balance += f" + not selected by --per-class {counts['not_selected']:,}"
     console.print(balance)
+    for extra in manifest.get("extra_sources", []):
+        review = extra.get("corrections", {})
+        line = f"extra source {extra['path']}: {extra['training_files']:,} training digits added"
+        if review.get("pending") or review.get("rejected"):
+            line += (f"; not used: {review['pending']:,} corrections waiting for review, "
+                     f"{review['rejected']:,} rejected (digits feedback review)")
+        console.print(line)
     if counts["converted"]:
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in manifest["converted"].items())
         console.print(f"converted to 8-bit grayscale: {kinds}")

@@ -2,8 +2,11 @@
 
     GET  /                 the page (web/static/index.html; its script and styles from /static/)
     POST /api/predict      body: a PNG or JPEG image -> the model's answer (JSON)
-    POST /api/feedback     {"id": <answer id>, "digit": 0-9} -> a right answer counted, a wrong one stored
+    POST /api/feedback     {"id": <answer id>, "digit": 0-9} -> a right answer counted, a wrong one queued
+                           for review (web/feedback.py)
     GET  /api/model        the model server and the versions it has loaded
+    GET  /review           the reviewers' page, and GET/POST /api/review its API: only with a review
+                           token (--review-token-file), every API call with `Authorization: Bearer <token>`
     GET  /metrics          Prometheus text format (web/metrics.py)
     GET  /healthz          this process is up;   GET /readyz   ... and the model server answers
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import io
 import json
 import logging
@@ -24,6 +28,7 @@ import secrets
 import socket
 import time
 from importlib import resources
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -33,7 +38,7 @@ from data import contract
 from monitoring import names as n
 from web import model_server as ms
 from web.config import WebConfig
-from web.feedback import FeedbackStore
+from web.feedback import ACCEPTED, PENDING, REJECTED, FeedbackStore, NotPending, QueueFull
 from web.metrics import WebMetrics
 
 log = logging.getLogger(__name__)
@@ -56,7 +61,18 @@ _MODEL_SERVER_STATUS = {ms.UNAVAILABLE: 503, ms.OVERLOADED: 503, ms.TIMEOUT: 504
                         ms.BAD_ANSWER: 502, ms.ERROR: 502}
 RETRY_AFTER_S = 1  # on every 503: the model server is busy or starting; the page may try again
 # The API's state-changing paths, by the endpoint label their metrics carry.
-_ENDPOINTS = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT}
+# What a stored correction becomes, as the page tells the person who sent it.
+_NEXT_STEP = {PENDING: "A reviewer checks it before the next training run learns from it.",
+              ACCEPTED: "A reviewer had already accepted this image.",
+              REJECTED: "A reviewer had already decided on this image."}
+QUEUE_RETRY_AFTER_S = 3600  # a full review queue empties as fast as a person reviews
+
+_ENDPOINTS = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT,
+              "/api/review": n.WEB_REVIEW_ENDPOINT}
+REVIEW_PAGE_SIZE = 50  # proposals one GET /api/review returns (at most ?limit=200)
+# Wrong review tokens one client may send per minute: a token is 128 bits or more, this only keeps logs
+# and the CPU quiet.
+BAD_TOKENS_PER_MINUTE = 10
 
 
 class RequestError(Exception):
@@ -261,10 +277,13 @@ class WebApp:
         self.config = config
         self.model_server = model_server if model_server is not None else ms.connect(config)
         self.metrics = metrics or WebMetrics()
-        self.feedback = FeedbackStore(config.feedback_dir)
+        self.feedback = FeedbackStore(config.feedback_dir, max_pending=config.max_pending,
+                                      pending_per_client=config.pending_per_client)
         self.recent = RecentAnswers(config.recent_answers, config.answers_per_client)
         self._rates = {n.WEB_PREDICT_ENDPOINT: RateLimiter(config.predicts_per_minute),
-                       n.WEB_FEEDBACK_ENDPOINT: RateLimiter(config.feedback_per_minute)}
+                       n.WEB_FEEDBACK_ENDPOINT: RateLimiter(config.feedback_per_minute),
+                       n.WEB_REVIEW_ENDPOINT: RateLimiter(config.reviews_per_minute)}
+        self._bad_tokens = RateLimiter(BAD_TOKENS_PER_MINUTE)
         self._profiles: dict[int, dict | None] = {}  # version -> its reference profile (None: has none)
         self._sync_task: asyncio.Task | None = None
         self._static = Path(str(resources.files("web") / "static"))
@@ -372,7 +391,16 @@ class WebApp:
                     stored = await asyncio.to_thread(
                         self.feedback.add, prediction.normalized_image, predicted=prediction.digit, corrected=digit,
                         confidence=prediction.confidence, model_name=self.config.model_name,
-                        model_version=prediction.model_version, decision=prediction.decision)
+                        model_version=prediction.model_version, decision=prediction.decision,
+                        client=_client(request))
+                except QueueFull as error:
+                    self.recent.release(answer_id)
+                    log.warning("correction refused: %s", error)
+                    if error.per_client:
+                        raise RequestError(429, f"{error}: try again once a reviewer has caught up",
+                                           "queue_full", retry_after_s=QUEUE_RETRY_AFTER_S) from None
+                    raise RequestError(503, "the review queue is full: try again later", "queue_full",
+                                       retry_after_s=QUEUE_RETRY_AFTER_S) from None
                 except OSError as error:
                     self.recent.release(answer_id)
                     log.error("cannot store a correction in %s: %s", self.config.feedback_dir, error)
@@ -385,8 +413,9 @@ class WebApp:
         self.metrics.request(n.WEB_FEEDBACK_ENDPOINT, "ok", time.perf_counter() - started)
         if right:
             return _json({"right": True, "stored": False, "message": f"Thanks: {digit} noted as right."})
-        return _json({"right": False, "stored": True, "duplicate": stored.duplicate, "image": stored.image,
-                      "message": f"Thanks: saved as {_article(digit)} {digit} for the next training run."})
+        return _json({"right": False, "stored": True, "duplicate": stored.duplicate, "state": stored.state,
+                      "correction_id": stored.id,
+                      "message": f"Thanks: saved as {_article(digit)} {digit}. {_NEXT_STEP[stored.state]}"})
 
     async def _feedback_request(self, request: web.Request) -> tuple[str, int]:
         body = await self._read(request, 4096)
@@ -403,6 +432,93 @@ class WebApp:
             raise RequestError(400, f"digit must be a whole number from 0 to {contract.NUM_CLASSES - 1}, "
                                     f"got {json.dumps(digit)}", "bad_request")
         return answer_id, digit
+
+    # -- the reviewers' API (only with --review-token-file) ------------------------------------------
+
+    def _reviewer(self, request: web.Request) -> str:
+        """The reviewer's name for the review log, once the request's bearer token is the right one."""
+        if self.config.review_token is None:
+            raise web.HTTPNotFound()
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self.config.review_token.encode()):
+            wait_s = self._bad_tokens.take(_client(request))
+            if wait_s > 0:
+                raise RequestError(429, f"too many wrong tokens: try again in {math.ceil(wait_s)} s",
+                                   "rate_limited", retry_after_s=math.ceil(wait_s))
+            raise RequestError(401, "give the review token: Authorization: Bearer <token>", "unauthorized")
+        return f"web review page ({_client(request)})"
+
+    async def review_page(self, request: web.Request) -> web.FileResponse:
+        if self.config.review_token is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(self._static / "review.html", headers={"Cache-Control": "no-cache"})
+
+    async def review_list(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            self._reviewer(request)
+            try:
+                limit = int(request.query.get("limit", REVIEW_PAGE_SIZE))
+            except ValueError:
+                limit = -1
+            if not 1 <= limit <= 200:
+                raise RequestError(400, "limit must be a whole number from 1 to 200", "bad_request")
+            proposals, counts = await asyncio.to_thread(self._proposals, limit)
+        except RequestError as error:
+            self.metrics.request(n.WEB_REVIEW_ENDPOINT, error.outcome, time.perf_counter() - started)
+            return _error(error)
+        self.metrics.request(n.WEB_REVIEW_ENDPOINT, "ok", time.perf_counter() - started)
+        return _json({"counts": counts, "pending": proposals})
+
+    def _proposals(self, limit: int) -> tuple[list[dict], dict]:
+        import numpy as np
+        from PIL import Image
+
+        proposals = []
+        for proposal in self.feedback.pending(limit):
+            try:
+                with Image.open(io.BytesIO(self.feedback.image(proposal.id))) as png:
+                    pixels = np.asarray(png.convert("L")).tolist()
+            except (OSError, NotPending):  # reviewed meanwhile, or not an image: not shown
+                continue
+            proposals.append({**asdict(proposal), "pixels": pixels})
+        return proposals, self.feedback.counts()
+
+    async def review_post(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            reviewer = self._reviewer(request)
+            body = await self._read(request, 4096)
+            try:
+                document = json.loads(body)
+            except (ValueError, RecursionError):
+                document = None
+            if not isinstance(document, dict):
+                raise RequestError(400, 'send a JSON object: {"id": "<correction id>", "verdict": '
+                                        '"accepted" or "rejected", "digit": 0-9 (optional)}', "bad_request")
+            image_id, verdict, digit = document.get("id"), document.get("verdict"), document.get("digit")
+            if verdict not in (ACCEPTED, REJECTED):
+                raise RequestError(400, f'verdict must be "{ACCEPTED}" or "{REJECTED}"', "bad_request")
+            if not isinstance(image_id, str) or not image_id:
+                raise RequestError(400, "id must be the id of a pending correction", "bad_request")
+            try:
+                review = await asyncio.to_thread(self.feedback.review, image_id, verdict, reviewer=reviewer,
+                                                 digit=digit)
+            except ValueError as error:
+                raise RequestError(400, _first_line(error), "bad_request") from None
+            except NotPending as error:
+                raise RequestError(409 if self.feedback.find(image_id) else 404, str(error), "not_pending") from None
+            except OSError as error:
+                log.error("cannot record a review in %s: %s", self.config.feedback_dir, error)
+                raise RequestError(500, "the review could not be saved; nothing was changed", "error") from None
+            log.info("review: %s %s as %d by %s", review.id, review.verdict, review.digit, reviewer)
+        except RequestError as error:
+            self.metrics.request(n.WEB_REVIEW_ENDPOINT, error.outcome, time.perf_counter() - started)
+            return _error(error)
+        self.metrics.request(n.WEB_REVIEW_ENDPOINT, "ok", time.perf_counter() - started)
+        return _json({"review": asdict(review), "counts": await asyncio.to_thread(self.feedback.counts)})
 
     async def model_info(self, request: web.Request) -> web.Response:
         try:
@@ -467,6 +583,10 @@ class WebApp:
         return web.FileResponse(self._static / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
+        try:
+            self.metrics.pending.set((await asyncio.to_thread(self.feedback.counts))[PENDING])
+        except OSError as error:  # the metrics still answer; the gauge keeps its last value
+            log.warning("cannot count pending corrections in %s: %s", self.config.feedback_dir, error)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": WebMetrics.content_type})
 
     async def _close(self, app: web.Application) -> None:
@@ -506,9 +626,8 @@ class WebApp:
                 return RequestError(403, f"requests from another site ({site}) are refused", "cross_site")
             if origin is not None and urlsplit(origin).netloc.lower() != (request.host or "").lower():
                 return RequestError(403, f"requests from another origin ({origin}) are refused", "cross_site")
-        if request.path == "/api/feedback" and request.content_type != "application/json":
-            return RequestError(415, 'send the correction as Content-Type: application/json: '
-                                     '{"id": "<answer id>", "digit": 0-9}', "unsupported_media_type")
+        if request.path in ("/api/feedback", "/api/review") and request.content_type != "application/json":
+            return RequestError(415, "send JSON, as Content-Type: application/json", "unsupported_media_type")
         endpoint = _ENDPOINTS.get(request.path)
         if endpoint is not None:
             wait_s = self._rates[endpoint].take(_client(request))
@@ -526,6 +645,9 @@ class WebApp:
         app.router.add_post("/api/predict", self.predict)
         app.router.add_post("/api/feedback", self.feedback_handler)
         app.router.add_get("/api/model", self.model_info)
+        app.router.add_get("/review", self.review_page)
+        app.router.add_get("/api/review", self.review_list)
+        app.router.add_post("/api/review", self.review_post)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
         app.router.add_get("/readyz", self.ready)

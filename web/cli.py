@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import click
 
 from serving.ports import Port, PortError, reserve
-from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, WebConfig
+from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, REVIEW_TOKEN_ENV, WebConfig
 
 
 @click.command("web")
@@ -44,10 +45,19 @@ from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, 
                    "--host is loopback (a DNS-rebinding page is refused), any name otherwise.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True, metavar="SCHEME://HOST[:PORT]",
               help="An origin besides the page's own that may send predictions and corrections (repeatable).")
+@click.option("--max-pending", type=int, default=WebConfig.max_pending, show_default=True,
+              help="Corrections that may wait for a reviewer; more get 503 until some are reviewed.")
+@click.option("--pending-per-client", type=int, default=WebConfig.pending_per_client, show_default=True,
+              help="Of those, from one client (address); more get 429.")
+@click.option("--review-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A file holding the reviewers' token: serves the review page at /review (not linked from "
+                   "the public page). Or set DIGITS_REVIEW_TOKEN. Default: no review page.")
 def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, model_dir, model_timeout,
                 max_image_bytes, model_connections, predicts_per_minute, feedback_per_minute, allowed_hosts,
-                allowed_origins):
+                allowed_origins, max_pending, pending_per_client, review_token_file):
     """Serve the web page: draw or upload a digit, see what the model answers, correct it."""
+    if review_token_file is not None and not review_token_file.is_file():
+        raise click.ClickException(f"--review-token-file {review_token_file} is not a file")
     if serving_url is None and grpc_target is None:
         serving_url = DEFAULT_SERVING_URL
     try:
@@ -55,8 +65,8 @@ def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, 
                            port=port, feedback_dir=feedback_dir, model_dir=model_dir, model_timeout_s=model_timeout,
                            max_image_bytes=max_image_bytes, model_connections=model_connections,
                            predicts_per_minute=predicts_per_minute, feedback_per_minute=feedback_per_minute,
-                           allowed_hosts=allowed_hosts,
-                           allowed_origins=allowed_origins)
+                           allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, max_pending=max_pending,
+                           pending_per_client=pending_per_client, review_token=_review_token(review_token_file))
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     if config.feedback_dir.exists() and not config.feedback_dir.is_dir():
@@ -75,6 +85,8 @@ def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, 
     def ready(bound_port: int) -> None:
         click.echo(f"web app for {config.model_name} on http://{config.host}:{bound_port}/ "
                    f"(model server: {config.model_server}; corrections: {config.feedback_dir})")
+        if config.review_token is not None:
+            click.echo(f"review page: http://{config.host}:{bound_port}/review (give it the review token)")
         click.echo("ready (Ctrl-C or SIGTERM to stop)")
         sys.stdout.flush()
 
@@ -94,3 +106,16 @@ def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, 
     finally:
         sock.close()
     click.echo("stopped")
+
+
+def _review_token(path: Path | None) -> str | None:
+    """The reviewers' token from --review-token-file, else from DIGITS_REVIEW_TOKEN, else None."""
+    if path is None:
+        return os.environ.get(REVIEW_TOKEN_ENV) or None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise click.ClickException(f"cannot read --review-token-file {path}: {error}") from None
+    if not token:
+        raise click.ClickException(f"--review-token-file {path} is empty")
+    return token

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -15,6 +15,8 @@ DEFAULT_FEEDBACK_DIR = Path("data") / "feedback"
 # evil.example resolving to 127.0.0.1, sends its own name and is refused), and the only hosts a
 # tested page may reach (web/browser.py).
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+MIN_REVIEW_TOKEN_CHARS = 16
+REVIEW_TOKEN_ENV = "DIGITS_REVIEW_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,14 @@ class WebConfig:
     # more get 429 with Retry-After. A person draws a few digits a minute.
     predicts_per_minute: int = 120
     feedback_per_minute: int = 30
+    # Corrections waiting for a reviewer, in all and from one client: more get 503 / 429, so that a
+    # flood fills a bounded queue (~300 bytes a PNG), not the disk and not a reviewer's week.
+    max_pending: int = 10_000
+    pending_per_client: int = 100
+    # The reviewers' token (GET /review, /api/review with `Authorization: Bearer <token>`); None: no
+    # review page (review with `digits feedback review`). Never shown in logs or repr.
+    review_token: str | None = field(default=None, repr=False)
+    reviews_per_minute: int = 600
     # Host header names (without port) the app answers; empty: loopback names when it listens on
     # loopback, any name otherwise (behind a proxy that checks them, or give them here).
     allowed_hosts: tuple[str, ...] = ()
@@ -83,13 +93,18 @@ class WebConfig:
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be 0-65535, got {self.port}")
         for name in ("max_image_bytes", "max_image_pixels", "recent_answers", "model_connections",
-                     "answers_per_client", "predicts_per_minute", "feedback_per_minute", "decode_slots"):
+                     "answers_per_client", "predicts_per_minute", "feedback_per_minute", "decode_slots",
+                     "max_pending", "pending_per_client", "reviews_per_minute"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.model_timeout_s <= 0:
             problems.append(f"--model-timeout must be positive, got {self.model_timeout_s}")
         if self.version_ttl_s < 0:
             problems.append(f"version TTL must be >= 0 s, got {self.version_ttl_s}")
+        if self.review_token is not None and (len(self.review_token) < MIN_REVIEW_TOKEN_CHARS
+                                              or any(c.isspace() for c in self.review_token)):
+            problems.append(f"the review token must be at least {MIN_REVIEW_TOKEN_CHARS} characters without "
+                            "spaces (make one with: python -c 'import secrets; print(secrets.token_urlsafe())')")
         for host in self.allowed_hosts:
             if not host or any(c in host for c in "/:@ ") and not _is_ipv6(host):
                 problems.append(f"--allowed-host takes a host name without scheme or port, got {host!r}")

@@ -53,6 +53,8 @@ class WebMetrics:
         self.confidence = _declared(n.CONFIDENCE, "Probability of the predicted digit.", registry)
         self.feedback = _declared(n.WEB_FEEDBACK,
                                   "Answers people judged: right when predicted_class equals corrected_class.", registry)
+        self.pending = _declared(n.WEB_FEEDBACK_PENDING, "Corrections waiting for a reviewer before any training "
+                                                         "run may use them.", registry)
         self._versions_seen: set[tuple[str, int]] = set()
         # The reference profile of each version that answered, read from --model-dir (what `digits serve`
         # exports itself): in front of the TF Serving container, the drift rules need it from here.

@@ -1,0 +1,146 @@
+// The reviewers' page: the pending corrections, each with the 28x28 image the model saw, accepted
+// (as proposed or as another digit) or rejected. Every call carries the token the reviewer typed,
+// kept for this tab only (sessionStorage). No external resource: the CSP forbids it.
+"use strict";
+
+(() => {
+  const REQUEST_TIMEOUT_MS = 20000;
+  const TOKEN_KEY = "digits-review-token";
+  const $ = (id) => document.getElementById(id);
+  const login = $("login"), tokenInput = $("token"), errorBox = $("error");
+  const queue = $("queue"), empty = $("empty"), countsText = $("counts");
+
+  function showError(message) {
+    errorBox.textContent = message;
+    errorBox.hidden = !message;
+  }
+
+  async function call(method, body) {
+    const token = sessionStorage.getItem(TOKEN_KEY) || "";
+    const response = await fetch("/api/review" + (method === "GET" ? "?limit=100" : ""), {
+      method,
+      headers: Object.assign({ "Authorization": "Bearer " + token },
+                             body ? { "Content-Type": "application/json" } : {}),
+      body: body ? JSON.stringify(body) : undefined,
+      signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+    });
+    let document_ = null;
+    try { document_ = await response.json(); } catch (_) { /* not JSON: said below */ }
+    if (response.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      login.hidden = false;
+      throw new Error("that token is not the review token");
+    }
+    if (!response.ok) throw new Error((document_ && document_.error) || `the app answered ${response.status}`);
+    return document_;
+  }
+
+  function showCounts(counts) {
+    countsText.textContent = `${counts.pending} waiting, ${counts.accepted} accepted, ${counts.rejected} rejected.`;
+  }
+
+  function paint(canvas, pixels) {
+    const ctx = canvas.getContext("2d");
+    const image = ctx.createImageData(28, 28);
+    pixels.forEach((row, y) => row.forEach((value, x) => {
+      const at = (y * 28 + x) * 4;
+      image.data[at] = image.data[at + 1] = image.data[at + 2] = value;
+      image.data[at + 3] = 255;
+    }));
+    ctx.putImageData(image, 0, 0);
+  }
+
+  // The model's own verdict on its answer, in words that do not read as this page's "accept".
+  const DECISION_WORDS = { accepted: "sure", unsure: "unsure", not_a_digit: "not a digit" };
+
+  function modelSaid(item) {
+    if (item.predicted === null || item.predicted === undefined) return "the model's answer is not known";
+    const notes = [];
+    if (item.confidence !== null && item.confidence !== undefined) notes.push(`${(item.confidence * 100).toFixed(0)} %`);
+    if (item.decision) notes.push(DECISION_WORDS[item.decision] || item.decision);
+    return `model said ${item.predicted}` + (notes.length ? ` (${notes.join(", ")})` : "");
+  }
+
+  function card(item) {
+    const li = document.createElement("li");
+    li.className = "card";
+    li.dataset.id = item.id;
+    const canvas = document.createElement("canvas");
+    canvas.width = canvas.height = 28;
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute("aria-label", `the image, proposed as ${item.digit}`);
+    paint(canvas, item.pixels);
+    const text = document.createElement("div");
+    text.className = "card-text";
+    const proposed = document.createElement("p");
+    proposed.className = "proposed";
+    proposed.textContent = `proposed: ${item.digit}`;
+    const said = document.createElement("p");
+    said.className = "muted small";
+    said.textContent = modelSaid(item);
+    const who = document.createElement("p");
+    who.className = "muted small";
+    who.textContent = `from ${item.client || "?"}, ${item.reports} report${item.reports === 1 ? "" : "s"}, ` +
+                      `${item.time.replace("T", " ").slice(0, 19)} UTC`;
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    const accept = document.createElement("button");
+    accept.type = "button";
+    accept.className = "accept";
+    accept.textContent = `Accept as ${item.digit}`;
+    const other = document.createElement("select");
+    other.setAttribute("aria-label", "Accept as another digit");
+    other.append(new Option("Accept as\u2026", ""));
+    for (let d = 0; d < 10; d++) if (d !== item.digit) other.append(new Option(String(d), String(d)));
+    const reject = document.createElement("button");
+    reject.type = "button";
+    reject.className = "reject";
+    reject.textContent = "Reject";
+    actions.append(accept, other, reject);
+    const status = document.createElement("p");
+    status.className = "small card-status";
+    text.append(proposed, said, who, actions, status);
+    li.append(canvas, text);
+
+    async function decide(verdict, digit) {
+      for (const control of actions.children) control.disabled = true;
+      status.textContent = "";
+      try {
+        const body = { id: item.id, verdict };
+        if (digit !== undefined) body.digit = digit;
+        const result = await call("POST", body);
+        showCounts(result.counts);
+        li.remove();
+        empty.hidden = queue.children.length > 0;
+      } catch (error) {
+        status.textContent = `Not saved: ${error.message}. Try again.`;
+        for (const control of actions.children) control.disabled = false;
+      }
+    }
+    accept.addEventListener("click", () => decide("accepted"));
+    reject.addEventListener("click", () => decide("rejected"));
+    other.addEventListener("change", () => { if (other.value !== "") decide("accepted", Number(other.value)); });
+    return li;
+  }
+
+  async function load() {
+    showError("");
+    try {
+      const result = await call("GET");
+      login.hidden = true;
+      showCounts(result.counts);
+      queue.replaceChildren(...result.pending.map(card));
+      empty.hidden = result.pending.length > 0;
+    } catch (error) {
+      showError(`Cannot load the queue: ${error.message}.`);
+    }
+  }
+
+  login.addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, tokenInput.value.trim());
+    tokenInput.value = "";
+    load();
+  });
+  if (sessionStorage.getItem(TOKEN_KEY)) load();
+})();
