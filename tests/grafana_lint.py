@@ -247,6 +247,8 @@ def required_filters(metric: str, recorded: set[str]) -> dict[str, tuple[str, ..
     if metric in PROBE_SERIES:  # `instance` is the probed target
         return {**filters, "job": (names.PROBE_JOB,)}
     base = base_name(metric)
+    if base.startswith("digits_web_"):  # the web app's own (its instances are not the model servers')
+        return {**filters, "job": (names.WEB_JOB,)}
     jobs = (names.SERVING_JOB, names.WEB_JOB) if base in ANSWERED else (names.SERVING_JOB,)
     filters = {**filters, "job": jobs, "instance": ("$instance",)}
     declared = names.METRICS[base].labels if base in names.METRICS else ()

@@ -62,6 +62,7 @@ QUANTILES = (0.5, 0.95, 0.99)
 BUDGET_LOW = 0.25  # an error budget below a quarter turns orange
 
 RED, ORANGE, GREEN = "red", "orange", "green"
+WEB_JOB = f'job="{n.WEB_JOB}"'
 GRID_WIDTH = 24
 
 
@@ -561,7 +562,8 @@ def web_panels() -> list:
                 "sort": [{"field": "per day", "desc": True}]})),
             "Top corrections",
             f"The most frequent (answer, correction) pairs per day over the last {r.ONLINE_WINDOW}: a weak digit "
-            "shows as one pair on top. The corrected images are training data (docs/web.md: closing the loop).",
+            "shows as one pair on top. The corrected images wait for a reviewer; accepted ones are training data "
+            "(docs/web.md: review).",
             units.Short,
             [query(f"topk(10, sum by ({n.CLASS_LABEL}, {n.CORRECTED_CLASS_LABEL}) "
                    f"({recorded(r.CORRECTIONS_RATE)}) * {day}) > 0",
@@ -586,6 +588,14 @@ def web_panels() -> list:
             units.PercentUnit,
             [query(recorded_by_job(r.WEB_MODEL_ERROR_RATIO), "{{job}}")], width=8),
             GREEN, (r.WEB_MODEL_ERROR_THRESHOLD, RED)).min(0),
+        graph(
+            "Corrections waiting for review",
+            "Corrections people sent that no reviewer has accepted or rejected yet (digits feedback review, or "
+            "the review page); none of them reaches a training set. A jump is a flood: see who sent it with "
+            "digits feedback list. The app refuses more past --max-pending (web outcome queue_full).",
+            units.Short,
+            [query(f"sum by (job) ({selector(n.WEB_FEEDBACK_PENDING, WEB_JOB, *TOPOLOGY)})", "{{job}}")],
+            width=8).min(0),
     ]
 
 
