@@ -140,8 +140,8 @@ def test_the_review_cli(tmp_path):
     assert as_json["counts"]["pending"] == 5 and as_json["pending"][0]["id"] == records[0].id
 
     # An unknown id, or one given twice: one line, and nothing changed (not even the valid ones).
-    for bad in (["--accept", records[0].id, "--reject", "f" * 24], ["--accept", records[0].id, "--reject", records[0].id],
-                ["--accept", f"{records[0].id}=x"]):
+    for bad in (["--accept", records[0].id, "--reject", "f" * 24],
+                ["--accept", records[0].id, "--reject", records[0].id], ["--accept", f"{records[0].id}=x"]):
         result = run_digits("feedback", "review", "--feedback-dir", tmp_path / "fb", *bad)
         assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "Traceback" not in result.stderr

@@ -609,7 +609,8 @@ def test_the_review_page_paints_each_proposal_and_records_the_verdicts(open_page
     token_file = tmp_path / "token"
     token_file.write_text(REVIEW_TOKEN)
     with ScriptedModelServer([[1]], {1}) as server, \
-            start_web("--serving-url", server.url, "--feedback-dir", feedback, "--review-token-file", token_file) as app:
+            start_web("--serving-url", server.url, "--feedback-dir", feedback,
+                      "--review-token-file", token_file) as app:
         page = open_page(app.url, allow_errors=("status of 401",), **(PHONE if size == "phone" else DESKTOP))
         page.goto(app.url + "/review")
         page.fill("#token", "not-the-token-not-the-token")
@@ -632,7 +633,8 @@ def test_the_review_page_paints_each_proposal_and_records_the_verdicts(open_page
         })""")
         width = page.viewport_size["width"]
         for card, record in zip(cards, records):
-            assert card["id"] == record.id and "proposed: 1" in card["text"] and "model said 7 (93 %, sure)" in card["text"]
+            assert card["id"] == record.id and "proposed: 1" in card["text"]
+            assert "model said 7 (93 %, sure)" in card["text"]
             with Image.open(feedback / record.image) as png:
                 assert card["pixels"] == np.asarray(png).flatten().tolist()  # what is painted is the stored image
             left, top, canvas_width, canvas_height = card["canvas"]

@@ -27,8 +27,8 @@ import math
 import secrets
 import socket
 import time
-from importlib import resources
 from dataclasses import asdict
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -60,13 +60,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MODEL_SERVER_STATUS = {ms.UNAVAILABLE: 503, ms.OVERLOADED: 503, ms.TIMEOUT: 504, ms.REJECTED: 400,
                         ms.BAD_ANSWER: 502, ms.ERROR: 502}
 RETRY_AFTER_S = 1  # on every 503: the model server is busy or starting; the page may try again
-# The API's state-changing paths, by the endpoint label their metrics carry.
 # What a stored correction becomes, as the page tells the person who sent it.
 _NEXT_STEP = {PENDING: "A reviewer checks it before the next training run learns from it.",
               ACCEPTED: "A reviewer had already accepted this image.",
               REJECTED: "A reviewer had already decided on this image."}
 QUEUE_RETRY_AFTER_S = 3600  # a full review queue empties as fast as a person reviews
-
+# The API's state-changing paths, by the endpoint label their metrics carry.
 _ENDPOINTS = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT,
               "/api/review": n.WEB_REVIEW_ENDPOINT}
 REVIEW_PAGE_SIZE = 50  # proposals one GET /api/review returns (at most ?limit=200)

@@ -56,7 +56,9 @@
   function modelSaid(item) {
     if (item.predicted === null || item.predicted === undefined) return "the model's answer is not known";
     const notes = [];
-    if (item.confidence !== null && item.confidence !== undefined) notes.push(`${(item.confidence * 100).toFixed(0)} %`);
+    if (item.confidence !== null && item.confidence !== undefined) {
+      notes.push(`${(item.confidence * 100).toFixed(0)} %`);
+    }
     if (item.decision) notes.push(DECISION_WORDS[item.decision] || item.decision);
     return `model said ${item.predicted}` + (notes.length ? ` (${notes.join(", ")})` : "");
   }
