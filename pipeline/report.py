@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,6 +386,33 @@ def _abstention_section(point: dict) -> str:
     return text
 
 
+def _corrections(data: str | None) -> str:
+    """What the build's manifest says of people's corrections (--extra-source): how many it trained on,
+    and how many it left out because no reviewer accepted them; '' for a build without any."""
+    if not data:
+        return ""
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(uri.join(data, "manifest.json")) as handle:
+            extras = json.load(handle).get("extra_sources", [])
+    except (tf.errors.OpError, ValueError, AttributeError):  # no manifest, or not the builder's
+        return ""
+    lines = []
+    for extra in extras:
+        review = extra.get("corrections") or {}
+        line = f"{extra.get('training_files', 0):,} digits added to the train split from {extra.get('path')}"
+        if review:
+            line += (f": corrections a reviewer accepted; {review.get('pending', 0):,} waiting for review and "
+                     f"{review.get('rejected', 0):,} rejected were not used")
+        lines.append(f"<li>{html.escape(line)}</li>")
+    if not lines:
+        return ""
+    return ("<h3>People's corrections</h3><ul>" + "".join(lines) + "</ul><p>Only reviewed corrections are "
+            "trained on; the gates below (each digit's recall, and no regression against the served model) "
+            "refuse a model that accepted wrong labels degraded against the latest blessed one.</p>")
+
+
 def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Path | None = None) -> Report:
     pipeline_root = Path(pipeline_root).resolve()
     run = _run_artifacts(pipeline_root / "metadata.sqlite", pipeline_name)
@@ -422,6 +450,10 @@ def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Pat
             )
         sections.append("<h2>Data</h2><table><tr><th>split</th><th>examples</th><th>label range</th>"
                         f"<th>mean PNG size</th></tr>{''.join(rows)}</table>")
+    corrections = _corrections(latest_run_properties(pipeline_root / "metadata.sqlite", pipeline_name,
+                                                     "ImportExampleGen").get("input_base"))
+    if corrections:
+        sections.append(corrections)
     anomalies = outputs.get("ExampleValidator", {}).get("anomalies")
     if anomalies is not None:
         from pipeline.anomalies_gate import describe_anomalies

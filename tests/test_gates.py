@@ -272,3 +272,23 @@ def test_the_report_shows_every_training_setting_in_a_group_and_the_gates():
         assert row in page, row
     assert "code fingerprint" not in page and "base weights warning" not in page
     assert "<caption>gates</caption>" not in settings_table(config, None)  # the Evaluator did not run
+
+
+def test_the_report_says_how_many_corrections_were_trained_on_and_how_many_left_out(tmp_path):
+    """The build's manifest read back: accepted corrections trained on, pending and rejected ones not;
+    nothing for a build without corrections, or a directory that is not a build."""
+    import json
+
+    from pipeline.report import _corrections
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"extra_sources": [
+        {"path": "/data/feedback", "training_files": 12,
+         "corrections": {"accepted": 12, "pending": 360, "rejected": 5}}]}))
+    text = _corrections(str(tmp_path))
+    assert "12 digits added to the train split from /data/feedback" in text
+    assert "360 waiting for review and 5 rejected were not used" in text and "recall" in text
+    (tmp_path / "manifest.json").write_text(json.dumps({"extra_sources": []}))
+    assert _corrections(str(tmp_path)) == ""
+    assert _corrections(str(tmp_path / "nowhere")) == "" and _corrections(None) == ""
+    (tmp_path / "manifest.json").write_text("not json")
+    assert _corrections(str(tmp_path)) == ""
