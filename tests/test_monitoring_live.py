@@ -316,6 +316,7 @@ DASHBOARD_RESULTS: dict[str, Series | Empty | dict[str, Series | Empty]] = {
     "Web requests by outcome": series("job", "endpoint", "outcome", jobs=WEB),
     "Web API latency": series("job", "endpoint", jobs=WEB),
     "Page predicts failing at the model server": series("job", jobs=WEB),
+    "Corrections waiting for review": series("job", jobs=WEB),
     "Model servers up": series("job", "instance"),
     "Scrape duration": series("job", "instance"),
 }
