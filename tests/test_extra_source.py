@@ -100,3 +100,26 @@ def test_bad_extra_sources_are_one_line_errors(small_tree, tmp_path):
                         "--quiet")
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "has no training/ directory" in result.stderr
+
+
+def test_a_training_image_no_reviewer_accepted_is_reported_not_trained_on(small_tree, tmp_path):
+    """In a feedback tree, training/ holds what reviews.jsonl accepted; anything else there (written by a
+    version without review, copied in by hand, moved by a crash before its review line, or accepted as
+    another digit) is reported as `unreviewed` and never reaches the train split."""
+    tree = small_tree(train_per_class=10, test_per_class=4)
+    feedback = tmp_path / "feedback"
+    [reviewed] = _feedback_tree(feedback, count=1)
+    legacy = feedback / "training" / "4" / f"{'c' * 24}.png"
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_bytes((feedback / reviewed.image).read_bytes())
+    relabelled = feedback / "training" / "9" / (feedback / reviewed.image).name
+    relabelled.parent.mkdir(parents=True, exist_ok=True)
+    relabelled.write_bytes((feedback / reviewed.image).read_bytes())
+    manifest = build(BuildConfig(source=tree, output=tmp_path / "out", workers=1, extra_sources=(feedback,))).manifest
+    assert manifest["extra_sources"][0]["training_files"] == 1
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted((r["reason"], r["path"].rsplit("/", 2)[-2]) for r in rejects) == [("unreviewed", "4"),
+                                                                                     ("unreviewed", "9")]
+    train = _read_split(tmp_path / "out", contract.TRAIN_SPLIT)
+    assert ((feedback / reviewed.image).read_bytes(), reviewed.corrected) in train
+    assert sum(1 for image, _ in train if image == legacy.read_bytes()) == 1  # the reviewed copy only

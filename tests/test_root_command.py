@@ -13,7 +13,7 @@ def test_python_m_digits_lists_every_subcommand():
     result = run_digits("--help", timeout=120)
     assert result.returncode == 0, result.stderr
     commands = {line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines() if line.strip()}
-    assert commands == {"data", "docker", "monitor", "pipeline", "predict", "serve", "web"}
+    assert commands == {"data", "docker", "feedback", "monitor", "pipeline", "predict", "serve", "web"}
 
 
 def test_no_package_imports_the_root_command():

@@ -666,7 +666,7 @@ def test_a_correction_is_stored_as_a_labelled_png_with_a_log_line(web_app, feedb
     assert saved["stored"] and not saved["right"]
     stored = feedback_dir / "pending" / str(wrong) / f"{saved['correction_id']}.png"  # until a reviewer decides
     digest = hashlib.sha256(stored.read_bytes()).hexdigest()
-    assert saved["state"] == "pending" and saved["correction_id"] == digest[:24]
+    assert saved["correction_id"] == digest[:24] and "state" not in saved  # a stranger learns nothing of reviews
     # What is kept is what the model classified: its normalized_image, as MNIST's own format.
     [direct] = RestClient(model_server.rest_url).predict([image], with_image=True)
     assert stored.read_bytes() == digit_png(direct.normalized_image)
@@ -733,7 +733,7 @@ def test_a_right_answer_is_counted_and_stores_nothing(web_app, feedback_dir, dig
     assert _metrics(web_app)[key] >= 1
 
 
-def test_the_same_image_is_stored_once_and_moves_with_a_newer_correction(web_app, feedback_dir, digits_by_class):
+def test_the_same_image_is_stored_once_where_it_was_first_proposed(web_app, feedback_dir, digits_by_class):
     image = digits_by_class[6][3]
     first, second, third = (_predict(web_app, image).json() for _ in range(3))
     wrong = (first["digit"] + 2) % 10
@@ -743,8 +743,8 @@ def test_the_same_image_is_stored_once_and_moves_with_a_newer_correction(web_app
     name = f"{saved['correction_id']}.png"
     assert _feedback(web_app, {"id": second["id"], "digit": wrong}).json()["duplicate"]
     assert [p.relative_to(feedback_dir).as_posix() for p in feedback_dir.rglob(name)] == [f"pending/{wrong}/{name}"]
-    assert _feedback(web_app, {"id": third["id"], "digit": other}).json()["duplicate"]
-    assert [p.relative_to(feedback_dir).as_posix() for p in feedback_dir.rglob(name)] == [f"pending/{other}/{name}"]
+    assert _feedback(web_app, {"id": third["id"], "digit": other}).json()["duplicate"]  # logged, not moved
+    assert [p.relative_to(feedback_dir).as_posix() for p in feedback_dir.rglob(name)] == [f"pending/{wrong}/{name}"]
     assert [line["corrected"] for line in _log(feedback_dir) if line["image"].endswith(name)] == [wrong, wrong, other]
 
 

@@ -330,7 +330,7 @@ def test_a_correction_is_stored(app, open_page, feedback_dir):
     [line] = [line for line in lines if line["corrected"] == wrong and line["predicted"] == answer["digit"]][-1:]
     stored = feedback_dir / line["image"]
     assert stored.parent.name == str(wrong) and stored.parent.parent.name == "pending"  # until reviewed
-    assert "A reviewer checks it" in page.locator("#feedback-status").text_content()
+    assert "A reviewer checks corrections" in page.locator("#feedback-status").text_content()
     # The stored digit is the 28x28 image the page showed as "what the model saw".
     import numpy as np
     from PIL import Image
@@ -648,7 +648,10 @@ def test_the_review_page_paints_each_proposal_and_records_the_verdicts(open_page
 
         page.locator(f"li[data-id='{records[0].id}'] button.accept").click()
         page.wait_for_function("() => document.querySelectorAll('#queue li').length === 2")
-        page.locator(f"li[data-id='{records[1].id}'] select").select_option("4")
+        page.locator(f"li[data-id='{records[1].id}'] select").select_option("4")  # sends nothing yet
+        assert page.locator("#queue li").count() == 2
+        assert page.locator(f"li[data-id='{records[1].id}'] button.accept").text_content() == "Accept as 4"
+        page.locator(f"li[data-id='{records[1].id}'] button.accept").click()
         page.wait_for_function("() => document.querySelectorAll('#queue li').length === 1")
         page.locator(f"li[data-id='{records[2].id}'] button.reject").click()
         page.wait_for_function("() => !document.querySelector('#empty').hidden")

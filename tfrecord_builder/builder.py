@@ -139,17 +139,46 @@ _FEEDBACK_FILES = (contract.FEEDBACK_LOG, contract.REVIEW_LOG, ".lock")
 def _without_review_queue(root: Path, entries) -> tuple[list, dict[str, int]]:
     """An extra source's entries without its corrections that no reviewer accepted (pending/ and
     rejected/) and the feedback store's own files, and how many there were of each state. They are
-    not part of the build, nor of its fingerprint: a new proposal does not make --if-changed rebuild."""
+    not part of the build, nor of its fingerprint: a new proposal does not make --if-changed rebuild.
+
+    In a feedback tree (it has the store's log), a training/ image is used only if reviews.jsonl
+    accepted it as that digit; any other (written by a version without review, copied in by hand, or
+    moved there by a crash before its review line) is reported as `unreviewed`, never trained on."""
     prefixes = {state: str(root / state) + os.sep for state in _REVIEW_STATES}
     own = {str(root / name) for name in _FEEDBACK_FILES}
+    accepted = _accepted(root) if (root / contract.FEEDBACK_LOG).exists() or (root / contract.REVIEW_LOG).exists() \
+        else None
     kept, counts = [], {state: 0 for state in _REVIEW_STATES}
     for entry in entries:
         state = next((s for s, prefix in prefixes.items() if entry.path.startswith(prefix)), None)
         if state is not None:
             counts[state] += entry.path.endswith(".png") and not os.path.basename(entry.path).startswith(".")
-        elif entry.path not in own:
+        elif entry.path in own:
+            continue
+        elif accepted is not None and type(entry) is Candidate and entry.part == contract.TRAINING_DIR \
+                and accepted.get(Path(entry.path).stem) != entry.label:
+            kept.append(Reject(entry.path, "unreviewed", "a correction no reviewer accepted as this digit "
+                               f"(not in {contract.REVIEW_LOG}): see digits feedback review"))
+        else:
             kept.append(entry)
     return kept, counts
+
+
+def _accepted(root: Path) -> dict[str, int]:
+    """id -> digit of every correction reviews.jsonl accepted (a line that is not JSON is skipped)."""
+    accepted = {}
+    try:
+        with open(root / contract.REVIEW_LOG, encoding="utf-8", errors="replace") as log:
+            for text in log:
+                try:
+                    line = json.loads(text)
+                except ValueError:
+                    continue
+                if isinstance(line, dict) and line.get("verdict") == "accepted" and isinstance(line.get("digit"), int):
+                    accepted[str(line.get("id"))] = line["digit"]
+    except FileNotFoundError:
+        pass
+    return accepted
 
 
 def _extra_candidates(extra_entries, layout_rejects: list[Reject]) -> list[Candidate]:

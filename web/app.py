@@ -60,10 +60,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MODEL_SERVER_STATUS = {ms.UNAVAILABLE: 503, ms.OVERLOADED: 503, ms.TIMEOUT: 504, ms.REJECTED: 400,
                         ms.BAD_ANSWER: 502, ms.ERROR: 502}
 RETRY_AFTER_S = 1  # on every 503: the model server is busy or starting; the page may try again
-# What a stored correction becomes, as the page tells the person who sent it.
-_NEXT_STEP = {PENDING: "A reviewer checks it before the next training run learns from it.",
-              ACCEPTED: "A reviewer had already accepted this image.",
-              REJECTED: "A reviewer had already decided on this image."}
+# What a stored correction becomes, as the page tells whoever sent it: the same words whatever a
+# reviewer already decided about that image (a stranger learns nothing of the review).
+NEXT_STEP = "A reviewer checks corrections before the next training run learns from them."
 QUEUE_RETRY_AFTER_S = 3600  # a full review queue empties as fast as a person reviews
 # The API's state-changing paths, by the endpoint label their metrics carry.
 _ENDPOINTS = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT,
@@ -412,9 +411,8 @@ class WebApp:
         self.metrics.request(n.WEB_FEEDBACK_ENDPOINT, "ok", time.perf_counter() - started)
         if right:
             return _json({"right": True, "stored": False, "message": f"Thanks: {digit} noted as right."})
-        return _json({"right": False, "stored": True, "duplicate": stored.duplicate, "state": stored.state,
-                      "correction_id": stored.id,
-                      "message": f"Thanks: saved as {_article(digit)} {digit}. {_NEXT_STEP[stored.state]}"})
+        return _json({"right": False, "stored": True, "duplicate": stored.duplicate, "correction_id": stored.id,
+                      "message": f"Thanks: saved as {_article(digit)} {digit}. {NEXT_STEP}"})
 
     async def _feedback_request(self, request: web.Request) -> tuple[str, int]:
         body = await self._read(request, 4096)
@@ -440,7 +438,8 @@ class WebApp:
             raise web.HTTPNotFound()
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+        # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way; they are a wrong token.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"),
                                                                  self.config.review_token.encode()):
             wait_s = self._bad_tokens.take(_client(request))
             if wait_s > 0:

@@ -21,15 +21,18 @@ is when the next model trains on it.
 
 Only a correction (a person saying "it is a 3" about an answer that was not 3) is stored; an answer
 nobody corrects, and an answer confirmed as right, leave no file. The same image corrected twice is
-stored once; corrected to another digit while pending, it moves (the newest proposal wins, the log
-keeps both); once reviewed, it stays where the reviewer put it. The queue is capped, in total and per
-client, so that a flood fills a bounded queue for a reviewer to reject, not the disk.
+stored once, where it was first proposed: a later proposal of another digit is logged and shown to
+the reviewer, never moves the file (so nobody can change what a reviewer is about to accept), and
+once reviewed, an image stays where the reviewer put it. The queue is capped, in total, per client
+and in the log's size, so that a flood fills a bounded queue for a reviewer to reject, not the disk.
 
 Every change is a file written atomically (a temporary file, then a rename, then the directory
 fsynced) or moved, plus one log line, and neither is left without the other when a step fails. The
 web app and a reviewer's `digits feedback review` may run at once: changes are serialised by a lock
 file. Paths are made only from a digit 0-9 and a hex digest, never from anything a request says, and
-checked to be inside the directory.
+must resolve to exactly themselves: a symlinked state or digit directory, or a symlink in place of an
+image, is refused, so nothing is read from or written to outside the directory. The builder trains
+only on images in training/ that reviews.jsonl accepted (tfrecord_builder/builder.py).
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class Proposal:
     decision: str | None
     reports: int  # corrections received of this image, to any digit
     clients: int  # distinct addresses among them
+    also: tuple[int, ...] = ()  # other digits proposed for it since, which did not move it
 
 
 class QueueFull(Exception):
@@ -157,9 +161,9 @@ class FeedbackStore:
         self.pending_per_client = pending_per_client
         self.max_log_bytes = max_log_bytes
         self._lock = threading.Lock()
-        # id -> client of each pending image, for the caps; rebuilt when another process reviewed.
-        self._pending_clients: dict[str, str] | None = None
-        self._reviews_seen: tuple | None = None
+        # id -> the client who first proposed it (an image never moves while pending, so this never
+        # changes), for the per-client cap; ids this process has not seen are read from the log.
+        self._owners: dict[str, str] = {}
 
     @property
     def log_path(self) -> Path:
@@ -178,6 +182,15 @@ class FeedbackStore:
     def _path(self, state: str, digit: int, image_id: str) -> Path:
         return self.root / STATE_DIRS[state] / str(digit) / f"{image_id}.png"
 
+    def _exact(self, state: str, digit: int, image_id: str) -> Path:
+        """The path of an image, checked to resolve to exactly itself inside the directory: no
+        symlinked state or digit directory and no symlink in place of the image."""
+        path = self._path(state, digit, image_id)
+        expected = self.root.resolve() / STATE_DIRS[state] / str(digit) / f"{image_id}.png"
+        if path.resolve() != expected or path.is_symlink():
+            raise ValueError(f"refusing {path}: it leads outside the feedback directory {self.root} (a symlink)")
+        return expected
+
     @contextmanager
     def _locked(self):
         with self._lock:
@@ -190,12 +203,17 @@ class FeedbackStore:
                 os.close(descriptor)  # releases the lock
 
     def find(self, image_id: str) -> tuple[str, int] | None:
-        """(state, digit) of a stored image, or None."""
-        if not _ID.fullmatch(image_id):
+        """(state, digit) of a stored image, or None. An image reached through a symlink is not one."""
+        if not isinstance(image_id, str) or not _ID.fullmatch(image_id):
             return None
         for state in STATE_DIRS:
             for digit in range(contract.NUM_CLASSES):
-                if self._path(state, digit, image_id).is_file():
+                path = self._path(state, digit, image_id)
+                if path.is_file():
+                    try:
+                        self._exact(state, digit, image_id)
+                    except ValueError:
+                        continue
                     return state, digit
         return None
 
@@ -209,64 +227,61 @@ class FeedbackStore:
         png = digit_png(normalized_image)
         digest = hashlib.sha256(png).hexdigest()
         image_id = digest[:HASH_CHARS]
-        target = self._inside(self._path(PENDING, corrected, image_id))
+        target = self._exact(PENDING, corrected, image_id)
         with self._locked():
+            self._check_log()
             found = self.find(image_id)
-            written, moved_from, state = False, None, PENDING
-            if found is not None and found[0] != PENDING:  # a reviewer decided: it stays
-                state = found[0]
-                target = self._inside(self._path(state, found[1], image_id))
-            elif found is not None and found[1] != corrected:  # pending as another digit: the newest wins
-                moved_from = self._path(PENDING, found[1], image_id)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(moved_from, target)
-                _sync_directory(target.parent)
-            elif found is None:
+            if found is None:
                 self._check_room(client)
                 _write_atomically(target, png)
-                written = True
+                state = PENDING
+            else:  # stored already: it stays where it is (first proposal, or the reviewer's decision)
+                state, digit = found
+                target = self._exact(state, digit, image_id)
             record = Correction(
                 time=_now(), model_name=model_name, model_version=int(model_version), predicted=int(predicted),
                 corrected=corrected, confidence=round(float(confidence), 6),
                 image=target.relative_to(self.root.resolve()).as_posix(), sha256=digest,
                 duplicate=found is not None, decision=decision, client=client, state=state)
             try:
-                _append(self._inside(self.log_path), json.dumps(asdict(record), sort_keys=True))
+                _append(self._log(LOG_NAME), json.dumps(asdict(record), sort_keys=True))
             except BaseException:
-                # Neither without the other: an image no log line accounts for is undone.
-                if written:
+                if found is None:  # neither without the other: an image no log line accounts for is undone
                     target.unlink(missing_ok=True)
-                elif moved_from is not None:
-                    os.replace(target, moved_from)
                 raise
-            if state == PENDING and self._pending_clients is not None:
-                self._pending_clients[image_id] = client
+            if found is None:
+                self._owners[image_id] = client
         return record
 
+    def _log(self, name: str) -> Path:
+        path = self.root / name
+        if path.is_symlink():
+            raise ValueError(f"refusing {path}: a symlink")
+        return self._inside(path)
+
+    def _check_log(self) -> None:
+        """Every correction adds a line, a repeated one too: past the cap, none is taken."""
+        try:
+            size = self.log_path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size >= self.max_log_bytes:
+            raise QueueFull(f"the feedback log has reached its cap of {self.max_log_bytes} bytes (rotate it: "
+                            "docs/web.md)", per_client=False)
+
     def _check_room(self, client: str) -> None:
-        if self.log_path.exists() and self.log_path.stat().st_size >= self.max_log_bytes:
-            raise QueueFull(f"the feedback log has reached its cap of {self.max_log_bytes} bytes", per_client=False)
-        clients = self._clients()
-        if len(clients) >= self.max_pending:
-            raise QueueFull(f"the review queue is full ({len(clients)} corrections wait for a reviewer)",
+        """Room for one more pending image from `client` (called with the lock held). The pending
+        images are listed each time, so reviews and removals by anyone are seen at once."""
+        pending = [path.stem for path in self._state_files(PENDING)]
+        if len(pending) >= self.max_pending:
+            raise QueueFull(f"the review queue is full ({len(pending)} corrections wait for a reviewer)",
                             per_client=False)
-        mine = sum(1 for owner in clients.values() if owner == client)
+        if any(image_id not in self._owners for image_id in pending):  # added by another process
+            for line in _lines(self.log_path):
+                self._owners.setdefault(line.get("sha256", "")[:HASH_CHARS], line.get("client", ""))
+        mine = sum(1 for image_id in pending if self._owners.get(image_id, "") == client)
         if mine >= self.pending_per_client:
             raise QueueFull(f"{mine} corrections from this address already wait for a reviewer", per_client=True)
-
-    def _clients(self) -> dict[str, str]:
-        """id -> client of every pending image (called with the lock held)."""
-        stamp = _stamp(self.review_log_path)
-        if self._pending_clients is None or stamp != self._reviews_seen:
-            pending = {path.stem for path in self._state_files(PENDING)}
-            owners = {}
-            for line in _lines(self.log_path):
-                image_id = line.get("sha256", "")[:HASH_CHARS]
-                if image_id in pending:
-                    owners[image_id] = line.get("client", "")
-            self._pending_clients = {image_id: owners.get(image_id, "") for image_id in pending}
-            self._reviews_seen = stamp
-        return self._pending_clients
 
     # -- review --------------------------------------------------------------------------------------
 
@@ -285,43 +300,45 @@ class FeedbackStore:
             if state != PENDING:
                 raise NotPending(f"correction {image_id} was already reviewed ({state})")
             label = proposed if digit is None or verdict == REJECTED else digit
-            source = self._path(PENDING, proposed, image_id)
-            target = self._inside(self._path(verdict, label, image_id))
+            source = self._exact(PENDING, proposed, image_id)
+            target = self._exact(verdict, label, image_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)
             _sync_directory(target.parent)
             record = Review(time=_now(), id=image_id, verdict=verdict, digit=label, proposed=proposed,
                             reviewer=reviewer)
             try:
-                _append(self._inside(self.review_log_path), json.dumps(asdict(record), sort_keys=True))
+                _append(self._log(REVIEW_LOG_NAME), json.dumps(asdict(record), sort_keys=True))
             except BaseException:
                 os.replace(target, source)
                 raise
-            if self._pending_clients is not None:
-                self._pending_clients.pop(image_id, None)
-                self._reviews_seen = _stamp(self.review_log_path)
         return record
 
     def pending(self, limit: int | None = None) -> list[Proposal]:
-        """The proposals waiting for review, oldest report first."""
-        files = {path.stem: int(path.parent.name) for path in self._state_files(PENDING)}
-        newest: dict[str, dict] = {}
+        """The proposals waiting for review, oldest first."""
+        files = {path.stem: int(path.parent.name) for path in self._state_files(PENDING)
+                 if _ID.fullmatch(path.stem) and self.find(path.stem) == (PENDING, int(path.parent.name))}
+        first: dict[str, dict] = {}
         reports: Counter = Counter()
         clients: dict[str, set] = {}
+        others: dict[str, set] = {}
         for line in _lines(self.log_path):
             image_id = line.get("sha256", "")[:HASH_CHARS]
             if image_id in files:
-                newest[image_id] = line
+                first.setdefault(image_id, line)
                 reports[image_id] += 1
                 clients.setdefault(image_id, set()).add(line.get("client", ""))
+                if line.get("corrected") != files[image_id] and isinstance(line.get("corrected"), int):
+                    others.setdefault(image_id, set()).add(line["corrected"])
         proposals = []
         for image_id, digit in files.items():
-            line = newest.get(image_id, {})
+            line = first.get(image_id, {})  # the proposal that stored it: who, when, what the model said
             proposals.append(Proposal(
                 id=image_id, digit=digit, image=f"{contract.PENDING_DIR}/{digit}/{image_id}.png",
                 time=line.get("time", ""), client=line.get("client", ""), predicted=line.get("predicted"),
                 confidence=line.get("confidence"), model_version=line.get("model_version"),
-                decision=line.get("decision"), reports=reports[image_id], clients=len(clients.get(image_id, ()))))
+                decision=line.get("decision"), reports=reports[image_id], clients=len(clients.get(image_id, ())),
+                also=tuple(sorted(others.get(image_id, ())))))
         proposals.sort(key=lambda proposal: (proposal.time, proposal.id))
         return proposals if limit is None else proposals[:limit]
 
@@ -329,7 +346,10 @@ class FeedbackStore:
         found = self.find(image_id)
         if found is None:
             raise NotPending(f"no correction {image_id!r} is stored here")
-        return self._path(found[0], found[1], image_id).read_bytes()
+        try:
+            return self._exact(*found, image_id).read_bytes()
+        except FileNotFoundError:  # reviewed meanwhile by another process
+            raise NotPending(f"correction {image_id} was reviewed meanwhile") from None
 
     def counts(self) -> dict[str, int]:
         """Images stored now in each state (after duplicates and moves)."""
@@ -337,14 +357,6 @@ class FeedbackStore:
 
     def _state_files(self, state: str):
         return (self.root / STATE_DIRS[state]).glob("[0-9]/*.png")
-
-
-def _stamp(path: Path) -> tuple | None:
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return None
-    return info.st_size, info.st_mtime_ns, info.st_ino
 
 
 def _lines(path: Path):

@@ -44,6 +44,7 @@ def _store(feedback_dir: Path):
 def list_command(feedback_dir, limit, as_json):
     """Counts by review state, and the corrections waiting for review."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     store = _store(feedback_dir)
@@ -62,8 +63,9 @@ def list_command(feedback_dir, limit, as_json):
     for column in ("proposed", "model said", "from", "reports", "time"):
         table.add_column(column, justify="right" if column in ("proposed", "reports") else "left")
     for proposal in pending[:limit]:
-        table.add_row(proposal.id, str(proposal.digit), _model_said(proposal), proposal.client or "?",
-                      str(proposal.reports), proposal.time)
+        proposed = str(proposal.digit) + (f" (also {','.join(map(str, proposal.also))})" if proposal.also else "")
+        table.add_row(proposal.id, escape(proposed), escape(_model_said(proposal)), escape(proposal.client or "?"),
+                      str(proposal.reports), escape(proposal.time))
     console.print(table)
     senders = Counter(proposal.client or "?" for proposal in pending)
     if len(senders) > 1 or len(pending) > 10:
@@ -147,6 +149,9 @@ def _apply(store, decisions, reviewer: str) -> None:
         except NotPending as error:  # reviewed meanwhile, on the review page
             click.echo(f"skipped: {error}", err=True)
             continue
+        except (OSError, ValueError) as error:  # the disk, or a symlink refused: say how far it got
+            raise click.ClickException(f"stopped at {image_id} after accepting {done['accepted']} and rejecting "
+                                       f"{done['rejected']}: {error}") from None
         done[review.verdict] += 1
     counts = store.counts()
     click.echo(f"accepted {done['accepted']}, rejected {done['rejected']}; now {counts['pending']:,} pending, "
@@ -155,6 +160,7 @@ def _apply(store, decisions, reviewer: str) -> None:
 
 def _interactive(store, reviewer: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     from web.feedback import ACCEPTED, REJECTED, NotPending
 
@@ -167,12 +173,13 @@ def _interactive(store, reviewer: str) -> None:
     for index, proposal in enumerate(pending, 1):
         try:
             picture = _picture(store.image(proposal.id))
-        except NotPending:
+        except (NotPending, OSError, ValueError):  # reviewed meanwhile, or unreadable: not shown
             continue
         console.print(picture)
-        console.print(f"[{index}/{len(pending)}] {proposal.id}: proposed [bold]{proposal.digit}[/]; model said "
-                      f"{_model_said(proposal)}; from {proposal.client or '?'} ({proposal.reports} report(s)) "
-                      f"at {proposal.time}")
+        also = f", also proposed: {', '.join(map(str, proposal.also))}" if proposal.also else ""
+        console.print(escape(f"[{index}/{len(pending)}] {proposal.id}: ") + f"proposed [bold]{proposal.digit}[/]; "
+                      + escape(f"model said {_model_said(proposal)}; from {proposal.client or '?'} "
+                               f"({proposal.reports} report(s){also}) at {proposal.time}"))
         answer = click.prompt(f"a = accept as {proposal.digit}, 0-9 = accept as that digit, r = reject, "
                               "s = skip, q = quit", default="s", show_default=False).strip().lower()
         if answer == "q":
@@ -184,12 +191,12 @@ def _interactive(store, reviewer: str) -> None:
         elif answer == "a" or (answer.isdigit() and len(answer) == 1):
             verdict, digit = ACCEPTED, None if answer == "a" else int(answer)
         else:
-            console.print(f"not an answer: {answer!r}; skipped")
+            console.print(escape(f"not an answer: {answer!r}; skipped"))
             continue
         try:
             done[store.review(proposal.id, verdict, reviewer=reviewer, digit=digit).verdict] += 1
-        except NotPending as error:
-            console.print(f"skipped: {error}")
+        except (NotPending, OSError, ValueError) as error:
+            console.print(escape(f"skipped: {error}"))
     console.print(f"accepted {done['accepted']}, rejected {done['rejected']}")
 
 

@@ -82,23 +82,26 @@
     said.textContent = modelSaid(item);
     const who = document.createElement("p");
     who.className = "muted small";
-    who.textContent = `from ${item.client || "?"}, ${item.reports} report${item.reports === 1 ? "" : "s"}, ` +
-                      `${item.time.replace("T", " ").slice(0, 19)} UTC`;
+    who.textContent = `from ${item.client || "?"}, ${item.reports} report${item.reports === 1 ? "" : "s"}` +
+                      (item.also && item.also.length ? ` (also proposed: ${item.also.join(", ")})` : "") +
+                      `, ${item.time.replace("T", " ").slice(0, 19)} UTC`;
     const actions = document.createElement("div");
     actions.className = "actions";
+    // The digit to accept it as: the proposal unless the reviewer picks another; the button says which,
+    // and nothing is sent until it is pressed.
+    const other = document.createElement("select");
+    other.setAttribute("aria-label", "The digit it is");
+    for (let d = 0; d < 10; d++) other.append(new Option(String(d), String(d), d === item.digit, d === item.digit));
     const accept = document.createElement("button");
     accept.type = "button";
     accept.className = "accept";
     accept.textContent = `Accept as ${item.digit}`;
-    const other = document.createElement("select");
-    other.setAttribute("aria-label", "Accept as another digit");
-    other.append(new Option("Accept as\u2026", ""));
-    for (let d = 0; d < 10; d++) if (d !== item.digit) other.append(new Option(String(d), String(d)));
+    other.addEventListener("change", () => { accept.textContent = `Accept as ${other.value}`; });
     const reject = document.createElement("button");
     reject.type = "button";
     reject.className = "reject";
     reject.textContent = "Reject";
-    actions.append(accept, other, reject);
+    actions.append(other, accept, reject);
     const status = document.createElement("p");
     status.className = "small card-status";
     text.append(proposed, said, who, actions, status);
@@ -119,9 +122,11 @@
         for (const control of actions.children) control.disabled = false;
       }
     }
-    accept.addEventListener("click", () => decide("accepted"));
+    accept.addEventListener("click", () => {
+      const digit = Number(other.value);
+      decide("accepted", digit === item.digit ? undefined : digit);
+    });
     reject.addEventListener("click", () => decide("rejected"));
-    other.addEventListener("change", () => { if (other.value !== "") decide("accepted", Number(other.value)); });
     return li;
   }
 
