@@ -91,7 +91,7 @@ def _model_said(proposal) -> str:
               help="Accept a correction as proposed, or as DIGIT when the person was wrong too. Repeatable.")
 @click.option("--reject", "rejects", multiple=True, metavar="ID", help="Reject a correction. Repeatable.")
 @click.option("--reject-client", "reject_clients", multiple=True, metavar="ADDRESS",
-              help="Reject every pending correction whose newest report came from ADDRESS (a flood). Repeatable.")
+              help="Reject every pending correction first sent from ADDRESS (a flood). Repeatable.")
 @click.option("--reviewer", default=None, help="Your name in the review log [default: the login name].")
 def review_command(feedback_dir, accepts, rejects, reject_clients, reviewer):
     """Accept or reject pending corrections: by id, by sender, or one by one in a terminal.
