@@ -9,6 +9,8 @@ real MNIST digit from the embedded sample, copied under distinct names), then ti
     it with tf.io.TFRecordWriter (GZIP), with no checking (TensorFlow import not timed);
   - naive + decode: the same, plus decoding each PNG with Pillow to check it,
     i.e. the same work the builder does, done the obvious way.
+And beside them the same 70,000 digits as MNIST's four gzipped IDX files and as one Kaggle
+CSV, built by the same command (each record checked, converted to a PNG, then built).
 Throughput counts the work only, for both sides: the builder's walk, plan, shard
 writing and manifest, and the naive loop's listing and writing (not the imports).
 Each contender runs --repeats times; the best run counts (the machine is shared).
@@ -130,6 +132,30 @@ def run_measured(command: list[str], output: Path) -> tuple[float, int, dict]:
     return seconds, peak, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
 
 
+def make_idx_and_csv(tree: Path, idx: Path, csv_path: Path) -> None:
+    """The tree's digits as MNIST's IDX files (gzipped) and as a Kaggle train.csv."""
+    import csv
+    import gzip
+    import struct
+
+    import numpy as np
+    from PIL import Image
+
+    idx.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label"] + [f"pixel{i}" for i in range(784)])
+        for part, prefix in (("training", "train"), ("testing", "t10k")):
+            digits = [(int(path.parent.name), np.asarray(Image.open(path).convert("L")))
+                      for path in sorted((tree / part).glob("*/*.png"))]
+            images = struct.pack(">4B3I", 0, 0, 8, 3, len(digits), 28, 28) + b"".join(p.tobytes() for _, p in digits)
+            labels = struct.pack(">4BI", 0, 0, 8, 1, len(digits)) + bytes(label for label, _ in digits)
+            (idx / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images))
+            (idx / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+            for label, pixels in digits:
+                writer.writerow([label, *pixels.ravel().tolist()])
+
+
 def run_builder(source: Path, output: Path) -> tuple[float, int]:
     """Seconds of build() and peak RSS of the builder and its workers."""
     _, peak, printed = run_measured([sys.executable, "-c", BUILDER, str(source), str(output)], output)
@@ -171,6 +197,10 @@ def main() -> None:
         cli_seconds = min(run_cli(source, workdir / "tfrecords") for _ in range(args.repeats))
         naive_seconds = min(run_naive(source, workdir / "naive.tfrecord.gz", False) for _ in range(args.repeats))
         decode_seconds = min(run_naive(source, workdir / "naive.tfrecord.gz", True) for _ in range(args.repeats))
+        print("writing the same digits as IDX files and as a CSV ...", flush=True)
+        make_idx_and_csv(source, workdir / "idx", workdir / "train.csv")
+        idx_runs = [run_builder(workdir / "idx", workdir / "from-idx") for _ in range(args.repeats)]
+        csv_runs = [run_builder(workdir / "train.csv", workdir / "from-csv") for _ in range(args.repeats)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -185,6 +215,10 @@ def main() -> None:
         "ratio_vs_naive_decode": round(builder_rate / decode_rate, 2),
         "builder_peak_rss_mb": round(peak_rss / 2**20, 1),
         "cli_wall_seconds": round(cli_seconds, 2),
+        "idx_images_per_s": round(files / min(seconds for seconds, _ in idx_runs)),
+        "idx_peak_rss_mb": round(max(rss for _, rss in idx_runs) / 2**20, 1),
+        "csv_images_per_s": round(files / min(seconds for seconds, _ in csv_runs)),
+        "csv_peak_rss_mb": round(max(rss for _, rss in csv_runs) / 2**20, 1),
     }
     print(f"\n{files:,} PNGs, {results['cores']} cores, best of {args.repeats}")
     print(f"  builder               {builder_rate:>9,.0f} images/s  ({builder_seconds:.2f} s, peak RSS "
@@ -195,6 +229,10 @@ def main() -> None:
           f"-> builder is {results['ratio_vs_naive']:.2f}x")
     print(f"  naive loop + decode   {decode_rate:>9,.0f} images/s  ({decode_seconds:.2f} s)  "
           f"-> builder is {results['ratio_vs_naive_decode']:.2f}x")
+    print(f"  from IDX (gzipped)    {results['idx_images_per_s']:>9,} images/s  (peak RSS "
+          f"{results['idx_peak_rss_mb']:.0f} MB)")
+    print(f"  from a Kaggle CSV     {results['csv_images_per_s']:>9,} images/s  (peak RSS "
+          f"{results['csv_peak_rss_mb']:.0f} MB)")
     checks = {
         ">= 10,000 images/s": builder_rate >= 10_000,
         ">= 2x naive loop": results["ratio_vs_naive"] >= 2,

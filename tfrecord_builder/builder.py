@@ -22,12 +22,13 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from data import contract
+from tfrecord_builder import formats
 from tfrecord_builder import manifest as manifest_io
 from tfrecord_builder.config import BUILDER_VERSION, BuildConfig
 from tfrecord_builder.layout import Candidate, LayoutError, Reject, check_extra_root, check_root, walk
@@ -49,7 +50,67 @@ class BuildResult:
     up_to_date: bool = False  # True: nothing was written, the existing build already matched
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """A build whose SOURCE was IDX files or a CSV (tfrecord_builder/formats.py), made from the
+    mnist-png tree they were converted to: what the manifest says of the real source."""
+
+    config: BuildConfig
+    kind: str
+    fingerprint: str  # of the source files
+    converted: formats.Converted
+
+
 def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> BuildResult:
+    """Builds from an mnist-png tree, or from IDX files or a Kaggle CSV (converted first)."""
+    try:
+        kind = formats.detect(config.source.resolve()) if config.source.exists() else "png"
+    except formats.FormatError as error:
+        raise BuildError(str(error)) from None
+    if kind == "png":
+        return _build(config, on_progress)
+    return _build_converted(config, kind, on_progress)
+
+
+def _build_converted(config: BuildConfig, kind: str, on_progress) -> BuildResult:
+    """IDX files or a CSV: checked whole and written as an mnist-png tree in a staging directory next
+    to the output (removed after, and by the next build if this one is killed), then built as one."""
+    started = time.perf_counter()
+    source, output = config.source.resolve(), config.output.resolve()
+    extras = [path.resolve() for path in config.extra_sources]
+    try:
+        for extra in extras:
+            check_extra_root(extra)
+        files = formats.source_files(source, kind)
+    except (formats.FormatError, LayoutError) as error:
+        raise BuildError(str(error)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output)
+    extra_entries, _ = _walk_extras(extras)
+    fingerprint = _combined(formats.source_fingerprint(files), extra_entries)
+    if output.exists():
+        if config.if_changed:
+            current = _current_build(output, config, fingerprint)
+            if current is not None:
+                return BuildResult(output=output, manifest=current, seconds=time.perf_counter() - started,
+                                   up_to_date=True)
+        elif not config.overwrite:
+            raise BuildError(f"{config.output} already exists; pass --overwrite to replace it")
+    tree = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-source", dir=output.parent))
+    try:
+        try:
+            converted = formats.convert(source, kind, tree)
+        except formats.FormatError as error:
+            raise BuildError(str(error)) from None
+        inner = replace(config, source=tree, if_changed=False, overwrite=True)
+        result = _build(inner, on_progress, _Origin(config, kind, fingerprint, converted))
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    return replace(result, seconds=time.perf_counter() - started)
+
+
+def _build(config: BuildConfig, on_progress: ProgressCallback | None = None,
+           origin: _Origin | None = None) -> BuildResult:
     started = time.perf_counter()
     source = config.source.resolve()
     extras = [path.resolve() for path in config.extra_sources]
@@ -79,6 +140,8 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
             entries, extra_entries, queued = walk(source), *_walk_extras(extras)
         # Only --if-changed needs it (next time); it costs ~0.25 s of stat calls per 70,000 files.
         fingerprint = _fingerprint(source, entries, extra_entries) if config.if_changed else None
+        if origin is not None:
+            fingerprint = origin.fingerprint
         candidates: list[Candidate] = []
         layout_rejects: list[Reject] = []
         for entry in entries:
@@ -99,7 +162,7 @@ def build(config: BuildConfig, on_progress: ProgressCallback | None = None) -> B
                                  "rejected": queued[extra][contract.REJECTED_DIR]}}
                 for extra in extras]
             manifest = _finish(staging, source, config, plan, results, layout_rejects,
-                               len(candidates) + len(extra_candidates), fingerprint, extra_summary)
+                               len(candidates) + len(extra_candidates), fingerprint, extra_summary, origin)
             _publish(staging, output)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -199,7 +262,10 @@ def _extra_candidates(extra_entries, layout_rejects: list[Reject]) -> list[Candi
 
 def _fingerprint(source: Path, entries, extra_entries) -> str:
     """The source tree's fingerprint; with extra sources, one over all of them."""
-    main = source_fingerprint(source, entries)
+    return _combined(source_fingerprint(source, entries), extra_entries)
+
+
+def _combined(main: str, extra_entries) -> str:
     if not extra_entries:
         return main
     parts = [main, *(f"{root} {source_fingerprint(root, found)}" for root, found in extra_entries)]
@@ -334,15 +400,19 @@ def _write_shards(workers, tasks, staging: Path, checks: ImageChecks, total: int
 
 
 def _finish(staging, source, config, plan, results, layout_rejects, candidates, fingerprint,
-            extra_sources: list[dict]) -> dict:
+            extra_sources: list[dict], origin: _Origin | None = None) -> dict:
     rejects = [(r.path, r.reason, r.detail) for r in layout_rejects]
     for result in results:
         rejects.extend(result.rejects)
+    rejects = [(os.path.relpath(path, source), reason, detail) for path, reason, detail in rejects]
+    if origin is not None:  # records of the IDX files or CSV refused before they became PNGs
+        rejects.extend(origin.converted.rejects)
+        candidates += len(origin.converted.rejects)
     rejects.sort()
     by_reason = Counter(reason for _, reason, _ in rejects)
     with open(staging / manifest_io.REJECTS_NAME, "w") as report:
         for path, reason, detail in rejects:
-            report.write(json.dumps({"path": os.path.relpath(path, source), "reason": reason, "detail": detail}) + "\n")
+            report.write(json.dumps({"path": path, "reason": reason, "detail": detail}) + "\n")
 
     splits = {}
     for split in contract.SPLITS:
@@ -371,13 +441,16 @@ def _finish(staging, source, config, plan, results, layout_rejects, candidates, 
         converted.update(result.converted)
 
     shards = [shard for split in splits.values() for shard in split["shards"]]
-    options = asdict(config)
-    options.update(source=str(config.source), output=str(config.output), workers=config.worker_count,
-                   extra_sources=_option(config, "extra_sources"))
+    shown = origin.config if origin is not None else config  # the options as given, not the converted tree's
+    options = asdict(shown)
+    options.update(source=str(shown.source), output=str(shown.output), workers=config.worker_count,
+                   extra_sources=_option(shown, "extra_sources"))
     manifest = {
         "builder_version": BUILDER_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_root": str(source),
+        "source_root": str(origin.config.source.resolve()) if origin is not None else str(source),
+        "source_format": origin.kind if origin is not None else "png",
+        "source_files": origin.converted.files if origin is not None else None,
         "source_fingerprint": fingerprint,
         "extra_sources": extra_sources,  # trees whose training/ digits were added to the train split
         "options": options,

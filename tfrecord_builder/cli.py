@@ -40,11 +40,13 @@ def _raise_interrupt(signum, frame):
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def build_command(source, output, eval_fraction, per_class, test_per_class, shards, workers, seed, expected_size,
                   overwrite, if_changed, extra_sources, quiet):
-    """Build GZIP TFRecord shards (image PNG bytes + label) from a mnist-png tree.
+    """Build GZIP TFRecord shards (image PNG bytes + label) from a mnist-png tree, MNIST's IDX files or a Kaggle CSV.
 
     SOURCE is ROOT of ROOT/training/<digit>/*.png and ROOT/testing/<digit>/*.png
-    [default: data/mnist-png]. Every file ends up written or listed, with a
-    reason, in OUT/rejects.jsonl.
+    [default: data/mnist-png]; or a directory holding train-images-idx3-ubyte[.gz],
+    train-labels-idx1-ubyte[.gz] and their t10k-* pair; or a labelled Kaggle
+    train.csv (every 7th row is the test split). Every file or record ends up
+    written or listed, with a reason, in OUT/rejects.jsonl.
     """
     from rich.console import Console
 
