@@ -42,6 +42,8 @@ SOURCE_DIRS = (TRAINING_DIR, TESTING_DIR)
 # --extra-source` adds the accepted (training/) digits to the train split and only counts the others.
 FEEDBACK_LOG = "feedback.jsonl"
 REVIEW_LOG = "reviews.jsonl"
+FEEDBACK_LOCK = ".lock"  # held by every change to the tree (the web app and a reviewer at once)
+REVIEW_ACCEPTED, REVIEW_REJECTED = "accepted", "rejected"  # a review's verdict in REVIEW_LOG
 PENDING_DIR = "pending"
 REJECTED_DIR = "rejected"
 ACCEPTED_DIR = TRAINING_DIR

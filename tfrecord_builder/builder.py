@@ -196,7 +196,7 @@ def _under(path: str, root: Path) -> bool:
 
 # What a feedback tree (web/feedback.py) holds besides its accepted training/ digits: counted, never read.
 _REVIEW_STATES = (contract.PENDING_DIR, contract.REJECTED_DIR)
-_FEEDBACK_FILES = (contract.FEEDBACK_LOG, contract.REVIEW_LOG, ".lock")
+_FEEDBACK_FILES = (contract.FEEDBACK_LOG, contract.REVIEW_LOG, contract.FEEDBACK_LOCK)
 
 
 def _without_review_queue(root: Path, entries) -> tuple[list, dict[str, int]]:
@@ -237,7 +237,8 @@ def _accepted(root: Path) -> dict[str, int]:
                     line = json.loads(text)
                 except ValueError:
                     continue
-                if isinstance(line, dict) and line.get("verdict") == "accepted" and isinstance(line.get("digit"), int):
+                if isinstance(line, dict) and line.get("verdict") == contract.REVIEW_ACCEPTED \
+                        and isinstance(line.get("digit"), int):
                     accepted[str(line.get("id"))] = line["digit"]
     except FileNotFoundError:
         pass

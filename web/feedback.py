@@ -56,9 +56,9 @@ from data import contract
 LOG_NAME = contract.FEEDBACK_LOG
 REVIEW_LOG_NAME = contract.REVIEW_LOG
 HASH_CHARS = 24  # 96 bits: no two different images share a name in any realistic feedback tree
-LOCK_NAME = ".lock"
+LOCK_NAME = contract.FEEDBACK_LOCK
 
-PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
+PENDING, ACCEPTED, REJECTED = "pending", contract.REVIEW_ACCEPTED, contract.REVIEW_REJECTED
 STATE_DIRS = {PENDING: contract.PENDING_DIR, ACCEPTED: contract.ACCEPTED_DIR, REJECTED: contract.REJECTED_DIR}
 _ID = re.compile(rf"[0-9a-f]{{{HASH_CHARS}}}")
 
