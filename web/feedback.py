@@ -169,10 +169,6 @@ class FeedbackStore:
     def log_path(self) -> Path:
         return self.root / LOG_NAME
 
-    @property
-    def review_log_path(self) -> Path:
-        return self.root / REVIEW_LOG_NAME
-
     def _inside(self, path: Path) -> Path:
         resolved = path.resolve()
         if self.root.resolve() not in resolved.parents:
