@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -166,15 +167,40 @@ def _stop_before_serving(signum, frame) -> None:
               help="Images per request: at most the server's max_batch_size (TF Serving refuses larger requests).")
 @click.option("--show-input", is_flag=True,
               help="Also draw the 28x28 image the model classified (its normalised input), in text.")
-def predict_command(images, rest_url, grpc_target, model_name, version, label, timeout, batch_size, show_input):
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="For a file of digits (a Kaggle CSV or an IDX image file): the CSV of answers to write.")
+@click.option("--submission", is_flag=True,
+              help="For a file of digits: write Kaggle's submission format, ImageId,Label, and nothing else.")
+@click.option("--concurrency", type=click.IntRange(min=1, max=64), default=2, show_default=True,
+              help="For a file of digits: requests in flight at once.")
+def predict_command(images, rest_url, grpc_target, model_name, version, label, timeout, batch_size, show_input,
+                    out, submission, concurrency):
     """Print the predicted digit and its confidence for each image file, and the model's verdict when it
-    would not answer alone: "not a digit", or "unsure: 3 or 8 (0.52 / 0.41)" for a person to look at."""
+    would not answer alone: "not a digit", or "unsure: 3 or 8 (0.52 / 0.41)" for a person to look at.
+
+    Given one file of digits instead (Kaggle's test.csv, or an IDX image file such as
+    t10k-images-idx3-ubyte.gz), write a CSV of answers to --out: ImageId, Label, confidence, the
+    model's decision and its second choice, or with --submission Kaggle's ImageId,Label."""
+    from serving.batch import is_batch_input
     from serving.client import GrpcClient, RestClient, ServerError
 
     if rest_url and grpc_target:
         raise click.UsageError("give --rest or --grpc, not both")
     if version is not None and label is not None:
         raise click.UsageError("give --version or --label, not both")
+    if any(path.is_file() and is_batch_input(path) for path in images):
+        if len(images) != 1:
+            raise click.UsageError("give one file of digits (a CSV or an IDX image file) alone, without other files")
+        if out is None:
+            raise click.UsageError(f"{images[0]} is a file of digits: say where to write the answers with --out FILE")
+        if show_input:
+            raise click.UsageError("--show-input is for image files, not a file of digits")
+        _predict_file(images[0], out, rest_url, grpc_target, model_name, version, label, timeout, batch_size,
+                      submission, concurrency)
+        return
+    if out is not None or submission:
+        raise click.UsageError("--out and --submission are for one file of digits (a Kaggle CSV or an IDX image "
+                               "file); image files are answered on the terminal")
     payloads = []
     for path in images:
         try:
@@ -195,6 +221,78 @@ def predict_command(images, rest_url, grpc_target, model_name, version, label, t
         click.echo(f"{str(path):<{width}}  {answer.digit}  ({answer.confidence:.3f}){note}")
         if answer.normalized_image is not None:
             click.echo(_text_picture(answer.normalized_image))
+
+
+def _predict_file(source_path: Path, out: Path, rest_url, grpc_target, model_name, version, label, timeout,
+                  batch_size, submission, concurrency) -> None:
+    """`digits predict FILE --out ANSWERS.csv`: every digit of a CSV or IDX file through the server."""
+    from rich.console import Console
+
+    from serving.batch import BatchError, open_input, per_thread, predict_file
+    from serving.client import GrpcClient, RestClient, ServerError
+
+    try:
+        source = open_input(source_path)
+        if out.exists() and out.resolve() == source_path.resolve():
+            raise BatchError(f"--out {out} is the input file")
+    except BatchError as error:
+        raise click.ClickException(str(error)) from None
+    grpc_client = GrpcClient(grpc_target, model_name, timeout, batch_size) if grpc_target else None
+    client = ((lambda: grpc_client) if grpc_client is not None else
+              per_thread(lambda: RestClient(rest_url or "http://127.0.0.1:8501", model_name, timeout, batch_size)))
+
+    def predict(images: list[bytes]):
+        return client().predict(images, version=version, label=label)
+
+    try:
+        client().status(version)  # one line now if the server or the model is not there
+    except ServerError as error:
+        raise click.ClickException(f"the server refused: {error}") from None
+    console = Console(stderr=True)
+    console.print(f"{source_path.name}: {source.count:,} digits ({source.kind.upper()}, {source.rows}x{source.cols}"
+                  f"{', labelled' if source.labelled else ''}) -> {out}", highlight=False)
+    try:
+        with _batch_progress(console) as on_progress:
+            result = predict_file(source, out, predict, batch_size, concurrency, submission, on_progress)
+    except BatchError as error:
+        raise click.ClickException(f"{error}; nothing written to {out}") from None
+    finally:
+        if grpc_client is not None:
+            grpc_client.close()
+    decisions = ", ".join(f"{count:,} {name.replace('_', ' ')}" for name, count in result.decisions.most_common()
+                          if name != "none")
+    click.echo(f"{result.rows:,} answers written to {out} in {result.seconds:.1f} s "
+               f"({result.per_second:,.0f} digits/s, {result.requests:,} requests of at most {batch_size}"
+               f"{f', {result.retries} asked again: server busy' if result.retries else ''})"
+               f"{f': {decisions}' if decisions else ''}")
+    if result.labelled:
+        accepted = (f"; on the {result.accepted_labelled:,} the model accepted: "
+                    f"{result.accepted_correct / result.accepted_labelled:.4f}"
+                    if result.accepted_labelled and result.accepted_labelled != result.labelled else "")
+        click.echo(f"accuracy against the file's labels: {result.correct / result.labelled:.4f} "
+                   f"({result.correct:,} of {result.labelled:,}){accepted}")
+
+
+@contextlib.contextmanager
+def _batch_progress(console):
+    """A live bar on a terminal; a line every tenth of the file in a log."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if console.is_terminal:
+        columns = (TextColumn("[bold]predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("predict", total=None)
+            yield lambda done, total: progress.update(task, completed=done, total=total)
+        return
+    shown = [0]
+
+    def log(done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth > shown[0]:
+            shown[0] = tenth
+            console.print(f"predicted {done:,} of {total:,}", highlight=False)
+
+    yield log
 
 
 def _text_picture(image) -> str:

@@ -72,7 +72,11 @@ def test_idx_files_build_the_same_digits_in_the_same_splits_as_the_pngs(sample_t
     write_idx(idx, "train", embedded[contract.TRAINING_DIR], compress=True)
     write_idx(idx, "t10k", embedded[contract.TESTING_DIR], compress=False)
     png = build(BuildConfig(source=sample_tree, output=tmp_path / "png", workers=1)).manifest
-    from_idx = build(BuildConfig(source=idx, output=tmp_path / "from-idx", workers=1)).manifest
+    progress = []
+    from_idx = build(BuildConfig(source=idx, output=tmp_path / "from-idx", workers=1),
+                     on_progress=lambda done, total: progress.append((done, total))).manifest
+    conversion = progress[:progress.index((5000, 5000)) + 1]  # the conversion's progress, then the build's
+    assert conversion == [(done, 5000) for done in range(1000, 5001, 1000)]
     for split in contract.SPLITS:
         assert _decoded(tmp_path / "from-idx", split) == _decoded(tmp_path / "png", split), split
     assert from_idx["splits"]["train"]["per_class"] == png["splits"]["train"]["per_class"]
@@ -81,13 +85,29 @@ def test_idx_files_build_the_same_digits_in_the_same_splits_as_the_pngs(sample_t
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the converted tree is gone
 
 
+def test_a_balanced_subsample_of_idx_files_is_the_pngs_subsample(sample_tree, embedded, tmp_path):
+    """--per-class / --test-per-class (as the original project took 5,000 of 60,000) pick the same
+    digits from IDX files as from the PNG tree."""
+    idx = tmp_path / "idx"
+    write_idx(idx, "train", embedded[contract.TRAINING_DIR])
+    write_idx(idx, "t10k", embedded[contract.TESTING_DIR])
+    for source, name in ((sample_tree, "png"), (idx, "from-idx")):
+        build(BuildConfig(source=source, output=tmp_path / name, workers=1, per_class=20, test_per_class=5))
+    for split in contract.SPLITS:
+        assert _decoded(tmp_path / "from-idx", split) == _decoded(tmp_path / "png", split), split
+    assert sorted(label for _, label in _decoded(tmp_path / "png", "test")) == sorted(list(range(10)) * 5)
+
+
 def test_a_kaggle_csv_builds_the_same_digits(sample_tree, embedded, tmp_path):
     """All 5,000 digits as one labelled CSV: the same pixels and labels over all splits; one row in
     seven is the held-out test split; bad rows are rejected with their reason and row number."""
     rows = embedded[contract.TRAINING_DIR] + embedded[contract.TESTING_DIR]
     source = write_csv(tmp_path / "train.csv", rows, extra_rows=[
         [3] + [0] * 783, [300] + [0] * 784, [4] + [0] * 783 + [256], [5] + ["x"] * 784])
-    manifest = build(BuildConfig(source=source, output=tmp_path / "out", workers=1)).manifest
+    progress = []
+    manifest = build(BuildConfig(source=source, output=tmp_path / "out", workers=1),
+                     on_progress=lambda done, total: progress.append((done, total))).manifest
+    assert progress[:6] == [(done, 5004) for done in (1000, 2000, 3000, 4000, 5000, 5004)]
     built = sorted(item for split in contract.SPLITS for item in _decoded(tmp_path / "out", split))
     assert built == sorted((pixels.tobytes(), label) for label, pixels in rows)
     assert manifest["splits"]["test"]["examples"] == sum(1 for n in range(2, len(rows) + 2) if n % 7 == 0)

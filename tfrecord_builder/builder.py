@@ -99,7 +99,7 @@ def _build_converted(config: BuildConfig, kind: str, on_progress) -> BuildResult
     tree = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-source", dir=output.parent))
     try:
         try:
-            converted = formats.convert(source, kind, tree)
+            converted = formats.convert(source, kind, tree, on_progress)
         except formats.FormatError as error:
             raise BuildError(str(error)) from None
         inner = replace(config, source=tree, if_changed=False, overwrite=True)

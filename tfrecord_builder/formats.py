@@ -24,7 +24,7 @@ import io
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +77,7 @@ def _idx_path(directory: Path, name: str) -> Path | None:
     return None
 
 
-def _open(path: Path):
+def open_bytes(path: Path):
     """The file's bytes, gunzipped if it is gzip (by its magic number, not its name)."""
     if _is_gzip(path):
         return gzip.open(path, "rb")
@@ -103,29 +103,48 @@ def idx_header(stream, path: Path, dimensions: int) -> tuple[int, ...]:
     return struct.unpack(f">{dimensions}I", _read_exactly(stream, 4 * dimensions, path, "the header"))
 
 
+def _check_size(path: Path, size: int) -> None:
+    if not _is_gzip(path) and path.stat().st_size != size:
+        raise FormatError(f"{path} is {path.stat().st_size:,} bytes where its header announces "
+                          f"{size:,}: truncated or not this file's data")
+
+
+def idx_images_shape(path: Path) -> tuple[int, int, int]:
+    """(count, rows, cols) of an IDX image file, its header and (uncompressed) size checked."""
+    with open_bytes(path) as stream:
+        count, rows, cols = idx_header(stream, path, 3)
+    if rows < 1 or cols < 1:
+        raise FormatError(f"{path} announces images of {rows}x{cols} pixels")
+    _check_size(path, 16 + count * rows * cols)
+    return count, rows, cols
+
+
+def iter_idx_images(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(index, rows x cols pixel bytes) for each image of an IDX image file, read one at a time."""
+    count, rows, cols = idx_images_shape(path)
+    with open_bytes(path) as images:
+        idx_header(images, path, 3)
+        for index in range(count):
+            yield index, _read_exactly(images, rows * cols, path, f"image {index}")
+        if images.read(1):
+            raise FormatError(f"{path} has data after its {count:,} images")
+
+
 def iter_idx(images_path: Path, labels_path: Path) -> Iterator[tuple[int, int, bytes]]:
     """(index, label, rows x cols pixel bytes) for each record, read one at a time; the headers and
     the file sizes are checked first, so that a mismatch stops before anything is yielded."""
-    with _open(images_path) as images, _open(labels_path) as labels:
-        count, rows, cols = idx_header(images, images_path, 3)
+    count, _, _ = idx_images_shape(images_path)
+    with open_bytes(labels_path) as labels:
         (label_count,) = idx_header(labels, labels_path, 1)
         if count != label_count:
             raise FormatError(f"{images_path.name} holds {count:,} images but {labels_path.name} "
                               f"{label_count:,} labels: they must agree")
-        if rows < 1 or cols < 1:
-            raise FormatError(f"{images_path} announces images of {rows}x{cols} pixels")
-        for path, size in ((images_path, 16 + count * rows * cols), (labels_path, 8 + count)):
-            if not _is_gzip(path) and path.stat().st_size != size:
-                raise FormatError(f"{path} is {path.stat().st_size:,} bytes where its header announces "
-                                  f"{size:,}: truncated or not this file's data")
+        _check_size(labels_path, 8 + count)
         all_labels = _read_exactly(labels, count, labels_path, "the labels")  # one byte each: 60 KB
         if labels.read(1):
             raise FormatError(f"{labels_path} has data after its {count:,} labels")
-        pixels = rows * cols
-        for index in range(count):
-            yield index, all_labels[index], _read_exactly(images, pixels, images_path, f"image {index}")
-        if images.read(1):
-            raise FormatError(f"{images_path} has data after its {count:,} images")
+    for index, pixels in iter_idx_images(images_path):
+        yield index, all_labels[index], pixels
 
 
 def _is_gzip(path: Path) -> bool:
@@ -133,27 +152,40 @@ def _is_gzip(path: Path) -> bool:
         return handle.read(2) == b"\x1f\x8b"
 
 
-def iter_csv(path: Path) -> Iterator[tuple[int, int | None, bytes | None, str | None, str | None]]:
-    """(row number, label, pixel bytes, reject reason, detail) for each data row of a labelled
-    Kaggle CSV; a bad row has reason and detail set instead of label and pixels."""
-    with _open(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-        reader = csv.reader(text)
+class CsvDigits:
+    """A Kaggle CSV of digits, one a row: `label,pixel0,...,pixel783` (train.csv) or, with
+    `labelled=False` allowed, `pixel0,...,pixel783` (test.csv). The header is read and checked
+    when it is opened; the rows are read one at a time."""
+
+    def __init__(self, path: Path, allow_unlabelled: bool = False):
+        self.path = path
+        self._raw = open_bytes(path)
+        text = io.TextIOWrapper(self._raw, encoding="utf-8", errors="replace", newline="")
+        self._reader = csv.reader(text)
         try:
-            header = next(reader)
-        except StopIteration:
-            raise FormatError(f"{path} is empty") from None
-        except csv.Error as error:
-            raise FormatError(f"{path}: not CSV: {error}") from None
-        header = [name.strip().lower() for name in header]
-        if not header or header[0] != LABEL_COLUMN:
-            raise FormatError(f"{path} has no header starting with 'label' (Kaggle's train.csv: "
-                              "label,pixel0,...,pixel783); an unlabelled test.csv is for `digits predict`")
-        pixels = len(header) - 1
-        side = math.isqrt(pixels)
-        if pixels < 1 or side * side != pixels or header[1:] != [f"pixel{i}" for i in range(pixels)]:
-            raise FormatError(f"{path}: the header must be label,pixel0,...,pixel{pixels - 1} with a square "
-                              f"number of pixels, got {len(header)} columns")
+            try:
+                header = next(self._reader)
+            except StopIteration:
+                raise FormatError(f"{path} is empty") from None
+            except csv.Error as error:
+                raise FormatError(f"{path}: not CSV: {error}") from None
+            self.labelled, self.pixels = _csv_header(path, [name.strip().lower() for name in header],
+                                                     allow_unlabelled)
+        except BaseException:
+            self._raw.close()
+            raise
+        self.side = math.isqrt(self.pixels)
+
+    def __enter__(self) -> CsvDigits:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._raw.close()
+
+    def __iter__(self) -> Iterator[tuple[int, int | None, bytes | None, str | None, str | None]]:
+        """(row number, label, pixel bytes, reject reason, detail) for each data row (the header is
+        row 1); a bad row has reason and detail set instead of pixels; the label is None unlabelled."""
+        path, reader, first = self.path, self._reader, 1 if self.labelled else 0
         row_number = 1
         while True:
             try:
@@ -165,16 +197,16 @@ def iter_csv(path: Path) -> Iterator[tuple[int, int | None, bytes | None, str | 
             row_number += 1
             if not row or row == [""]:
                 continue
-            if len(row) != pixels + 1:
-                yield row_number, None, None, "row_length", f"{len(row) - 1} pixels, not {pixels}"
+            if len(row) != self.pixels + first:
+                yield row_number, None, None, "row_length", f"{len(row) - first} pixels, not {self.pixels}"
                 continue
             try:
                 values = [int(value) for value in row]
             except ValueError:
                 yield row_number, None, None, "not_a_number", "a value is not a whole number"
                 continue
-            label, image = values[0], values[1:]
-            if not 0 <= label < contract.NUM_CLASSES:
+            label, image = (values[0], values[1:]) if self.labelled else (None, values)
+            if label is not None and not 0 <= label < contract.NUM_CLASSES:
                 yield row_number, None, None, "bad_label", f"label {label} is not a digit 0-9"
                 continue
             if min(image) < 0 or max(image) > 255:
@@ -183,7 +215,42 @@ def iter_csv(path: Path) -> Iterator[tuple[int, int | None, bytes | None, str | 
             yield row_number, label, bytes(image), None, None
 
 
-def _png(pixels: bytes, side_rows: int, side_cols: int) -> bytes:
+def _csv_header(path: Path, header: list[str], allow_unlabelled: bool) -> tuple[bool, int]:
+    """(labelled, pixels a row) from a Kaggle header, or a FormatError saying what is wrong."""
+    labelled = bool(header) and header[0] == LABEL_COLUMN
+    if not labelled and not allow_unlabelled:
+        raise FormatError(f"{path} has no header starting with 'label' (Kaggle's train.csv: "
+                          "label,pixel0,...,pixel783); an unlabelled test.csv is for `digits predict`")
+    names = header[1:] if labelled else header
+    pixels = len(names)
+    side = math.isqrt(pixels)
+    if pixels < 1 or side * side != pixels or names != [f"pixel{i}" for i in range(pixels)]:
+        expected = "label,pixel0,...,pixelN" if labelled else "[label,]pixel0,...,pixelN"
+        raise FormatError(f"{path}: the header must be {expected} with a square number of pixels "
+                          f"(Kaggle's: 784), got {len(header)} columns starting {','.join(header[:2])[:40]!r}")
+    return labelled, pixels
+
+
+def csv_lines(path: Path) -> int:
+    """Lines after the header: the rows, for a progress bar (a CSV row of digits never spans lines;
+    blank lines make it an upper bound). Counted in 1 MB blocks: ~0.1 s for Kaggle's 73 MB train.csv."""
+    count, last = 0, b""
+    with open_bytes(path) as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            count += block.count(b"\n")
+            last = block[-1:]
+    if count and last != b"\n":
+        count += 1
+    return max(count - 1, 0)
+
+
+def iter_csv(path: Path) -> Iterator[tuple[int, int | None, bytes | None, str | None, str | None]]:
+    """The rows of a labelled Kaggle CSV (CsvDigits' rows)."""
+    with CsvDigits(path) as rows:
+        yield from rows
+
+
+def grayscale_png(pixels: bytes, side_rows: int, side_cols: int) -> bytes:
     from PIL import Image
 
     out = io.BytesIO()
@@ -198,12 +265,17 @@ def _write(tree: Path, part: str, label: int, index: int, png: bytes) -> None:
         handle.write(png)
 
 
-def convert(source: Path, kind: str, tree: Path) -> Converted:
+Progress = Callable[[int, int], None]  # (records done, records in all)
+PROGRESS_EVERY = 1000  # records between progress calls
+
+
+def convert(source: Path, kind: str, tree: Path, on_progress: Progress | None = None) -> Converted:
     """Writes `source` (IDX directory or CSV file) as an mnist-png tree under `tree`."""
+    report = on_progress or (lambda done, total: None)
     if kind == "idx":
-        return _convert_idx(source, tree)
+        return _convert_idx(source, tree, report)
     if kind == "csv":
-        return _convert_csv(source, tree)
+        return _convert_csv(source, tree, report)
     raise ValueError(f"nothing to convert for {kind!r}")
 
 
@@ -232,38 +304,45 @@ def _idx_pairs(source: Path) -> dict[str, tuple[Path, Path]]:
     return pairs
 
 
-def _convert_idx(source: Path, tree: Path) -> Converted:
+def _convert_idx(source: Path, tree: Path, report: Progress) -> Converted:
     pairs = _idx_pairs(source)
+    total, done = sum(idx_images_shape(images)[0] for images, _ in pairs.values()), 0
     # Every header and size first: a mismatch anywhere stops before one image is written.
     for images, labels in pairs.values():
         with contextlib.closing(iter_idx(images, labels)) as records:
             next(records, None)
     result = Converted("idx", [str(path) for pair in pairs.values() for path in pair])
     for part, (images, labels) in pairs.items():
-        with _open(images) as stream:
-            _, rows, cols = idx_header(stream, images, 3)
+        _, rows, cols = idx_images_shape(images)
         for index, label, pixels in iter_idx(images, labels):
+            done += 1
+            if done % PROGRESS_EVERY == 0:
+                report(done, total)
             if label >= contract.NUM_CLASSES:
                 result.rejects.append((f"{images.name}#{index}", "bad_label", f"label {label} is not a digit 0-9"))
                 continue
-            _write(tree, part, label, index, _png(pixels, rows, cols))
+            _write(tree, part, label, index, grayscale_png(pixels, rows, cols))
             result.written += 1
+    report(done, total)
     return result
 
 
-def _convert_csv(source: Path, tree: Path) -> Converted:
+def _convert_csv(source: Path, tree: Path, report: Progress) -> Converted:
     result = Converted("csv", [str(source)])
-    side = None
+    side, total = None, csv_lines(source)
     for row_number, label, pixels, reason, detail in iter_csv(source):
+        if (row_number - 1) % PROGRESS_EVERY == 0:
+            report(row_number - 1, total)
         if reason is not None:
             result.rejects.append((f"{source.name}:{row_number}", reason, detail))
             continue
         side = side or math.isqrt(len(pixels))
         part = contract.TESTING_DIR if row_number % TEST_EVERY == 0 else contract.TRAINING_DIR
-        _write(tree, part, label, row_number, _png(pixels, side, side))
+        _write(tree, part, label, row_number, grayscale_png(pixels, side, side))
         result.written += 1
     if result.written == 0:
         raise FormatError(f"{source} holds no valid row ({len(result.rejects)} rejected)")
+    report(total, total)
     return result
 
 
