@@ -8,6 +8,7 @@ version policy match what was copied; `digits docker context` is its command lin
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -106,22 +107,71 @@ def parse_batching_parameters(text: str, source: str = BATCHING_PARAMETERS):
 
 # --- Versions and the context --------------------------------------------------------------------
 
-def pushed_versions(model_dir: Path) -> list[int]:
+class ModelDir:
+    """The pushed model directory: a local path, or a URI (gs://, s3://, ...) the Pusher wrote to, read
+    through tf.io.gfile. A URI stays a string (Path() would make gs://b/x into gs:/b/x)."""
+
+    def __init__(self, location: str | os.PathLike):
+        from pipeline import uri
+
+        self.location = str(location)
+        self.remote = uri.is_remote(self.location)
+        self._join = uri.join
+
+    def __str__(self) -> str:
+        return self.location
+
+    def _gfile(self):
+        import tensorflow as tf  # only for a URI: importing TensorFlow costs ~20 s of CPU here
+
+        return tf.io.gfile
+
+    def path(self, *parts: str) -> str:
+        return self._join(self.location, *parts)
+
+    def isdir(self, *parts: str) -> bool:
+        return self._gfile().isdir(self.path(*parts)) if self.remote else Path(self.path(*parts)).is_dir()
+
+    def isfile(self, *parts: str) -> bool:
+        if self.remote:
+            gfile = self._gfile()
+            return gfile.exists(self.path(*parts)) and not gfile.isdir(self.path(*parts))
+        return Path(self.path(*parts)).is_file()
+
+    def children(self) -> list[str]:
+        """The names of the subdirectories."""
+        if self.remote:
+            return [name.rstrip("/") for name in self._gfile().listdir(self.location) if self.isdir(name.rstrip("/"))]
+        return [path.name for path in Path(self.location).iterdir() if path.is_dir()]
+
+    def copy_tree(self, name: str, target: Path) -> None:
+        """Copies the subdirectory `name` to the local directory `target`."""
+        if not self.remote:
+            shutil.copytree(self.path(name), target)
+            return
+        gfile, top = self._gfile(), self.path(name)
+        for directory, _, files in gfile.walk(top):
+            relative = directory[len(top):].strip("/")
+            (target / relative).mkdir(parents=True, exist_ok=True)
+            for file_name in files:
+                gfile.copy(self._join(directory, file_name), str(target / relative / file_name), overwrite=True)
+
+
+def pushed_versions(model_dir: ModelDir | str | os.PathLike) -> list[int]:
     """The version numbers under a pushed model directory (serving_model/<name>), oldest first."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
+    model_dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
+    if not model_dir.isdir():
         raise ValueError(f"model directory not found: {model_dir}")
-    if (model_dir / "saved_model.pb").is_file():
+    if model_dir.isfile("saved_model.pb"):
         raise ValueError(f"{model_dir} is one version (it holds saved_model.pb); pass its parent, the model "
                          "directory that holds the numbered versions")
-    numbered = sorted((path for path in model_dir.iterdir() if path.is_dir() and path.name.isdigit()),
-                      key=lambda path: int(path.name))
-    incomplete = [path.name for path in numbered if not (path / "saved_model.pb").is_file()]
+    numbered = sorted((name for name in model_dir.children() if name.isdigit()), key=int)
+    incomplete = [name for name in numbered if not model_dir.isfile(name, "saved_model.pb")]
     if incomplete:
         raise ValueError(f"not a version dir (no saved_model.pb): {', '.join(incomplete)} in {model_dir}")
     if not numbered:
         raise ValueError(f"no model versions (numbered directories with a saved_model.pb) in {model_dir}")
-    return [int(path.name) for path in numbered]
+    return [int(name) for name in numbered]
 
 
 def _with_versions(config, num_versions: int, stable: int):
@@ -137,14 +187,15 @@ def _with_versions(config, num_versions: int, stable: int):
     return config
 
 
-def prepare_context(model_dir: Path, out: Path, stable: int | None = None, versions: int = 2) -> Path:
+def prepare_context(model_dir: str | os.PathLike, out: Path, stable: int | None = None, versions: int = 2) -> Path:
     """Writes a ready-to-`docker build` directory at `out` and returns it.
 
-    The newest `versions` versions of `model_dir` go to out/model/<version>; models.config
+    The newest `versions` versions of `model_dir` (a path, or a URI such as gs://bucket/serving/digits,
+    where the Pusher of a Vertex run writes) go to out/model/<version>; models.config
     keeps the newest `versions` loaded and labels `stable` (default: the newest) "stable". An existing
     `out` is replaced only if it is empty or an earlier context. ValueError on bad input.
     """
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir, out = ModelDir(model_dir), Path(out)
     if versions < 1:
         raise ValueError(f"versions must be at least 1, got {versions}")
     copied = pushed_versions(model_dir)[-versions:]
@@ -172,7 +223,7 @@ def prepare_context(model_dir: Path, out: Path, stable: int | None = None, versi
             f"# Written by `digits docker context` from docker/{MODELS_CONFIG} for versions "
             f"{', '.join(map(str, copied))}.\n" + text_format.MessageToString(config))
         for version in copied:
-            shutil.copytree(model_dir / str(version), staging / MODEL_SUBDIR / str(version))
+            model_dir.copy_tree(str(version), staging / MODEL_SUBDIR / str(version))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -202,18 +253,21 @@ def docker_group():
 
 
 @docker_group.command("context")
-@click.option("--model-dir", type=click.Path(path_type=Path), default=Path("serving_model/digits"),
-              show_default=True, help="Pushed model directory holding numbered versions.")
+@click.option("--model-dir", default="serving_model/digits", show_default=True,
+              help="Pushed model directory holding numbered versions: a path, or a URI (gs://bucket/serving/digits).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("build/docker"), show_default=True,
               help="Directory to write the build context to (replaced if it is an earlier context).")
 @click.option("--stable", type=int, default=None, help="Version to label `stable` [default: the newest].")
 @click.option("--versions", type=int, default=2, show_default=True, help="How many of the newest versions to copy.")
-def context_command(model_dir: Path, out: Path, stable: int | None, versions: int):
+def context_command(model_dir: str, out: Path, stable: int | None, versions: int):
     """Assemble a `docker build` context: Dockerfile, configs and the newest model versions."""
     try:
         context = prepare_context(model_dir, out, stable=stable, versions=versions)
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error).splitlines()[0]) from None
+    except Exception as error:  # tf.io.gfile's errors on a URI: no credentials, no such bucket
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise click.ClickException(f"cannot read {model_dir}: {type(error).__name__}: {reason}") from None
     copied = sorted(int(path.name) for path in (context / MODEL_SUBDIR).iterdir())
     label = stable_version(context)
     tag = f"{IMAGE_NAME}:{label}"

@@ -192,6 +192,34 @@ def test_stable_can_name_an_older_copied_version_and_a_context_can_be_remade(tmp
     assert model.model_version_policy.latest.num_versions == 3
 
 
+def test_a_model_directory_in_a_bucket_is_read_where_the_pusher_wrote_it(tmp_path):
+    """A Vertex run's Pusher writes gs://BUCKET/serving/digits/<version>: the context reads the URI as
+    it is (Path() would make gs://b/x into gs:/b/x) through tf.io.gfile, here on TensorFlow's
+    in-memory ram:// filesystem, which takes the same calls as a bucket."""
+    import tensorflow as tf
+
+    local = fake_model_dir(tmp_path / "local")
+    (local / "300" / "variables" / "variables.index").write_bytes(b"index of 300")
+    remote = f"ram://bucket-{tmp_path.name}/serving/digits"
+    for path in local.rglob("*"):
+        target = f"{remote}/{path.relative_to(local).as_posix()}"
+        if path.is_dir():
+            tf.io.gfile.makedirs(target)
+        else:
+            tf.io.gfile.makedirs(target.rsplit("/", 1)[0])
+            tf.io.gfile.copy(str(path), target)
+    result = CliRunner().invoke(docker_group, ["context", "--model-dir", remote, "--out", str(tmp_path / "ctx")])
+    assert result.exit_code == 0, result.output
+    context = tmp_path / "ctx"
+    assert sorted(path.name for path in (context / "model").iterdir()) == ["200", "300"]
+    assert (context / "model" / "300" / "variables" / "variables.index").read_bytes() == b"index of 300"
+    assert (context / "model" / "200" / "saved_model.pb").is_file() and stable_version(context) == 300
+    result = CliRunner().invoke(docker_group, ["context", "--model-dir", f"{remote}-gone", "--out",
+                                               str(tmp_path / "ctx2")])
+    assert result.exit_code != 0 and "model directory not found: ram://" in result.output
+    assert not (tmp_path / "ctx2").exists()
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, dict, str]]:
     model_dir = fake_model_dir(tmp_path / "ok")
     (tmp_path / "empty").mkdir()
