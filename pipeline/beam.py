@@ -48,21 +48,46 @@ PORTABLE = BeamProfile(
     ("--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"),
     executed_here=True)
 DATAFLOW = BeamProfile(
-    "dataflow", "Google Cloud Dataflow; workers run the pipeline image",
-    # sdk_location=container: the image has Beam, do not stage an SDK tarball.
-    ("--runner=DataflowRunner", "--sdk_location=container"),
+    "dataflow", "Google Cloud Dataflow; workers run the pipeline image's root `dataflow` target",
+    # sdk_location=container: the image has Beam, do not stage an SDK tarball. A machine type and a
+    # worker cap, so that a first run has a known size and a bounded bill; --beam-arg changes them.
+    ("--runner=DataflowRunner", "--sdk_location=container", "--machine_type=n2-standard-4",
+     "--max_num_workers=10"),
     executed_here=False, needs=("--project", "--region", "--temp_location"),
-    image_args=("--sdk_container_image={image}",))
+    image_args=("--sdk_container_image={dataflow_image}",))
+# Flink and Spark through the Beam job server the user runs next to the cluster (Beam's
+# apache/beam_flink1.19_job_server or apache/beam_spark3_job_server image, or the Flink
+# Kubernetes operator's): the pipeline only speaks the Job API to --job_endpoint. The SDK harness
+# is the pipeline image, started by the cluster's Docker (DOCKER) or, as the Flink-on-Kubernetes
+# guides do, already running as a worker-pool sidecar of each task manager (EXTERNAL, HOST:PORT).
 FLINK = BeamProfile(
-    "flink", "an Apache Flink cluster; the SDK harness runs the pipeline image next to each task manager",
+    "flink", "an Apache Flink cluster through its Beam job server; the SDK harness is the pipeline image",
     ("--runner=FlinkRunner", "--environment_type=DOCKER"),
-    executed_here=False, needs=("--flink_master",),
+    executed_here=False, needs=("--job_endpoint",),
     image_args=("--environment_config={image}", "--sdk_container_image={image}"))
 SPARK = BeamProfile(
-    "spark", "an Apache Spark cluster; the SDK harness runs the pipeline image next to each executor",
+    "spark", "an Apache Spark cluster through its Beam job server; the SDK harness is the pipeline image",
     ("--runner=SparkRunner", "--environment_type=DOCKER"),
-    executed_here=False, needs=("--spark_master_url",),
+    executed_here=False, needs=("--job_endpoint",),
     image_args=("--environment_config={image}", "--sdk_container_image={image}"))
+CLUSTER_HARNESSES = ("DOCKER", "EXTERNAL")
+# Options that make Beam start a job server itself: from a jar downloaded at run time, with `java`.
+# The master is the job server's own setting (its --flink-master / --spark-master-url flag).
+JAR_OPTIONS = {"flink": ("flink_master", "flink_submit_uber_jar"),
+               "spark": ("spark_master_url", "spark_submit_uber_jar", "spark_rest_url")}
+JOB_SERVER_IMAGES = {"flink": "apache/beam_flink1.19_job_server:2.74.0", "spark": "apache/beam_spark3_job_server:2.74.0"}
+DATAFLOW_SUFFIX = "-dataflow"  # the root image's tag: docker build --target dataflow -t IMAGE-dataflow
+
+
+def dataflow_image(image: str) -> str:
+    """The root `dataflow` target of a pipeline image, by the tag convention the build uses
+    (REPO:TAG -> REPO:TAG-dataflow); a digest names one image, so it cannot be derived."""
+    name, _, tag = image.rpartition(":")
+    if "@" in image or not name or "/" in tag:
+        raise BeamArgsError(f"cannot derive the Dataflow image (the root `dataflow` target, tagged TAG{DATAFLOW_SUFFIX}) "
+                            f"from {image!r}: give it with --beam-arg=--sdk_container_image=IMAGE")
+    return image if tag.endswith(DATAFLOW_SUFFIX) else f"{name}:{tag}{DATAFLOW_SUFFIX}"
+
 
 PROFILES: dict[str, BeamProfile] = {p.name: p for p in (LOCAL, LOCAL_MP, PORTABLE, DATAFLOW, FLINK, SPARK)}
 DEFAULT_PROFILE = LOCAL.name
@@ -90,7 +115,11 @@ def profile_args(profile: str, extra: tuple[str, ...] | list[str] = (), image: s
     chosen = PROFILES[profile]
     base = chosen.args
     if image:
-        base += tuple(template.format(image=image) for template in chosen.image_args)
+        given = {_name(arg) for arg in extra}
+        for template in chosen.image_args:
+            if _name(template) not in given:  # an explicit --beam-arg wins, and nothing is derived for it
+                base += (template.format(image=image, dataflow_image=dataflow_image(image) if "{dataflow_image}"
+                                         in template else ""),)
     args = merge(base, tuple(extra))
     validate(args, chosen)
     return args
@@ -135,6 +164,8 @@ def validate(args: tuple[str, ...] | list[str], profile: BeamProfile | None = No
     defaults = vars(parser.parse_known_args([])[0])
     missing = [need for need in profile.needs
                if options.get(need.lstrip("-")) in (None, "", defaults.get(need.lstrip("-")))]
+    if profile.name in JAR_OPTIONS:
+        _check_cluster(profile, options, defaults)
     if missing:
         raise BeamArgsError(f"the {profile.name} profile needs {', '.join(missing)}: "
                             f"add {' '.join(f'--beam-arg={m}=...' for m in missing)}")
@@ -151,3 +182,32 @@ def validate(args: tuple[str, ...] | list[str], profile: BeamProfile | None = No
                 raise BeamArgsError(f"Dataflow needs --{option} on Cloud Storage (gs://...), got {value!r}")
         if not re.fullmatch(r"[a-z][-a-z0-9:.]{4,61}[a-z0-9]", str(options["project"])):
             raise BeamArgsError(f"--project must be a Google Cloud project ID, got {options['project']!r}")
+
+
+def _check_cluster(profile: BeamProfile, options: dict, defaults: dict) -> None:
+    """Flink and Spark: only through a job server the user runs, with the pipeline image as harness."""
+    name = profile.name
+    fix = (f"run Beam's {name} job server next to the cluster ({JOB_SERVER_IMAGES[name]}) and pass "
+           f"--beam-arg=--job_endpoint=HOST:8099")
+    for option in JAR_OPTIONS[name]:
+        if options.get(option) not in (None, "", False, defaults.get(option)):
+            raise BeamArgsError(f"--{option} makes Beam download a {name} job-server jar and start it with java "
+                                f"at run time, which the pipeline image and Vertex AI cannot: {fix}")
+    endpoint = options.get("job_endpoint")
+    if not endpoint:
+        raise BeamArgsError(f"the {name} profile needs the Job API endpoint of a {name} job server: {fix} "
+                            f"(without one, Beam would download the job-server jar and run it with java)")
+    if endpoint == "embed":
+        raise BeamArgsError(f"--job_endpoint=embed is Beam's in-process job server, not {name}: "
+                            "use --beam-profile portable")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", endpoint):
+        raise BeamArgsError(f"--job_endpoint must be HOST:PORT of the {name} job server, got {endpoint!r}")
+    harness = str(options.get("environment_type") or "").upper()
+    if harness not in CLUSTER_HARNESSES:
+        raise BeamArgsError(f"--environment_type={options.get('environment_type')} does not run the pipeline image on "
+                            f"the {name} workers: use DOCKER (the image, --image) or EXTERNAL (HOST:PORT of the "
+                            "image's worker pool, `--worker_pool`, beside each worker)")
+    config = str(options.get("environment_config") or "")
+    if harness == "EXTERNAL" and not re.fullmatch(r"[A-Za-z0-9_.\-]+:\d{1,5}", config):
+        raise BeamArgsError(f"--environment_type=EXTERNAL needs --environment_config=HOST:PORT of a worker pool "
+                            f"(the pipeline image run with --worker_pool, usually localhost:50000), got {config!r}")

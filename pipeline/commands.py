@@ -242,8 +242,8 @@ def run_command(data_root, pipeline_root, local_root, serving_dir, **options):
 
 @pipeline_group.command("compile")
 @click.option("--target", type=click.Choice(["vertex"]), default="vertex", show_default=True,
-              help="vertex: the pipeline-spec JSON that Vertex AI Pipelines runs (Kubeflow Pipelines v2 "
-                   "accepts the same file).")
+              help="vertex: the PipelineJob JSON that Vertex AI Pipelines runs (not Kubeflow Pipelines: "
+                   "see docs/scale-out.md).")
 @click.option("--image", required=True, help="The pipeline image (docker/pipeline/Dockerfile) every component "
               "runs, e.g. europe-west4-docker.pkg.dev/PROJECT/REPO/digits-pipeline:TAG.")
 @click.option("--pipeline-root", required=True, help="Where the orchestrator keeps artifacts: gs://BUCKET/DIR.")

@@ -1,4 +1,5 @@
-"""The same pipeline compiled for Vertex AI Pipelines (and Kubeflow Pipelines v2): a pipeline-spec JSON.
+"""The same pipeline compiled for Vertex AI Pipelines: a PipelineJob JSON (not for Kubeflow Pipelines:
+docs/scale-out.md says why).
 
 TFX's KubeflowV2DagRunner turns `create_pipeline(config)` into the PipelineJob that Vertex AI
 runs: one container per component, all from the pipeline image (docker/pipeline/Dockerfile),
@@ -104,6 +105,11 @@ def container_config(config: PipelineConfig) -> PipelineConfig:
     if local:
         raise CompileError(f"the containers cannot see this machine's files: give {', '.join(local)} as a URI "
                            "(gs://bucket/... for Vertex AI)")
+    elsewhere = [f"{option} {getattr(config, name)}" for name, option in options.items()
+                 if not str(getattr(config, name)).startswith("gs://")]
+    if elsewhere:
+        raise CompileError(f"Vertex AI Pipelines keeps artifacts in Cloud Storage and its containers read gs:// "
+                           f"with their service account: give gs://bucket/... for {', '.join(elsewhere)}")
     if config.trainer.base_weights not in ("imagenet", "none"):
         raise CompileError(f"--base-weights {config.trainer.base_weights!r} names nothing the container has: "
                            "use imagenet (downloaded by the Trainer) or none")

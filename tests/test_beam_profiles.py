@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +20,8 @@ IMAGE = "europe-west4-docker.pkg.dev/my-project/digits/digits-pipeline:0.1.0"
 # What a user adds for the profiles that run elsewhere.
 REMOTE_ARGS = {
     "dataflow": ["--project=my-project", "--region=europe-west4", "--temp_location=gs://my-bucket/tmp"],
-    "flink": ["--flink_master=flink-jobmanager:8081", "--flink_version=1.19"],
-    "spark": ["--spark_master_url=spark://spark-master:7077"],
+    "flink": ["--job_endpoint=flink-jobserver:8099", "--flink_version=1.19"],
+    "spark": ["--job_endpoint=spark-jobserver:8099"],
 }
 
 
@@ -40,9 +41,39 @@ def test_remote_workers_run_the_pipeline_image_so_tfx_ships_no_sdist_of_itself(p
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions(list(beam.profile_args(profile, REMOTE_ARGS[profile], image=IMAGE))).get_all_options()
+    if profile == "dataflow":  # the root target of the same image (Dataflow's workers run as root)
+        assert options["sdk_container_image"] == IMAGE + "-dataflow"
+        assert (options["machine_type"], options["max_num_workers"]) == ("n2-standard-4", 10)
+        return
     assert options["sdk_container_image"] == IMAGE  # TFX's make_beam_dependency_flags looks for this
-    if profile != "dataflow":
-        assert options["environment_type"] == "DOCKER" and options["environment_config"] == IMAGE
+    assert options["environment_type"] == "DOCKER" and options["environment_config"] == IMAGE
+
+
+@pytest.mark.parametrize("image, dataflow", [
+    (IMAGE, IMAGE + "-dataflow"), (IMAGE + "-dataflow", IMAGE + "-dataflow"),
+    ("localhost:5000/digits-pipeline:1", "localhost:5000/digits-pipeline:1-dataflow"),
+])
+def test_dataflow_runs_the_root_target_of_the_image_by_its_tag(image, dataflow):
+    assert beam.dataflow_image(image) == dataflow
+
+
+@pytest.mark.parametrize("image", ["localhost:5000/digits-pipeline", f"{IMAGE}@sha256:{'a' * 64}"])
+def test_a_dataflow_image_that_cannot_be_derived_must_be_named(image):
+    with pytest.raises(beam.BeamArgsError, match="--sdk_container_image=IMAGE"):
+        beam.profile_args("dataflow", REMOTE_ARGS["dataflow"], image=image)
+    named = beam.profile_args("dataflow", [*REMOTE_ARGS["dataflow"], "--sdk_container_image=r/root:1"], image=image)
+    assert "--sdk_container_image=r/root:1" in named
+
+
+@pytest.mark.parametrize("profile", ["flink", "spark"])
+def test_a_worker_pool_beside_each_cluster_worker_is_the_other_accepted_harness(profile):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args = beam.profile_args(profile, [*REMOTE_ARGS[profile], "--environment_type=EXTERNAL",
+                                       "--environment_config=localhost:50000"], image=IMAGE)
+    options = PipelineOptions(list(args)).get_all_options()
+    assert (options["environment_type"], options["environment_config"]) == ("EXTERNAL", "localhost:50000")
+    assert options["sdk_container_image"] == IMAGE
 
 
 def test_the_default_is_the_in_process_profile():
@@ -60,10 +91,22 @@ def test_a_beam_arg_replaces_the_profiles_option_of_the_same_name():
 @pytest.mark.parametrize("profile, extra, image, words", [
     ("local", ["--direct_num_worker=2"], None, ["--direct_num_worker=2", "did you mean --direct_num_workers"]),
     ("local", ["--direct_running_mode=fast"], None, ["invalid choice", "fast"]),
-    ("flink", ["--flink_master=f:8081", "--flink_version=1.12"], IMAGE, ["--flink_version", "1.12"]),
-    ("spark", ["--spark_master_url=spark://s:7077", "--spark_version=2"], IMAGE, ["--spark_version", "'2'"]),
-    ("flink", [], IMAGE, ["needs --flink_master"]),
-    ("spark", ["--spark_master_url=spark://s:7077"], None, ["pipeline image", "--image"]),
+    ("flink", ["--job_endpoint=j:8099", "--flink_version=1.12"], IMAGE, ["--flink_version", "1.12"]),
+    ("spark", ["--job_endpoint=j:8099", "--spark_version=2"], IMAGE, ["--spark_version", "'2'"]),
+    ("flink", [], IMAGE, ["needs the Job API endpoint", "--job_endpoint=HOST:8099", "download the job-server jar"]),
+    ("spark", [], IMAGE, ["beam_spark3_job_server", "--job_endpoint=HOST:8099"]),
+    ("flink", ["--flink_master=flink-jobmanager:8081"], IMAGE, ["--flink_master makes Beam download", "java"]),
+    ("flink", ["--job_endpoint=j:8099", "--flink_master=f:8081"], IMAGE, ["--flink_master makes Beam download"]),
+    ("flink", ["--job_endpoint=j:8099", "--flink_submit_uber_jar"], IMAGE, ["--flink_submit_uber_jar"]),
+    ("spark", ["--spark_master_url=spark://s:7077"], IMAGE, ["--spark_master_url makes Beam download"]),
+    ("spark", ["--job_endpoint=j:8099", "--spark_submit_uber_jar", "--spark_rest_url=http://s:6066"], IMAGE,
+     ["--spark_submit_uber_jar"]),
+    ("flink", ["--job_endpoint=embed"], IMAGE, ["in-process job server", "--beam-profile portable"]),
+    ("flink", ["--job_endpoint=flink-jobserver"], IMAGE, ["HOST:PORT"]),
+    ("flink", ["--job_endpoint=j:8099", "--environment_type=LOOPBACK"], IMAGE, ["DOCKER", "EXTERNAL"]),
+    ("spark", ["--job_endpoint=j:8099", "--environment_type=PROCESS"], IMAGE, ["does not run the pipeline image"]),
+    ("flink", ["--job_endpoint=j:8099", "--environment_type=EXTERNAL"], IMAGE, ["EXTERNAL needs", "worker pool"]),
+    ("spark", ["--job_endpoint=j:8099"], None, ["pipeline image", "--image"]),
     ("dataflow", [], IMAGE, ["needs --project, --region, --temp_location"]),
     ("dataflow", REMOTE_ARGS["dataflow"], None, ["pipeline image", "--sdk_container_image"]),
     ("dataflow", ["--project=my-project", "--region=europe-west4", "--temp_location=/tmp/x"], IMAGE,
@@ -243,3 +286,91 @@ def test_other_runners_produce_what_the_in_process_runner_does(beam_runs, profil
         metrics = read.evaluation(local["Evaluator.evaluation"])
         assert metrics["example_count"] == 50 and "sparse_categorical_accuracy" in metrics
         assert read.evaluation(other["Evaluator.evaluation"]) == metrics
+
+
+# -- Flink's and Spark's shape, executed: a job server and a worker pool of their own ------------------------------
+
+@dataclass
+class JobServices:
+    """Beam's Python job server (the Job API a Flink or Spark job server speaks) and an external worker
+    pool (what the pipeline image runs as a sidecar with --worker_pool), each a separate process."""
+
+    job_endpoint: str
+    pool: str
+    processes: list[subprocess.Popen]
+    logs: dict[str, Path]
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def job_services(tmp_path_factory):
+    import sys
+    import time
+
+    from prometheus_api import free_port
+
+    work = tmp_path_factory.mktemp("job-services")
+    job_port, pool_port = free_port(), free_port()
+    # The pool starts workers with `python -c ...`: this environment's, as the image's PATH gives /opt/venv's.
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    commands = {"job": ["apache_beam.runners.portability.local_job_service_main", "--port", str(job_port)],
+                "pool": ["apache_beam.runners.worker.worker_pool_main", "--service_port", str(pool_port)]}
+    logs, processes = {}, []
+    try:
+        for name, command in commands.items():
+            logs[name] = work / f"{name}.log"
+            with open(logs[name], "w") as out:
+                processes.append(subprocess.Popen([sys.executable, "-m", *command], stdout=out,
+                                                  stderr=subprocess.STDOUT, env=env, cwd=work))
+        services = JobServices(f"localhost:{job_port}", f"localhost:{pool_port}", processes, logs)
+        deadline = time.monotonic() + 120
+        while "Listening for beam jobs" not in services.log("job"):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), services.log("job")
+            time.sleep(0.2)
+        yield services
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("profile", ["flink", "spark"])
+def test_the_cluster_profiles_run_through_a_job_server_and_a_worker_pool_without_a_jar(
+        profile, job_services, beam_runs, tiny_records, tmp_path):
+    """FlinkRunner / SparkRunner as the profiles configure them, with --job_endpoint and the EXTERNAL
+    harness: every pipeline is a job on the separate job server, its SDK workers come from the separate
+    worker pool, this process starts no java and downloads no jar, and the outputs equal the in-process
+    runner's. (Flink's and Spark's own job servers are Java and are not run here.)"""
+    from pipeline import beam_components as read
+    from pipeline.beam_components import run_beam_components
+    from pipeline.config import PipelineConfig
+
+    args = beam.profile_args(profile, [f"--job_endpoint={job_services.job_endpoint}", "--environment_type=EXTERNAL",
+                                       f"--environment_config={job_services.pool}"], image=IMAGE)
+    jobs_before = job_services.log("job").count("Running job")
+    workers_before = job_services.log("pool").count("Starting worker")
+    config = PipelineConfig(data_root=tiny_records, train_examples=180, pipeline_root=tmp_path / profile,
+                            beam_pipeline_args=args)
+    with watching_beam() as seen:
+        run = run_beam_components(config, ("statistics",))
+    assert {runner for runner, _ in seen.runners} == {"FlinkRunner" if profile == "flink" else "SparkRunner"}
+    assert len(seen.runners) == 2  # ImportExampleGen and StatisticsGen
+    started = [str(process.args) for _, process in seen.processes]
+    assert not [command for command in started if "java" in command or ".jar" in command], started
+    assert seen.logged(r"Job state changed to (DONE)") == ["DONE"] * 2
+    assert job_services.log("job").count("Running job") - jobs_before == 2
+    assert job_services.log("job").count(f"Requesting worker at {job_services.pool}") >= 2
+    assert job_services.log("pool").count("Starting worker") - workers_before >= 2
+    local = beam_runs["local"].run.outputs
+    assert read.example_counts(run.outputs["ImportExampleGen.examples"]) == {"train": 180, "eval": 20, "test": 50}
+    assert read.statistics(run.outputs["StatisticsGen.statistics"]) == read.statistics(
+        local["StatisticsGen.statistics"])
