@@ -527,6 +527,25 @@ def test_autoscaler_disruption_budget_and_spread_keep_two_pods_serving():
     assert availability_problems(base_objects()) == []
 
 
+def test_only_labelled_clients_and_monitoring_reach_the_unauthenticated_server():
+    """The NetworkPolicy selects the Deployment's pods, lets labelled clients reach both of the Service's
+    ports and the monitoring namespace reach only the port the PodMonitor and the probe use."""
+    objects = base_objects()
+    policy = the(objects, "NetworkPolicy", "digits-serving")
+    deployment = the(objects, "Deployment")
+    assert selects(policy["spec"]["podSelector"], pod_labels(deployment))
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    clients, monitoring = policy["spec"]["ingress"]
+    service_ports = {port["targetPort"] for port in the(objects, "Service", "digits-serving")["spec"]["ports"]}
+    container_ports = {port["name"] for port in container(deployment)["ports"]}
+    assert {port["port"] for port in clients["ports"]} == service_ports <= container_ports
+    assert all(selector.get("podSelector", selector.get("namespaceSelector")) == {
+        "matchLabels": {"digits-serving/client": "true"}} for selector in clients["from"])
+    assert monitoring["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    scraped = {endpoint["port"] for endpoint in the(objects, "PodMonitor")["spec"]["podMetricsEndpoints"]}
+    assert {port["port"] for port in monitoring["ports"]} == scraped == {"http"}
+
+
 def test_pod_monitor_scrapes_like_prometheus_yml_and_series_get_the_rules_job():
     assert monitor_problems(base_objects(), kustomization(BASE)["namespace"]) == []
     rules = the(base_objects(), "PrometheusRule")
