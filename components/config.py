@@ -17,7 +17,7 @@ BASE_WEIGHTS_CHOICES = ("auto", "imagenet", "none")
 CODE_FINGERPRINT_KEY = "code_fingerprint"
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
-PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
 # How the run report groups the settings a model was trained with. Every field of TrainerConfig is in

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras as keras
 
-from components import abstention, base_weights
+from components import abstention, base_weights, distribute, precision
 from components.config import TrainerConfig
 from components.data import make_dataset, outlier_pool, outliers_per_batch
 from components.history import write_history
@@ -39,9 +39,12 @@ def run_fn(fn_args) -> None:
                               training=False)
     # The pipeline sets train_args.num_steps = epochs x steps per epoch (one pass over train).
     steps_per_epoch = config.steps_per_epoch or max(1, fn_args.train_steps // config.epochs)
-    model = build_model(config, weights.keras_weights, steps_per_epoch, pretrained=weights.pretrained)
-    log.info("training %d epochs x %d steps in %s; base weights: %s; %d non-digits per batch from a pool of %d",
-             config.epochs, steps_per_epoch, config.precision, weights.source, outliers_per_batch(config), len(outliers))
+    devices = distribute.strategy()  # several GPUs: MirroredStrategy; else the default strategy
+    with devices.scope():
+        model = build_model(config, weights.keras_weights, steps_per_epoch, pretrained=weights.pretrained)
+    log.info("training %d epochs x %d steps in %s on %d device(s); base weights: %s; %d non-digits per batch "
+             "from a pool of %d", config.epochs, steps_per_epoch, precision.resolve(config.precision),
+             devices.num_replicas_in_sync, weights.source, outliers_per_batch(config), len(outliers))
 
     def callbacks() -> list:
         return [
@@ -57,7 +60,8 @@ def run_fn(fn_args) -> None:
             keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
         ]
 
-    history = fit(model, train, evaluation, config, steps_per_epoch, weights.pretrained, callbacks)
+    with devices.scope():  # each phase compiles again: its optimizer's variables are mirrored too
+        history = fit(model, train, evaluation, config, steps_per_epoch, weights.pretrained, callbacks)
 
     write_history(fn_args.model_run_dir, {
         "history": history,

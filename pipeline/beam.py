@@ -76,17 +76,16 @@ CLUSTER_HARNESSES = ("DOCKER", "EXTERNAL")
 JAR_OPTIONS = {"flink": ("flink_master", "flink_submit_uber_jar"),
                "spark": ("spark_master_url", "spark_submit_uber_jar", "spark_rest_url")}
 JOB_SERVER_IMAGES = {"flink": "apache/beam_flink1.19_job_server:2.74.0", "spark": "apache/beam_spark3_job_server:2.74.0"}
-DATAFLOW_SUFFIX = "-dataflow"  # the root image's tag: docker build --target dataflow -t IMAGE-dataflow
 
 
 def dataflow_image(image: str) -> str:
-    """The root `dataflow` target of a pipeline image, by the tag convention the build uses
-    (REPO:TAG -> REPO:TAG-dataflow); a digest names one image, so it cannot be derived."""
-    name, _, tag = image.rpartition(":")
-    if "@" in image or not name or "/" in tag:
-        raise BeamArgsError(f"cannot derive the Dataflow image (the root `dataflow` target, tagged TAG{DATAFLOW_SUFFIX}) "
-                            f"from {image!r}: give it with --beam-arg=--sdk_container_image=IMAGE")
-    return image if tag.endswith(DATAFLOW_SUFFIX) else f"{name}:{tag}{DATAFLOW_SUFFIX}"
+    """The root `dataflow` target of a pipeline image (pipeline/images.py)."""
+    from pipeline import images
+
+    try:
+        return images.variant(image, images.DATAFLOW_SUFFIX, "--beam-arg=--sdk_container_image=IMAGE")
+    except images.ImageError as error:
+        raise BeamArgsError(str(error)) from None
 
 
 PROFILES: dict[str, BeamProfile] = {p.name: p for p in (LOCAL, LOCAL_MP, PORTABLE, DATAFLOW, FLINK, SPARK)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from components.config import TrainerConfig
+from components.config import PRECISIONS, TrainerConfig
 from pipeline import beam
 from pipeline.config import BlessingGates, PipelineConfig
 
@@ -87,10 +87,10 @@ def _training_options(command):
                           "the rest it calls not a digit, two thirds unsure. [default: "
                           f"{TrainerConfig.abstention_ood_keep * TrainerConfig.abstention_confident_keep:.4f}: "
                           f"{TrainerConfig.abstention_ood_keep} x {TrainerConfig.abstention_confident_keep}]"),
-        click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16"]),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)),
                      default=TrainerConfig.precision, show_default=True,
-                     help="What training computes in; auto: mixed_bfloat16 on CPUs with bfloat16 instructions. "
-                          "The exported model is float32 either way."),
+                     help="What training computes in; auto: float32 on a GPU, mixed_bfloat16 on CPUs with "
+                          "bfloat16 instructions; mixed_float16 needs a GPU. The exported model is float32."),
         click.option("--min-accuracy", type=float, default=BlessingGates.min_accuracy, show_default=True,
                      help="Held-out accuracy needed to bless (and push) the model."),
         click.option("--max-accuracy-drop", type=float, default=BlessingGates.max_accuracy_drop, show_default=True,
@@ -258,14 +258,17 @@ def run_command(data_root, pipeline_root, local_root, serving_dir, **options):
 @click.option("--trainer-memory", "trainer_memory_gb", type=float, default=None, metavar="GB",
               help="Memory for the Trainer's container, in GB.")
 @click.option("--trainer-gpu", default=None, metavar="TYPE[:COUNT]",
-              help="A GPU for the Trainer, e.g. NVIDIA_L4 or NVIDIA_TESLA_T4:2.")
+              help="GPUs for the Trainer, e.g. NVIDIA_L4 or NVIDIA_TESLA_T4:2 (several: MirroredStrategy). The "
+                   "Trainer then runs the image's gpu target, IMAGE's tag + '-gpu', or --trainer-image.")
+@click.option("--trainer-image", default=None, help="The GPU Trainer's image (docker build --target gpu) "
+              "[default: --image's tag + '-gpu'].")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("build/vertex/pipeline.json"),
               show_default=True)
 @_training_options
 def compile_command(target, image, pipeline_root, data_root, serving_dir, train_examples, trainer_cpu,
-                    trainer_memory_gb, trainer_gpu, output, **options):
+                    trainer_memory_gb, trainer_gpu, trainer_image, output, **options):
     """Compile the pipeline for an orchestrator, offline (nothing is uploaded or submitted)."""
-    from pipeline.kubeflow import CompileError, Resources, compile_pipeline
+    from pipeline.kubeflow import CompileError, Resources, compile_pipeline, trainer_image_of
 
     options["image"] = image
     if train_examples is None:
@@ -274,14 +277,17 @@ def compile_command(target, image, pipeline_root, data_root, serving_dir, train_
                       serving_dir=serving_dir)
     try:
         gpu_type, gpu_count = Resources.parse_gpu(trainer_gpu)
+        if options["precision"] == "mixed_float16" and gpu_type is None:
+            raise CompileError("--precision mixed_float16 is for a GPU Trainer: add --trainer-gpu, or use float32")
         resources = Resources(cpu=trainer_cpu, memory_gb=trainer_memory_gb, gpu_type=gpu_type, gpu_count=gpu_count)
-        job = compile_pipeline(config, image, output, resources)
+        job = compile_pipeline(config, image, output, resources, trainer_image_name=trainer_image)
     except CompileError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
     tasks = job["pipelineSpec"]["root"]["dag"]["tasks"]
+    gpu_note = (f", Trainer on {gpu_count} x {gpu_type} in {trainer_image_of(job)}" if gpu_type else "")
     click.echo(f"{target}: {len(tasks)} steps, image {image}, pipeline root {config.pipeline_root}, "
-               f"Beam: {options['beam_profile']}")
+               f"Beam: {options['beam_profile']}{gpu_note}")
     click.echo(f"wrote {output}")
 
 

@@ -116,23 +116,55 @@ def container_config(config: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(config, schema_file=IMAGE_SCHEMA_FILE, code_fingerprint=code_fingerprint())
 
 
+def trainer_image(image: str, resources: Resources, explicit: str | None = None) -> str:
+    """The Trainer's image: the pipeline image, or with a GPU its CUDA `gpu` target (REPO:TAG-gpu, or
+    `explicit`). A GPU on the CPU image would sit idle while the bill runs: refused."""
+    from pipeline import images
+
+    if resources.gpu_type is None:
+        if explicit is not None and explicit != image:
+            raise CompileError("--trainer-image is for a GPU Trainer: add --trainer-gpu, or leave it out")
+        return image
+    try:
+        chosen = explicit or images.variant(image, images.GPU_SUFFIX, "--trainer-image")
+    except images.ImageError as error:
+        raise CompileError(str(error)) from None
+    if chosen == image:
+        raise CompileError(f"--trainer-gpu on {image}, the CPU image (tensorflow without CUDA): the GPU would sit "
+                           f"idle; build the gpu target (docker build --target gpu -t IMAGE{images.GPU_SUFFIX}) and "
+                           "give it with --trainer-image, or leave --trainer-image out to use that tag")
+    return chosen
+
+
 def compile_pipeline(config: PipelineConfig, image: str, output: Path, trainer_resources: Resources = Resources(),
-                     display_name: str | None = None) -> dict:
+                     display_name: str | None = None, trainer_image_name: str | None = None) -> dict:
     """Writes the PipelineJob JSON to `output` and returns it."""
     runner_module = require_runner()
     from pipeline.pipeline import create_pipeline
+    from tfx.orchestration.kubeflow.v2 import pipeline_builder
 
-    if not image or any(c.isspace() for c in image):
-        raise CompileError(f"--image must name a container image, got {image!r}")
+    for name, value in (("--image", image), ("--trainer-image", trainer_image_name)):
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise CompileError(f"{name} must name a container image, got {value!r}")
+    trainer = trainer_image(image, trainer_resources, trainer_image_name)
     pipeline = create_pipeline(container_config(config))
     if not trainer_resources.empty:
-        trainer = next(c for c in pipeline.components if c.id == TRAINER_ID)
-        trainer.with_platform_config(trainer_resources.to_proto())
+        component = next(c for c in pipeline.components if c.id == TRAINER_ID)
+        component.with_platform_config(trainer_resources.to_proto())
+    # One image for every step, the Trainer's own when it differs (TFX's per-component image map).
+    images = image if trainer == image else {pipeline_builder.DEFAULT_IMAGE_PATH_KEY: image, TRAINER_ID: trainer}
     runner = runner_module.KubeflowV2DagRunner(
-        config=runner_module.KubeflowV2DagRunnerConfig(default_image=image, display_name=display_name))
+        config=runner_module.KubeflowV2DagRunnerConfig(default_image=images, display_name=display_name))
     job = runner.run(pipeline, write_out=False)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.tmp")
     partial.write_text(json.dumps(job, indent=2, sort_keys=True) + "\n")
     partial.replace(output)
     return job
+
+
+def trainer_image_of(job: dict) -> str:
+    """The image the compiled Trainer step runs."""
+    spec = job["pipelineSpec"]
+    component = spec["root"]["dag"]["tasks"][TRAINER_ID]["componentRef"]["name"]
+    return spec["deploymentSpec"]["executors"][spec["components"][component]["executorLabel"]]["container"]["image"]

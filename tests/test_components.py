@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from components.config import TrainerConfig
+from conftest import REPO
 from data import contract
 
 
@@ -307,7 +310,11 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions
     flags = precision.cpu_flags(cpuinfo)
     assert "avx512_bf16" in flags and "avx2" in flags
     assert precision.resolve("auto", flags) == "mixed_bfloat16"
-    assert precision.resolve("auto", {"amx_bf16"}) == "mixed_bfloat16"
+    assert precision.resolve("auto", {"amx_bf16"}, gpus=0) == "mixed_bfloat16"
+    assert precision.resolve("auto", {"amx_bf16"}, gpus=1) == "float32"  # on a GPU: no faster at 75x75
+    assert precision.resolve("mixed_float16", set(), gpus=2) == "mixed_float16"
+    with pytest.raises(ValueError, match="mixed_float16 needs a GPU"):
+        precision.resolve("mixed_float16", {"amx_bf16"}, gpus=0)
     assert precision.resolve("auto", {"avx2", "avx512f"}) == "float32"  # emulated bfloat16 is slower
     assert precision.resolve("auto", precision.cpu_flags(tmp_path / "missing")) == "float32"
     assert precision.resolve("float32", {"avx512_bf16"}) == "float32"  # an explicit choice stands
@@ -315,6 +322,68 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions
     assert pinned.precision == precision.resolve("auto")  # decided before the pipeline: in the cache key
     assert precision.pin(pinned) == pinned
     assert precision.pin(TrainerConfig()).precision == "float32"  # the default
+
+
+MIRRORED_PROBE = """
+import json, os
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import numpy as np
+import tensorflow as tf
+[cpu] = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import tf_keras as keras
+from components import distribute
+from components.config import TrainerConfig
+from components.model import BASE_NAME, build_model, fit
+from test_components import _tiny_data
+
+
+def small_base(include_top, weights, input_shape, pooling):  # InceptionV3's place, with a BatchNorm too
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Conv2D(8, 3, strides=4)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x), name=BASE_NAME)
+
+
+keras.applications.InceptionV3 = small_base
+
+devices = [device.name for device in tf.config.list_logical_devices("CPU")]
+strategy = distribute.strategy(devices)
+config = TrainerConfig(epochs=1, base_weights="none", frozen_epochs=0)
+with strategy.scope():
+    model = build_model(config, None, steps_per_epoch=1)
+    kernel = model.get_layer(BASE_NAME).weights[0]
+    before = kernel.numpy().copy()
+    history = fit(model, _tiny_data(1, 4), _tiny_data(1, 4), config, steps_per_epoch=1, pretrained=False)
+replicas = [value.numpy() for value in kernel.values]
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "devices": sorted(v.device for v in kernel.values),
+                  "kind": type(strategy).__name__, "loss": history["loss"],
+                  "moved": bool(not np.array_equal(replicas[0], before)),
+                  "in_step": bool(all(np.array_equal(replicas[0], other) for other in replicas[1:])),
+                  "one_device": type(distribute.strategy(devices[:1])).__name__}))
+"""
+
+
+def test_several_devices_train_one_mirrored_model_in_step():
+    """MirroredStrategy over two devices (two logical CPUs here, GPUs in the cloud): the model is built,
+    compiled and trained in its scope through the Trainer's own build_model and fit, every
+    variable has a copy on each device, and the copies move together; one device gets the default strategy.
+    A small base with a BatchNorm stands in for InceptionV3, whose ~300 layers take 90 s to trace for two
+    replicas on these cores: what is tested is the scope and the mirroring, not the architecture."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)])}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", MIRRORED_PROBE], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (found["kind"], found["replicas"]) == ("MirroredStrategy", 2)
+    assert [device.rsplit("/", 1)[-1] for device in found["devices"]] == ["device:CPU:0", "device:CPU:1"]
+    assert len(found["loss"]) == 1 and all(np.isfinite(found["loss"]))
+    assert found["moved"] and found["in_step"]
+    assert found["one_device"] == "_DefaultDistributionStrategy"
 
 
 def test_bfloat16_training_exports_the_same_weights_as_a_float32_model():

@@ -42,7 +42,8 @@ FOREIGN_OPTIONS = {
     "uv pip compile": {"--python-version", "--python-platform"},
     "pip / uv pip install": {"--no-deps"},
     "python -m venv": {"--system-site-packages"},
-    "Beam's Dataflow options": {"--project", "--region"},
+    "Beam's Dataflow options": {"--project", "--region", "--subnetwork"},
+    "Beam's Flink and Spark job servers": {"--flink-master", "--spark-master-url"},
     "prometheus": {"--query.max-samples", "--storage.tsdb.retention.time"},
     "mkdocs": {"--strict"},
 }

@@ -21,6 +21,8 @@ from test_docker import DOCKER, copies, instructions
 IMAGE_DIR = DOCKER / "pipeline"
 DOCKERFILE = IMAGE_DIR / "Dockerfile"
 RUNTIME_LOCK = IMAGE_DIR / "requirements.lock"
+GPU_LOCK = IMAGE_DIR / "requirements-gpu.lock"
+SITE_PACKAGES = "/opt/venv/lib/python3.10/site-packages"
 ROOT_LOCK = REPO / "requirements.lock"
 PYPROJECT = tomli.loads((REPO / "pyproject.toml").read_text())
 
@@ -353,6 +355,53 @@ def test_the_dataflow_target_is_the_same_image_run_as_root():
     dataflow, default = lineage(DOCKERFILE, "dataflow"), lineage(DOCKERFILE)
     assert [stage["name"] for stage in dataflow] == [stage["name"] for stage in default][:-1] + ["dataflow"]
     assert dataflow[-1]["steps"] == [] and steps(dataflow, "USER") == []
+
+
+def test_the_gpu_lock_is_the_runtime_lock_plus_exactly_tensorflows_cuda_pins():
+    """tensorflow 2.16.2's and-cuda extra pins each CUDA wheel exactly: the GPU lock has those pins and
+    nothing else new, and every other pin equal to the CPU image's."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    cuda = {}
+    for text in importlib.metadata.requires("tensorflow"):
+        requirement = Requirement(text)
+        if requirement.marker and requirement.marker.evaluate({"extra": "and-cuda"}) and \
+                not requirement.marker.evaluate({"extra": ""}):
+            [specifier] = requirement.specifier
+            assert specifier.operator == "==", text
+            cuda[requirement.name.lower()] = specifier.version
+    gpu, runtime = pins(GPU_LOCK), pins(RUNTIME_LOCK)
+    assert len(cuda) == 12 and all(name.startswith("nvidia-") for name in cuda)
+    assert gpu == {**runtime, **cuda} and not set(cuda) & set(runtime)
+    assert PYPROJECT["project"]["optional-dependencies"]["gpu"] == [f"tensorflow[and-cuda]=={runtime['tensorflow']}"]
+    command = lock_command(GPU_LOCK)
+    assert option(command, "--extra") == "gpu" and option(command, "-c") == RUNTIME_LOCK.relative_to(REPO).as_posix()
+    assert option(command, "-o") == GPU_LOCK.relative_to(REPO).as_posix()
+
+
+def test_the_gpu_target_is_the_same_system_with_the_cuda_venv_and_finds_its_libraries():
+    chain, default = lineage(DOCKERFILE, "gpu"), lineage(DOCKERFILE)
+    assert [stage["name"] for stage in chain] == ["system", "gpu"] and default[0]["name"] == "system"
+    beam_sdk = f"apache/beam_python3.10_sdk:{pins(RUNTIME_LOCK)['apache-beam']}"
+    assert {(origin, source) for origin, source, _ in copies_from(chain)} == {
+        ("builder-gpu", "/opt/venv"), (beam_sdk, "/opt/apache/beam")}
+    [builder_gpu] = [stage for stage in stages(DOCKERFILE) if stage["name"] == "builder-gpu"]
+    assert builder_gpu["base"] == "builder"
+    [install] = [run for name, run in builder_gpu["steps"] if name == "RUN"]
+    assert f"pip install --no-cache-dir --no-deps -r {GPU_LOCK.relative_to(REPO).as_posix()}" in install
+    assert "pip check" in install
+    variables = env(chain)
+    cuda = sorted(name for name in pins(GPU_LOCK) if name.startswith("nvidia-"))
+    # nvidia-cuda-runtime-cu12 installs nvidia/cuda_runtime/lib; nvcc brings ptxas (bin), for XLA.
+    directories = {name.removeprefix("nvidia-").removesuffix("-cu12").replace("-", "_") for name in cuda}
+    assert variables["LD_LIBRARY_PATH"].split(":") == [f"{SITE_PACKAGES}/nvidia/{directory}/lib"
+                                                       for directory in sorted(directories - {"cuda_nvcc"})]
+    assert variables["PATH"].split(":")[0] == f"{SITE_PACKAGES}/nvidia/cuda_nvcc/bin"
+    assert variables["PATH"].split(":")[1:] == ["${PATH}"] and env(default)["PATH"].startswith("/opt/venv/bin:")
+    user = steps(chain, "USER")[-1]
+    assert user == steps(default, "USER")[-1] and json.loads(steps(chain, "ENTRYPOINT")[-1]) == ["/opt/apache/beam/boot"]
 
 
 def test_the_header_says_how_to_build_and_push_and_the_labels_name_the_image():

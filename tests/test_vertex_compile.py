@@ -92,7 +92,8 @@ def test_every_container_runs_the_given_image_and_tfxs_executor_entry_point(comp
     assert set(specs) == COMPONENTS - {"latest_blessed_model_resolver-model-resolver",
                                        "latest_blessed_model_resolver-model-blessing-resolver"}
     for name, spec in specs.items():
-        assert spec["image"] == IMAGE, name
+        # The GPU Trainer runs the image's CUDA target (docker build --target gpu -t IMAGE-gpu).
+        assert spec["image"] == (f"{IMAGE}-gpu" if name == "Trainer" else IMAGE), name
         assert spec["command"] == ["python", "-m", "tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor"]
 
 
@@ -263,6 +264,10 @@ def test_the_compiled_pipeline_matches_the_golden_file(compiled):
     (["--trainer-gpu", "NVIDIA_L4:x"], ["TYPE:COUNT"]),
     (["--trainer-gpu", "GTX_1080"], ["unknown GPU type"]),
     (["--trainer-memory", "-1"], ["memory must be positive"]),
+    (["--trainer-gpu", "NVIDIA_L4", "--trainer-image", IMAGE], ["the CPU image", "--target gpu", "sit idle"]),
+    (["--trainer-image", f"{IMAGE}-gpu"], ["--trainer-image is for a GPU Trainer"]),
+    (["--trainer-gpu", "NVIDIA_L4", "--image", f"{IMAGE.rsplit(':', 1)[0]}@sha256:{'a' * 64}",
+      f"--beam-arg=--sdk_container_image={IMAGE}-dataflow"], ["cannot derive the gpu variant", "--trainer-image"]),
 ])
 def test_bad_compile_options_are_one_line_errors(tmp_path, extra, words):
     from click.testing import CliRunner
@@ -273,6 +278,28 @@ def test_bad_compile_options_are_one_line_errors(tmp_path, extra, words):
     assert result.exit_code == 1, result.output
     assert all(word in result.output for word in words), result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("extra, trainer", [
+    ([], IMAGE),  # no GPU: every step on the one image
+    (["--trainer-gpu", "NVIDIA_TESLA_T4:2"], f"{IMAGE}-gpu"),
+    (["--trainer-gpu", "NVIDIA_L4", "--trainer-image", "europe-west4-docker.pkg.dev/p/r/cuda@sha256:" + "b" * 64],
+     "europe-west4-docker.pkg.dev/p/r/cuda@sha256:" + "b" * 64),
+])
+def test_a_gpu_trainer_runs_the_cuda_image_and_only_the_trainer_does(tmp_path, extra, trainer):
+    from click.testing import CliRunner
+
+    from digits.cli import cli
+    from pipeline.kubeflow import trainer_image_of
+
+    output = tmp_path / "p.json"
+    result = CliRunner().invoke(cli, compile_args(output, *extra))
+    assert result.exit_code == 0, result.output
+    job = json.loads(output.read_text())
+    assert trainer_image_of(job) == trainer
+    assert {spec["image"] for name, spec in containers(job).items() if name != "Trainer"} == {IMAGE}
+    if extra:
+        assert f"in {trainer}" in result.output
 
 
 def test_without_kfp_pipeline_spec_the_error_says_what_to_install(monkeypatch):
