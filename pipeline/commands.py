@@ -291,6 +291,56 @@ def compile_command(target, image, pipeline_root, data_root, serving_dir, train_
     click.echo(f"wrote {output}")
 
 
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+@pipeline_group.command("submit")
+@click.argument("template", type=click.Path(dir_okay=False, path_type=Path), default=Path("build/vertex/pipeline.json"))
+@click.option("--project", required=True, help="The Google Cloud project that runs it.")
+@click.option("--region", required=True, help="Vertex AI's region, e.g. europe-west4 (where the bucket is).")
+@click.option("--service-account", required=True, metavar="NAME@PROJECT.iam.gserviceaccount.com",
+              help="The account every step runs as (roles: docs/scale-out.md); never the Compute Engine default.")
+@click.option("--network", default=None, metavar="projects/NUMBER/global/networks/NAME",
+              help="A VPC network peered with Vertex AI, for private access to what the steps reach.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label on the run (repeatable).")
+@click.option("--cache/--no-cache", "cache", default=None,
+              help="Reuse cached step results or not [default: as compiled; `compile --no-cache` turns it off].")
+@click.option("--display-name", default="digits", show_default=True)
+@click.option("--schedule", default=None, metavar="CRON",
+              help="Create a schedule instead of one run, e.g. '0 3 * * *' (minute hour day month weekday).")
+@click.option("--timezone", default="UTC", show_default=True, help="The schedule's IANA time zone.")
+@click.option("--max-concurrent-runs", type=int, default=1, show_default=True,
+              help="Scheduled runs at once; a run still going when the next is due makes that one wait its turn.")
+@click.option("--dry-run", is_flag=True, help="Print the request as JSON and send nothing.")
+def submit_command(template, project, region, service_account, network, labels, cache, display_name, schedule,
+                   timezone, max_concurrent_runs, dry_run):
+    """Run a compiled pipeline on Vertex AI Pipelines, once or on a schedule (needs Google Cloud credentials)."""
+    from pipeline.vertex import SubmitError, Submission, request_json, submit
+
+    if schedule is None and (timezone != "UTC" or max_concurrent_runs != 1):
+        raise click.UsageError("--timezone and --max-concurrent-runs are for a --schedule")
+    try:
+        submission = Submission(
+            template=template, project=project, region=region, service_account=service_account, network=network,
+            labels=dict(_label(text) for text in labels), enable_caching=cache, display_name=display_name,
+            schedule=schedule, timezone=timezone, max_concurrent_runs=max_concurrent_runs)
+        if dry_run:
+            click.echo(json.dumps(request_json(submission), indent=2, sort_keys=True))
+            return
+        name = submit(submission)
+    except SubmitError as error:
+        raise click.ClickException(str(error)) from None
+    except Exception as error:  # the API's or the credentials' errors: one line
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise click.ClickException(f"cannot submit: {type(error).__name__}: {reason}") from None
+    when = f" at '{schedule}' in {timezone}" if schedule else ""
+    click.echo(f"created {name}{when}, running as {service_account}")
+
+
 def _write_report(pipeline_root: Path, pipeline_name: str) -> None:
     from pipeline.report import ReportError, write_report
 
