@@ -26,6 +26,7 @@ KUBERNETES_VERSION = "1.35"
 K8S = REPO / "deploy" / "k8s"
 BASE = K8S / "base"
 PRODUCTION = K8S / "overlays" / "production"
+GCS = K8S / "overlays" / "gcs"
 KUSTOMIZATIONS = [BASE, *sorted(path.parent for path in (K8S / "overlays").glob("*/kustomization.yaml"))]
 PROMETHEUS_YML = REPO / "monitoring" / "prometheus" / "prometheus.yml"
 RULE_FILES = sorted((REPO / "monitoring" / "prometheus" / "rules").glob("*.yml"))
@@ -639,6 +640,36 @@ def test_production_overlay_runs_the_registry_image_of_a_model_version_with_more
     # patched, not replaced
     assert hpa["behavior"] == the(base_objects(), "HorizontalPodAutoscaler")["spec"]["behavior"]
     assert the(objects, "Deployment")["spec"]["selector"] == the(base_objects(), "Deployment")["spec"]["selector"]
+
+
+def test_the_gcs_overlay_serves_the_bucket_the_pusher_writes_as_workload_identity():
+    """The pods read models.config from the overlay's ConfigMap (a directory mount, so edits arrive), whose
+    model is the Pusher's gs:// base path; the flag naming it comes after the image's own and keeps the
+    base's other flags; the ServiceAccount is bound to a Google service account; nothing else changes."""
+    from serving.docker_context import parse_models_config
+
+    objects, base = built(GCS), built(BASE)
+    deployment, configmap = the(objects, "Deployment"), the(objects, "ConfigMap", "digits-serving-models")
+    [model] = parse_models_config(configmap["data"]["models.config"]).model_config_list.config
+    assert model.name == "digits" and model.base_path.startswith("gs://") and model.base_path.endswith("/digits")
+    assert model.model_version_policy.latest.num_versions == 2 and not model.version_labels
+    box = container(deployment)
+    [volume] = [volume for volume in deployment["spec"]["template"]["spec"]["volumes"] if "configMap" in volume]
+    [mount] = [mount for mount in box["volumeMounts"] if mount["name"] == volume["name"]]
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    base_box = container(the(base, "Deployment"))
+    assert [m for m in box["volumeMounts"] if m is not mount] == base_box.get("volumeMounts", [])
+    assert "subPath" not in mount and mount["readOnly"] is True
+    flags = [arg for arg in box["args"] if arg.startswith("--model_config_file=")]
+    assert flags == [f"--model_config_file={mount['mountPath']}/models.config"]
+    image_flag = entrypoint_flags(DOCKERFILE)["model_config_file"]
+    assert image_flag != flags[0].split("=", 1)[1]  # replaced, as the last value given wins
+    assert [arg for arg in box["args"] if arg not in flags] == container(the(base, "Deployment"))["args"]
+    account = the(objects, "ServiceAccount")
+    assert re.fullmatch(r"[a-z][-a-z0-9]+@[a-z][-a-z0-9]+\.iam\.gserviceaccount\.com",
+                        account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"])
+    assert account["automountServiceAccountToken"] is False
+    assert configmap["metadata"]["namespace"] == the(objects, "Namespace")["metadata"]["name"]
 
 
 # --- Broken copies: each check finds what it is for ----------------------------------------------
