@@ -75,7 +75,17 @@ CLUSTER_HARNESSES = ("DOCKER", "EXTERNAL")
 # The master is the job server's own setting (its --flink-master / --spark-master-url flag).
 JAR_OPTIONS = {"flink": ("flink_master", "flink_submit_uber_jar"),
                "spark": ("spark_master_url", "spark_submit_uber_jar", "spark_rest_url")}
-JOB_SERVER_IMAGES = {"flink": "apache/beam_flink1.19_job_server:2.74.0", "spark": "apache/beam_spark3_job_server:2.74.0"}
+# Beam's job-server images, tagged with the Beam version the pipeline runs (a job server must match it).
+JOB_SERVER_IMAGES = {"flink": "apache/beam_flink1.19_job_server", "spark": "apache/beam_spark3_job_server"}
+
+
+PROFILES: dict[str, BeamProfile] = {p.name: p for p in (LOCAL, LOCAL_MP, PORTABLE, DATAFLOW, FLINK, SPARK)}
+DEFAULT_PROFILE = LOCAL.name
+DEFAULT_ARGS = LOCAL.args
+
+
+class BeamArgsError(ValueError):
+    """Beam arguments that Beam would refuse or a runner could not start with; one line."""
 
 
 def dataflow_image(image: str) -> str:
@@ -86,15 +96,6 @@ def dataflow_image(image: str) -> str:
         return images.variant(image, images.DATAFLOW_SUFFIX, "--beam-arg=--sdk_container_image=IMAGE")
     except images.ImageError as error:
         raise BeamArgsError(str(error)) from None
-
-
-PROFILES: dict[str, BeamProfile] = {p.name: p for p in (LOCAL, LOCAL_MP, PORTABLE, DATAFLOW, FLINK, SPARK)}
-DEFAULT_PROFILE = LOCAL.name
-DEFAULT_ARGS = LOCAL.args
-
-
-class BeamArgsError(ValueError):
-    """Beam arguments that Beam would refuse or a runner could not start with; one line."""
 
 
 def _name(arg: str) -> str:
@@ -186,7 +187,9 @@ def validate(args: tuple[str, ...] | list[str], profile: BeamProfile | None = No
 def _check_cluster(profile: BeamProfile, options: dict, defaults: dict) -> None:
     """Flink and Spark: only through a job server the user runs, with the pipeline image as harness."""
     name = profile.name
-    fix = (f"run Beam's {name} job server next to the cluster ({JOB_SERVER_IMAGES[name]}) and pass "
+    from apache_beam.version import __version__ as beam_version
+
+    fix = (f"run Beam's {name} job server next to the cluster ({JOB_SERVER_IMAGES[name]}:{beam_version}) and pass "
            f"--beam-arg=--job_endpoint=HOST:8099")
     for option in JAR_OPTIONS[name]:
         if options.get(option) not in (None, "", False, defaults.get(option)):

@@ -642,6 +642,38 @@ def test_production_overlay_runs_the_registry_image_of_a_model_version_with_more
     assert the(objects, "Deployment")["spec"]["selector"] == the(base_objects(), "Deployment")["spec"]["selector"]
 
 
+ADAPTER_RULES = K8S / "prometheus-adapter" / "rules.yaml"
+
+
+def test_production_also_scales_on_the_batching_queue_wait_the_adapter_serves(tmp_path):
+    """The production autoscaler's Pods metric is the one prometheus-adapter's rule names, computed from
+    TF Serving's queuing latency histogram (monitoring/names.py) as a query promtool accepts; CPU stays
+    as the base has it; the target is far above the batch timeout, so idle batching waits never scale."""
+    base_hpa = the(base_objects(), "HorizontalPodAutoscaler")["spec"]
+    hpa = the(built(PRODUCTION), "HorizontalPodAutoscaler")["spec"]
+    cpu, queue = hpa["metrics"]
+    assert [cpu] == base_hpa["metrics"]
+    [rule] = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+    assert queue["type"] == "Pods" and queue["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert rule["seriesQuery"].startswith(f"{names.QUEUING_LATENCY}_count{{")
+    assert re.fullmatch(rule["name"]["matches"], f"{names.QUEUING_LATENCY}_count")
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    query = rule["metricsQuery"].replace("<<.GroupBy>>", "namespace, pod").replace(
+        "<<.LabelMatchers>>", 'namespace="digits", pod=~"digits-serving-.*"')
+    assert f"{names.QUEUING_LATENCY}_sum" in query and f"{names.QUEUING_LATENCY}_count" in query
+    rules_file = tmp_path / "adapter.yml"
+    rules_file.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": [
+        {"record": "digits:batch_queue_wait_seconds", "expr": query}]}]}))
+    promtool = require_tool("promtool", "the adapter's query is checked by Prometheus' own parser")
+    checked = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    target = queue["pods"]["target"]
+    assert target["type"] == "AverageValue" and target["averageValue"].endswith("m")
+    batching = parse_batching_parameters((DOCKER / "batching_parameters.txt").read_text())
+    timeout_s = batching.batch_timeout_micros.value / 1e6
+    assert int(target["averageValue"][:-1]) / 1000 >= 10 * timeout_s
+
+
 def test_the_gcs_overlay_serves_the_bucket_the_pusher_writes_as_workload_identity():
     """The pods read models.config from the overlay's ConfigMap (a directory mount, so edits arrive), whose
     model is the Pusher's gs:// base path; the flag naming it comes after the image's own and keeps the

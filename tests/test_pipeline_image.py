@@ -401,7 +401,8 @@ def test_the_gpu_target_is_the_same_system_with_the_cuda_venv_and_finds_its_libr
     assert variables["PATH"].split(":")[0] == f"{SITE_PACKAGES}/nvidia/cuda_nvcc/bin"
     assert variables["PATH"].split(":")[1:] == ["${PATH}"] and env(default)["PATH"].startswith("/opt/venv/bin:")
     user = steps(chain, "USER")[-1]
-    assert user == steps(default, "USER")[-1] and json.loads(steps(chain, "ENTRYPOINT")[-1]) == ["/opt/apache/beam/boot"]
+    assert user == steps(default, "USER")[-1]
+    assert json.loads(steps(chain, "ENTRYPOINT")[-1]) == ["/opt/apache/beam/boot"]
 
 
 def test_the_header_says_how_to_build_and_push_and_the_labels_name_the_image():

@@ -190,8 +190,9 @@ def test_vertex_takes_cloud_storage_only(tmp_path, option, location):
 
     args = {"--pipeline-root": ROOT, "--data": DATA, "--serving-dir": SERVING, option: location}
     output = tmp_path / "pipeline.json"
-    result = CliRunner().invoke(cli, ["pipeline", "compile", "--image", IMAGE, *(x for pair in args.items() for x in pair),
-                                      "--train-examples", "3600", "--output", str(output)])
+    locations = [word for pair in args.items() for word in pair]
+    result = CliRunner().invoke(cli, ["pipeline", "compile", "--image", IMAGE, *locations, "--train-examples", "3600",
+                                      "--output", str(output)])
     assert result.exit_code == 1, result.output
     assert f"give gs://bucket/... for {option} {location}" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not output.exists()

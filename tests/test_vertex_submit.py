@@ -102,7 +102,8 @@ def test_submit_sends_the_request_the_dry_run_prints(templates):
     once = Submission(template=templates["cached"], project="my-project", region="europe-west4", service_account=SA)
     name = submit(once, pipelines=pipelines, schedules=schedules)
     [(method, request)] = pipelines.calls
-    assert method == "create_pipeline_job" and name.startswith("projects/my-project/locations/europe-west4/pipelineJobs/")
+    assert method == "create_pipeline_job"
+    assert name.startswith("projects/my-project/locations/europe-west4/pipelineJobs/")
     assert request["pipeline_job"].service_account == SA and schedules.calls == []
     nightly = Submission(template=templates["cached"], project="my-project", region="europe-west4",
                          service_account=SA, schedule="0 3 * * *")
