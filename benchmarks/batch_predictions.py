@@ -83,13 +83,13 @@ def in_process(version_dir: Path, digits: np.ndarray, batch: int = 32) -> dict:
     import tensorflow as tf
 
     from data import contract
-    from tfrecord_builder.formats import grayscale_png
+    from data.sample import encode_png
 
     signature = tf.saved_model.load(str(version_dir)).signatures[contract.SERVING_SIGNATURE]
     started = time.perf_counter()
     labels = []
     for start in range(0, len(digits), batch):  # PNG-encoded here too, as the client does
-        pngs = [grayscale_png(image.tobytes(), 28, 28) for image in digits[start:start + batch]]
+        pngs = [encode_png(image) for image in digits[start:start + batch]]
         probabilities = signature(image_bytes=tf.constant(pngs))[contract.PROBABILITIES_OUTPUT].numpy()
         labels.extend(int(row.argmax()) for row in probabilities)
     seconds = time.perf_counter() - started

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras as keras
 
-from components import abstention, base_weights, distribute, precision
+from components import abstention, base_weights, distribute
 from components.config import TrainerConfig
 from components.data import make_dataset, outlier_pool, outliers_per_batch
 from components.history import write_history
@@ -43,7 +43,7 @@ def run_fn(fn_args) -> None:
     with devices.scope():
         model = build_model(config, weights.keras_weights, steps_per_epoch, pretrained=weights.pretrained)
     log.info("training %d epochs x %d steps in %s on %d device(s); base weights: %s; %d non-digits per batch "
-             "from a pool of %d", config.epochs, steps_per_epoch, precision.resolve(config.precision),
+             "from a pool of %d", config.epochs, steps_per_epoch, model.dtype_policy.name,
              devices.num_replicas_in_sync, weights.source, outliers_per_batch(config), len(outliers))
 
     def callbacks() -> list:

@@ -36,7 +36,6 @@ TRUE_LABEL_COLUMN = "true_label"  # when the input is labelled (a train.csv, for
 BUSY = frozenset({"HTTP 429", "HTTP 503", "RESOURCE_EXHAUSTED", "UNAVAILABLE"})  # worth asking again
 RETRIES = 6  # pauses of up to 0.25, 0.5, 1, 2, 4, 5 s: ~10 s of a busy server before the run stops
 MAX_PAUSE = 5.0
-IDX_IMAGES_MAGIC = b"\x00\x00\x08\x03"
 
 
 class BatchError(Exception):
@@ -74,25 +73,17 @@ class BatchInput:
 
 def is_batch_input(path: Path) -> bool:
     """A CSV (by name) or an IDX file (by its magic number, gzipped or not): a file of digits."""
-    if path.name.lower().endswith((".csv", ".csv.gz")):
-        return True
-    try:
-        with formats.open_bytes(path) as stream:
-            return stream.read(3) == IDX_IMAGES_MAGIC[:3]
-    except (OSError, EOFError):
-        return False
+    return formats.is_csv(path) or formats.idx_dimensions(path) is not None
 
 
 def open_input(path: Path) -> BatchInput:
     """The input's kind and size, its header checked; a BatchError if it is not a file of digits."""
     try:
-        if path.name.lower().endswith((".csv", ".csv.gz")):
+        if formats.is_csv(path):
             with formats.CsvDigits(path, allow_unlabelled=True) as rows:
                 labelled, side = rows.labelled, rows.side
             return BatchInput(path, "csv", formats.csv_lines(path), labelled, side, side)
-        with formats.open_bytes(path) as stream:
-            magic = stream.read(4)
-        if magic[:3] == IDX_IMAGES_MAGIC[:3] and magic[3] == 1:
+        if formats.idx_dimensions(path) == 1:
             raise BatchError(f"{path} is an IDX labels file; give the images file (…-images-idx3-ubyte) instead")
         count, rows, cols = formats.idx_images_shape(path)
         return BatchInput(path, "idx", count, False, rows, cols)

@@ -31,6 +31,7 @@ from pathlib import Path
 from data import contract
 
 IDX_UBYTE = 0x08
+CSV_SUFFIXES = (".csv", ".csv.gz")  # Kaggle's files, told from IDX files (found by their magic number) by name
 IDX_FILES = {  # part -> (images, labels), each with or without .gz
     contract.TRAINING_DIR: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     contract.TESTING_DIR: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -56,7 +57,7 @@ class Converted:
 def detect(source: Path) -> str:
     """'png' (an mnist-png tree), 'idx' (a directory of IDX files) or 'csv' (a CSV file)."""
     if source.is_file():
-        if source.name.lower().endswith((".csv", ".csv.gz")):
+        if is_csv(source):
             return "csv"
         raise FormatError(f"{source} is not a directory (a mnist-png tree, or MNIST's IDX files) nor a .csv "
                           "file (Kaggle's train.csv)")
@@ -92,6 +93,21 @@ def _read_exactly(stream, size: int, path: Path, what: str) -> bytes:
     if len(data) != size:
         raise FormatError(f"{path} is truncated: it ends inside {what}")
     return data
+
+
+def is_csv(path: Path) -> bool:
+    return path.name.lower().endswith(CSV_SUFFIXES)
+
+
+def idx_dimensions(path: Path) -> int | None:
+    """The number of dimensions an IDX file of unsigned bytes announces (3: images, 1: labels), gzipped
+    or not; None for a file that is not one (or cannot be read)."""
+    try:
+        with open_bytes(path) as stream:
+            magic = stream.read(4)
+    except (OSError, EOFError):
+        return None
+    return magic[3] if len(magic) == 4 and magic[:2] == b"\x00\x00" and magic[2] == IDX_UBYTE else None
 
 
 def idx_header(stream, path: Path, dimensions: int) -> tuple[int, ...]:
@@ -250,12 +266,13 @@ def iter_csv(path: Path) -> Iterator[tuple[int, int | None, bytes | None, str | 
         yield from rows
 
 
-def grayscale_png(pixels: bytes, side_rows: int, side_cols: int) -> bytes:
-    from PIL import Image
+def grayscale_png(pixels: bytes, rows: int, cols: int) -> bytes:
+    """The 8-bit grayscale PNG of `rows` x `cols` pixel bytes (the embedded sample's encoder)."""
+    import numpy as np
 
-    out = io.BytesIO()
-    Image.frombytes("L", (side_cols, side_rows), pixels).save(out, format="PNG")
-    return out.getvalue()
+    from data.sample import encode_png
+
+    return encode_png(np.frombuffer(pixels, dtype=np.uint8).reshape(rows, cols))
 
 
 def _write(tree: Path, part: str, label: int, index: int, png: bytes) -> None:
