@@ -387,6 +387,16 @@ def _expected_note(outputs: dict, index: int) -> str:
     return ""
 
 
+def _on_a_threshold(outputs: dict, point: dict) -> np.ndarray:
+    """Images with ink whose out-of-distribution score or confidence lies within float rounding of an
+    exported threshold: the server's kernels (Eigen) and this process's (oneDNN) may put them on
+    different sides. The tiny test model answers every image almost uniformly, so its thresholds,
+    fitted on its eval answers, can sit within 1e-6 of the test images' values."""
+    near = (np.isclose(outputs[contract.OOD_SCORE_OUTPUT], point["ood_threshold"], rtol=1e-4, atol=1e-5)
+            | np.isclose(outputs[contract.CONFIDENCE_OUTPUT], point["confidence_threshold"], rtol=1e-4, atol=1e-5))
+    return near & (outputs[contract.INK_FRACTION_OUTPUT] > 0)
+
+
 def _uniform_png(path: Path) -> Path:
     """A 28x28 PNG of one grey: no ink, which the model reports (its ink_fraction is 0)."""
     from PIL import Image
@@ -395,7 +405,7 @@ def _uniform_png(path: Path) -> Path:
     return path
 
 
-def test_digits_predict_over_rest_and_grpc(model_server, sample_tree, tmp_path, in_process):
+def test_digits_predict_over_rest_and_grpc(model_server, pushed_model, sample_tree, tmp_path, in_process):
     """Each line is its own file's answer, in the files' order: the digit and confidence the model gives that
     file in process (to the three decimals printed), and the no-ink note exactly on the files without ink.
 
@@ -410,12 +420,19 @@ def test_digits_predict_over_rest_and_grpc(model_server, sample_tree, tmp_path, 
     expected = [(str(path), int(row.argmax()), float(row.max()), _expected_note(outputs, index))
                 for index, (path, row) in enumerate(zip(files, probabilities))]
     assert [note == NO_INK_NOTE for *_, note in expected] == [path in blanks for path in files]
+    from components import abstention
+
+    (version,) = pushed_model.iterdir()
+    ambiguous = _on_a_threshold(outputs, abstention.read(str(version))).tolist()
     for transport in (["--rest", model_server.rest_url], ["--grpc", model_server.grpc_target]):
         result = run_digits("predict", *files, *transport, timeout=120)
         assert result.returncode == 0, result.stderr
         answers = _predicted_lines(result.stdout)
-        assert [(name, digit, note) for name, digit, _, note in answers] == \
-            [(name, digit, note) for name, digit, _, note in expected]
+        # A verdict on a threshold may fall either way (see _on_a_threshold); every other line is exact.
+        assert [(name, digit, None if boundary else note) for (name, digit, _, note), boundary
+                in zip(answers, ambiguous)] == \
+            [(name, digit, None if boundary else note) for (name, digit, _, note), boundary
+             in zip(expected, ambiguous)]
         np.testing.assert_allclose([answer[2] for answer in answers], [answer[2] for answer in expected],
                                    rtol=0, atol=5e-4 + 1e-5)
 
@@ -463,10 +480,14 @@ def test_the_decision_travels_with_the_model_and_every_transport_gives_it(model_
     assert decisions[-1] == 2  # no ink: not a digit, whatever the model guessed
     np.testing.assert_array_equal(outputs[contract.ACCEPTED_OUTPUT], decisions == 0)
     names = [contract.DECISIONS[code] for code in decisions]
+    ambiguous = _on_a_threshold(outputs, point)
+    assert not ambiguous[-1]  # the blank's verdict comes from its ink alone
     for client in (RestClient(model_server.rest_url), GrpcClient(model_server.grpc_target)):
         answers = client.predict(images)
-        assert [answer.decision for answer in answers] == names
-        assert [answer.accepted for answer in answers] == [name == "accepted" for name in names]
+        # Exact, but for a verdict within float rounding of a threshold (see _on_a_threshold).
+        assert [None if boundary else answer.decision for answer, boundary in zip(answers, ambiguous)] == \
+            [None if boundary else name for name, boundary in zip(names, ambiguous)]
+        assert [answer.accepted for answer in answers] == [answer.decision == "accepted" for answer in answers]
         np.testing.assert_allclose([answer.calibrated_confidence for answer in answers], confidence, atol=1e-5)
         np.testing.assert_allclose([answer.ood_score for answer in answers], scores, rtol=1e-5, atol=1e-4)
 
