@@ -27,6 +27,7 @@ K8S = REPO / "deploy" / "k8s"
 BASE = K8S / "base"
 PRODUCTION = K8S / "overlays" / "production"
 GCS = K8S / "overlays" / "gcs"
+CANARY = K8S / "overlays" / "canary"
 KUSTOMIZATIONS = [BASE, *sorted(path.parent for path in (K8S / "overlays").glob("*/kustomization.yaml"))]
 PROMETHEUS_YML = REPO / "monitoring" / "prometheus" / "prometheus.yml"
 RULE_FILES = sorted((REPO / "monitoring" / "prometheus" / "rules").glob("*.yml"))
@@ -161,9 +162,22 @@ def kustomization_problems(directory: Path) -> list[str]:
     return problems
 
 
+def underlying(directory: Path) -> list[dict]:
+    """The objects an overlay builds on: the base's files, or the other overlay it names, as kubectl renders it."""
+    [resource] = [name for name in kustomization(directory)["resources"] if (directory / name).is_dir()]
+    target = (directory / resource).resolve()
+    return base_objects() if target == BASE.resolve() else built(target)
+
+
 def overlay_problems(directory: Path, base: list[dict]) -> list[str]:
-    """An overlay only references the base's image and patches the base's objects."""
+    """An overlay only references the base's image, patches the base's objects and replaces (or merges into)
+    the base's ConfigMaps; `base` is what it builds on (see `underlying`)."""
     spec, problems = kustomization(directory), []
+    configmaps = {o["metadata"]["name"] for o in base if o["kind"] == "ConfigMap"}
+    for generator in spec.get("configMapGenerator", []):
+        if generator.get("behavior", "create") != "create" and generator["name"] not in configmaps:
+            problems.append(f"{directory.name}: generator {generator['behavior']}s ConfigMap/{generator['name']}, "
+                            "which the base does not have")
     images = {container(o)["image"].split(":")[0] for o in base if o["kind"] == "Deployment"}
     for image in spec.get("images", []):
         if image["name"] not in images:
@@ -468,8 +482,9 @@ def test_kustomization_lists_every_manifest_and_only_existing_ones(directory):
     assert kustomization_problems(directory) == []
 
 
-def test_overlay_references_only_what_the_base_has():
-    assert overlay_problems(PRODUCTION, base_objects()) == []
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS[1:], ids=lambda path: str(path.relative_to(K8S)))
+def test_overlay_references_only_what_the_base_has(directory):
+    assert overlay_problems(directory, underlying(directory)) == []
 
 
 def test_the_namespace_is_the_kustomizations_and_admits_only_restricted_pods():
@@ -704,6 +719,37 @@ def test_the_gcs_overlay_serves_the_bucket_the_pusher_writes_as_workload_identit
     assert configmap["metadata"]["namespace"] == the(objects, "Namespace")["metadata"]["name"]
 
 
+def test_the_canary_overlay_pins_two_versions_of_the_gcs_bucket_with_a_stable_and_a_canary_label():
+    """Only models.config differs from the gcs overlay: TF Serving's `specific` policy over two pushed
+    versions of the same gs:// base path, `stable` and `canary` each naming one of them. Every pod starts
+    by assigning both labels before either version has loaded, which TF Serving refuses (the whole config,
+    so the pod never serves) unless --allow_version_labels_for_unavailable_models is on: the image's
+    entrypoint sets it and the overlay does not take it back."""
+    from serving.docker_context import parse_models_config
+
+    canary, gcs = built(CANARY), built(GCS)
+    configmap = the(canary, "ConfigMap", "digits-serving-models")
+    [model] = parse_models_config(configmap["data"]["models.config"]).model_config_list.config
+    [gcs_model] = parse_models_config(
+        the(gcs, "ConfigMap", "digits-serving-models")["data"]["models.config"]).model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == (
+        gcs_model.name, gcs_model.base_path, gcs_model.model_platform)
+    assert model.model_version_policy.WhichOneof("policy_choice") == "specific"
+    versions = list(model.model_version_policy.specific.versions)
+    assert len(set(versions)) == len(versions) == 2, "the memory limit is sized for two loaded versions"
+    assert all(re.fullmatch(r"\d{10}", str(version)) for version in versions), "the Pusher's versions: Unix times"
+    assert set(model.version_labels) == {"stable", "canary"}
+    assert set(model.version_labels.values()) <= set(versions), "a label names a version that is not loaded"
+    assert configmap["data"] == {"models.config": (CANARY / "models.config").read_text()}  # replaced, not merged
+
+    def without_data(objects):
+        return [{key: value for key, value in o.items() if key != "data"} for o in objects]
+    assert without_data(canary) == without_data(gcs)
+    assert entrypoint_flags(DOCKERFILE)["allow_version_labels_for_unavailable_models"] == "true"
+    assert not any(arg.startswith("--allow_version_labels_for_unavailable_models")
+                   for arg in container(the(canary, "Deployment"))["args"])
+
+
 # --- Broken copies: each check finds what it is for ----------------------------------------------
 
 def _deployment(path: str, value):
@@ -844,3 +890,13 @@ def test_an_overlay_patching_what_the_base_lacks_is_caught(tmp_path):
     problems = overlay_problems(copied, base_objects())
     assert any("HorizontalPodAutoscaler/digits, which the base does not have" in p for p in problems), problems
     assert any("'latest' is not a model version" in p for p in problems), problems
+
+
+def test_an_overlay_replacing_a_config_map_its_base_lacks_is_caught(tmp_path):
+    copied = tmp_path / "canary"
+    shutil.copytree(CANARY, copied)
+    spec = kustomization(copied)
+    spec["configMapGenerator"][0]["name"] = "digits-serving-model"
+    (copied / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+    assert overlay_problems(copied, underlying(CANARY)) == [
+        "canary: generator replaces ConfigMap/digits-serving-model, which the base does not have"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import run_digits, start_server
+from conftest import REPO, run_digits, start_server
 from model_copies import copy_version_answering
 from prometheus_api import wait_for
 from serving_clients import b64 as _b64
@@ -256,6 +256,79 @@ def test_version_labels_and_explicit_versions(pushed_model, pngs, in_process, tm
             assert response.model_spec.version.value == answered_by
             np.testing.assert_allclose(tf.make_ndarray(response.outputs[contract.PROBABILITIES_OUTPUT])[0], answer,
                                        atol=1e-5)
+    finally:
+        assert server.stop() == 0
+
+
+CANARY_MODELS_CONFIG = REPO / "deploy" / "k8s" / "overlays" / "canary" / "models.config"
+
+
+def _digits_serve_options(model) -> list[str]:
+    """A ModelConfig of TF Serving's models.config as `digits serve` options. `digits serve` reads no model
+    config file and has no `specific` policy; over a base path that holds exactly the specific versions,
+    keeping the newest N (their count) loaded loads the same ones. Anything else is refused here."""
+    policy = model.model_version_policy
+    assert policy.WhichOneof("policy_choice") == "specific", policy
+    versions = sorted(policy.specific.versions)
+    on_disk = sorted(int(path.name) for path in Path(model.base_path).iterdir() if path.name.isdigit())
+    assert on_disk == versions, f"the base path holds {on_disk}, the policy names {versions}"
+    labels = [option for label, version in sorted(model.version_labels.items())
+              for option in ("--label", f"{label}={version}")]
+    return ["--model-name", model.name, "--num-versions", str(len(versions)), *labels]
+
+
+def test_the_canary_overlays_models_config_sends_each_label_to_its_version(pushed_model, pngs, tmp_path):
+    """deploy/k8s/overlays/canary/models.config, its base path and two versions made local (the older
+    stays the older), served by `digits serve`: `labels/stable` and `labels/canary`, over REST and gRPC, are
+    answered by the version each label names in the file, and the status call of each label says which;
+    unlabelled requests reach the newer (the canary); a label the file does not define is refused with
+    TF Serving's INVALID_ARGUMENT."""
+    from serving.answers import tensor_values
+    from serving.docker_context import parse_models_config
+
+    config = parse_models_config(CANARY_MODELS_CONFIG.read_text(), str(CANARY_MODELS_CONFIG))
+    [model] = config.model_config_list.config
+    (source,) = pushed_model.iterdir()
+    older, newer = int(source.name), int(source.name) + 1
+    model_dir = tmp_path / "digits"
+    shutil.copytree(source, model_dir / str(older))
+    copy_version_answering(source, model_dir / str(newer), 0, raise_by=5.0)  # answers otherwise
+    local = dict(zip(sorted(model.model_version_policy.specific.versions), (older, newer), strict=True))
+    model.base_path = str(model_dir)
+    model.model_version_policy.specific.versions[:] = [local[v] for v in model.model_version_policy.specific.versions]
+    for label, version in list(model.version_labels.items()):
+        model.version_labels[label] = local[version]
+    labels = dict(model.version_labels)
+    assert set(labels) == {"stable", "canary"}
+
+    server = start_server(model_dir, *_digits_serve_options(model))
+    try:
+        image = [pngs[14][1]]  # a 7
+
+        def rest(suffix: str) -> list[float]:
+            response = _predict_rest(server.rest_url, image, suffix)
+            assert response.status_code == 200, response.text
+            return response.json()["predictions"][0][contract.PROBABILITIES_OUTPUT]
+
+        answers = {version: rest(f"/versions/{version}") for version in (older, newer)}
+        assert answers[newer][0] > answers[older][0] + 0.1  # the two versions are told apart by their answers
+        for label, version in labels.items():
+            status = requests.get(f"{server.rest_url}/v1/models/digits/labels/{label}", timeout=30).json()
+            assert [(s["version"], s["state"]) for s in status["model_version_status"]] == [
+                (str(version), "AVAILABLE")]
+            np.testing.assert_allclose(rest(f"/labels/{label}"), answers[version], atol=1e-5)
+            response = _grpc_predict(server.grpc_target, image, label=label)
+            assert response.model_spec.version.value == version
+            np.testing.assert_allclose(tensor_values(response.outputs[contract.PROBABILITIES_OUTPUT])[0],
+                                       answers[version], atol=1e-5)
+        np.testing.assert_allclose(rest(""), answers[newer], atol=1e-5)
+
+        refused = _predict_rest(server.rest_url, image, "/labels/beta")
+        assert (refused.status_code, refused.json()) == (400, {"error": "Unrecognized servable version label: beta"})
+        with pytest.raises(grpc.RpcError) as raised:
+            _grpc_predict(server.grpc_target, image, label="beta")
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == "Unrecognized servable version label: beta"
     finally:
         assert server.stop() == 0
 
