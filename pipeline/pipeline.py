@@ -1,7 +1,8 @@
 """The TFX pipeline, as one pure function of its configuration.
 
 ImportExampleGen -> StatisticsGen -> ImportSchemaGen (curated) -> ExampleValidator
--> AnomaliesGate -> Transform -> Trainer -> (latest blessed model) -> Evaluator -> Pusher.
+-> AnomaliesGate -> Transform -> Trainer -> (latest blessed model) -> Evaluator -> Pusher
+-> RunReport (the run report, an artifact of the run).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipeline.anomalies_gate import AnomaliesGate
 from pipeline.config import BlessingGates, PipelineConfig
 from pipeline import selective_metrics
 from pipeline.pusher import DeduplicatingPusherExecutor
+from pipeline.report_component import RunReport
 
 PREPROCESSING_FN = "components.transform.preprocessing_fn"
 
@@ -95,12 +97,21 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         ),
     )
 
+    # Last, after the Pusher: the page about this run, from its artifacts (pipeline/report.py's ROLES).
+    run_report = RunReport(
+        statistics=statistics_gen.outputs["statistics"], anomalies=example_validator.outputs["anomalies"],
+        model_run=trainer.outputs["model_run"], model=trainer.outputs["model"],
+        evaluation=evaluator.outputs["evaluation"], blessing=evaluator.outputs["blessing"],
+        pushed_model=pusher.outputs["pushed_model"],
+        pipeline_name=config.pipeline_name, data_root=config.data_root,
+    )
+
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=config.pipeline_root,
         components=[
             example_gen, statistics_gen, schema_gen, example_validator, anomalies_gate, transform, trainer,
-            model_resolver, evaluator, pusher,
+            model_resolver, evaluator, pusher, run_report,
         ],
         enable_cache=config.enable_cache,
         # The local runner's MLMD store; orchestrators such as Vertex AI bring their own.

@@ -1,9 +1,11 @@
-"""`digits pipeline report`: one self-contained HTML page about the latest pipeline run.
+"""The run report: one self-contained HTML page about a pipeline run, built by one function.
 
-Reads the run back from MLMD (components, times, artifacts) and the artifacts
-themselves: data statistics and anomalies, the training history, TFMA's metrics,
-confusion matrix and validation result, the blessing and the push. Pictures are
-PNGs made with matplotlib and embedded, so the page is one file to open or share.
+The page is built from the run's artifacts (data statistics and anomalies, the training history, TFMA's
+metrics, confusion matrix and validation result, the blessing and the push) and whatever else the source
+knows: read back from the local MLMD store (`digits pipeline report`, and after `digits pipeline run`),
+it also has each component's state and wall time; inside the pipeline (pipeline/report_component.py,
+the RunReport step every orchestrator runs, Vertex AI included) it has the step's input artifacts only.
+Pictures are PNGs made with matplotlib and embedded, so the page is one file to open or share.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import base64
 import html
 import io
 import json
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,26 +29,54 @@ from pipeline import uri
 from pipeline.config import BlessingGates
 from pipeline.run_history import ComponentRun, latest_run_outputs, latest_run_properties
 
+log = logging.getLogger(__name__)
+
+# What the page reads, by role: the component and output key of the run that produce it. The roles are
+# also the RunReport step's input names (pipeline/pipeline.py wires them from these outputs).
+ROLES: dict[str, tuple[str, str]] = {
+    "statistics": ("StatisticsGen", "statistics"),
+    "anomalies": ("ExampleValidator", "anomalies"),
+    "model_run": ("Trainer", "model_run"),
+    "model": ("Trainer", "model"),
+    "evaluation": ("Evaluator", "evaluation"),
+    "blessing": ("Evaluator", "blessing"),
+    "pushed_model": ("Pusher", "pushed_model"),
+}
+PAGE_FILE = "index.html"  # in the report directory, and in the RunReport step's output artifact
+
 
 class ReportError(Exception):
     """There is no run to report on."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunArtifacts:
-    components: list[ComponentRun]
-    outputs: dict[str, dict[str, object]] = field(default_factory=dict)  # node -> output key -> MLMD artifact
+    """What one run's page is built from, wherever it comes from."""
+
+    # role (ROLES) -> TFX artifact: its URI and custom properties. A role missing: not made in this run.
+    artifacts: dict[str, Any]
+    location: str  # where the run is (a path or URI), for the page's heading
+    location_label: str = "pipeline root"
+    data_root: str | None = None  # the TFRecord build ImportExampleGen read (its manifest names corrections)
+    # Each component's state and wall time: MLMD's. None inside the pipeline, where the step runs before
+    # the run has ended (the orchestrator shows them: the Vertex AI console's run graph).
+    components: list[ComponentRun] | None = None
 
 
-def _run_artifacts(metadata_path: Path, pipeline_name: str) -> RunArtifacts:
-    """The latest run's components and the artifacts its own executions produced or reused.
+def from_mlmd(pipeline_root: Path, pipeline_name: str = "digits") -> RunArtifacts:
+    """The latest run in the local MLMD store: its components and the artifacts its own executions
+    produced or reused. Never another run's: after a failed run, the page shows that run's failure
+    and no verdict."""
+    pipeline_root = Path(pipeline_root).resolve()
+    metadata_path = pipeline_root / "metadata.sqlite"
+    from pipeline import report_component  # noqa: F401 (the run report's own artifact type, for MLMD to read)
 
-    Never another run's: after a failed run, the page shows that run's failure and no verdict.
-    """
     components, outputs = latest_run_outputs(metadata_path, pipeline_name)
     if not components:
         raise ReportError(f"no pipeline run recorded in {metadata_path}; run `digits pipeline run` first")
-    return RunArtifacts(components=components, outputs=outputs)
+    artifacts = {role: outputs[node][key] for role, (node, key) in ROLES.items() if key in outputs.get(node, {})}
+    data_root = latest_run_properties(metadata_path, pipeline_name, "ImportExampleGen").get("input_base")
+    return RunArtifacts(artifacts=artifacts, location=str(pipeline_root), data_root=data_root, components=components)
 
 
 def _png(figure) -> str:
@@ -128,6 +160,8 @@ class Evaluation:
     # person, and the error among those answers; None where the Evaluator did not compute them.
     coverage: float | None = None
     selective_error: float | None = None
+    gates: BlessingGates | None = None  # what the Evaluator was configured with
+    pusher_finished: bool = True  # False: this run has no Pusher output (it failed, or was stopped)
 
     @property
     def support(self) -> np.ndarray:
@@ -144,6 +178,8 @@ class Evaluation:
             return f"pushed to {self.pushed_destination}"
         if self.already_served_as:
             return f"not pushed: identical to version {self.already_served_as}, already in the serving directory"
+        if not self.pusher_finished:
+            return "not pushed: the Pusher did not finish in this run"
         return "not pushed"
 
     @property
@@ -165,18 +201,22 @@ def _metric(value: float) -> str:
     return "n/a" if np.isnan(value) else f"{value:.3f}"
 
 
-def _evaluation(outputs: dict) -> Evaluation | None:
+def _evaluation(run: RunArtifacts) -> Evaluation | None:
+    """From the Evaluator's artifacts alone: TFMA writes the EvalConfig it ran (gates, and a baseline
+    model if there was one) beside its metrics, so no execution property is needed."""
     import tensorflow_model_analysis as tfma
+    from tensorflow_model_analysis.writers import eval_config_writer
 
-    from pipeline.pipeline import PER_CLASS_METRICS, per_class_metric_name
+    from pipeline.pipeline import PER_CLASS_METRICS, gates_from_eval_config, per_class_metric_name
     from pipeline.pusher import ALREADY_SERVED_AS
 
-    evaluation = outputs.get("Evaluator", {}).get("evaluation")
+    evaluation = run.artifacts.get("evaluation")
     if evaluation is None:
         return None
-    blessing = outputs.get("Evaluator", {}).get("blessing")
-    has_baseline = blessing is not None and blessing.custom_properties["baseline_model"].string_value != ""
-    result = tfma.load_eval_result(evaluation.uri, model_name="candidate" if has_baseline else None)
+    config = eval_config_writer.load_eval_run(evaluation.uri)[0] or tfma.EvalConfig()
+    has_baseline = any(spec.is_baseline for spec in config.model_specs)
+    candidate = next((spec.name for spec in config.model_specs if not spec.is_baseline), "")
+    result = tfma.load_eval_result(evaluation.uri, model_name=candidate or None)
     overall = result.get_metrics_for_slice() or {}
     per_class = {name: np.full(contract.NUM_CLASSES, np.nan) for name in ("precision", "recall", "f1")}
     for digit in range(contract.NUM_CLASSES):
@@ -192,9 +232,11 @@ def _evaluation(outputs: dict) -> Evaluation | None:
         for per_slice in tfma.load_validation_result(evaluation.uri).metric_validations_per_slice
         for failure in per_slice.failures
     ]
-    pushed = outputs.get("Pusher", {}).get("pushed_model")
-    pushed_ok = pushed is not None and pushed.custom_properties["pushed"].int_value
-    duplicate = pushed.custom_properties[ALREADY_SERVED_AS].string_value if pushed is not None else ""
+    blessing = run.artifacts.get("blessing")
+    # Typed getters: they also read the custom properties Vertex AI hands a step as JSON metadata.
+    pushed = run.artifacts.get("pushed_model")
+    pushed_ok = pushed is not None and pushed.get_int_custom_property("pushed") == 1
+    duplicate = pushed.get_string_custom_property(ALREADY_SERVED_AS) if pushed is not None else ""
     return Evaluation(
         accuracy=overall.get(contract.ACCURACY_METRIC, {}).get("doubleValue", 0.0),
         examples=overall.get("example_count", {}).get("doubleValue", 0.0),
@@ -203,11 +245,13 @@ def _evaluation(outputs: dict) -> Evaluation | None:
         blessed=blessing is not None and _exists(uri.join(blessing.uri, "BLESSED")),
         has_baseline=has_baseline,
         failures=failures,
-        pushed_version=pushed.custom_properties["pushed_version"].string_value if pushed_ok else None,
-        pushed_destination=pushed.custom_properties["pushed_destination"].string_value if pushed_ok else None,
+        pushed_version=pushed.get_string_custom_property("pushed_version") if pushed_ok else None,
+        pushed_destination=pushed.get_string_custom_property("pushed_destination") if pushed_ok else None,
         already_served_as=duplicate or None,
         coverage=_double(overall, contract.COVERAGE_METRIC),
         selective_error=_double(overall, contract.SELECTIVE_ERROR_METRIC),
+        gates=gates_from_eval_config(config),
+        pusher_finished=pushed is not None,
     )
 
 
@@ -254,19 +298,6 @@ def describe_failure(metric: str, is_diff: bool, value: float, threshold, digit:
 
 _METRIC_WORDS = {contract.COVERAGE_METRIC: "answered without a person",
                  contract.SELECTIVE_ERROR_METRIC: "error among the answers given without a person"}
-
-
-def _gates(evaluator_properties: dict) -> BlessingGates | None:
-    """The gates the run's Evaluator was configured with (None if it did not run)."""
-    text = evaluator_properties.get("eval_config")
-    if not text:
-        return None
-    import tensorflow_model_analysis as tfma
-    from google.protobuf import json_format
-
-    from pipeline.pipeline import gates_from_eval_config
-
-    return gates_from_eval_config(json_format.Parse(text, tfma.EvalConfig(), ignore_unknown_fields=True))
 
 
 _GATE_LABELS = {
@@ -323,8 +354,8 @@ def settings_table(config: dict, gates: BlessingGates | None) -> str:
 
 def latest_results(pipeline_root: Path, pipeline_name: str = "digits") -> tuple[list[ComponentRun], Evaluation | None]:
     """The latest run's components (state, wall time) and what its Evaluator and Pusher decided."""
-    run = _run_artifacts(Path(pipeline_root).resolve() / "metadata.sqlite", pipeline_name)
-    return run.components, _evaluation(run.outputs)
+    run = from_mlmd(pipeline_root, pipeline_name)
+    return run.components, _evaluation(run)
 
 
 @dataclass(frozen=True)
@@ -360,6 +391,11 @@ def _risk_coverage_image(curve: list, operating: tuple[float, float] | None) -> 
     axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     return _png(figure)
+
+
+def _abstention(model) -> str:
+    point = _read_abstention(model.uri)
+    return "" if point is None else _abstention_section(point)
 
 
 def _abstention_section(point: dict) -> str:
@@ -413,127 +449,180 @@ def _corrections(data: str | None) -> str:
             "refuse a model that accepted wrong labels degraded against the latest blessed one.</p>")
 
 
-def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Path | None = None) -> Report:
-    pipeline_root = Path(pipeline_root).resolve()
-    run = _run_artifacts(pipeline_root / "metadata.sqlite", pipeline_name)
-    outputs = run.outputs
-    run_props = latest_run_properties(pipeline_root / "metadata.sqlite", pipeline_name, "Evaluator")
-    sections = []
-
-    # Components and times.
+def _components_section(components: list[ComponentRun] | None) -> str:
+    if components is None:
+        return ("<h2>Components</h2><p>Each component's state and wall time are not in this page, written by the "
+                "run's last step while the run was still going: the orchestrator shows them (the Vertex AI "
+                "console's run graph; locally, <code>digits pipeline report</code>).</p>")
     rows = "".join(
         f"<tr><td>{html.escape(c.node_id)}</td><td>{c.state.lower()}</td><td class=n>{c.seconds:.1f} s</td></tr>"
-        for c in run.components
+        for c in components
     )
-    total = sum(c.seconds for c in run.components)
-    sections.append(f"<h2>Components</h2><table><tr><th>component</th><th>state</th><th>wall time</th></tr>{rows}"
-                    f"<tr><th>total</th><th></th><th class=n>{total:.1f} s</th></tr></table>")
+    total = sum(c.seconds for c in components)
+    return (f"<h2>Components</h2><table><tr><th>component</th><th>state</th><th>wall time</th></tr>{rows}"
+            f"<tr><th>total</th><th></th><th class=n>{total:.1f} s</th></tr></table>")
 
-    # Data: statistics per split, anomalies.
-    statistics = outputs.get("StatisticsGen", {}).get("statistics")
-    if statistics is not None:
-        import tensorflow_data_validation as tfdv
 
-        rows = []
-        for split in contract.SPLITS:
-            path = uri.join(statistics.uri, f"Split-{split}", "FeatureStats.pb")
-            if not _exists(path):
-                continue
-            dataset = tfdv.load_stats_binary(path).datasets[0]
-            label = next((f.num_stats for f in dataset.features if f.path.step == [contract.LABEL_KEY]), None)
-            image = next((f.string_stats for f in dataset.features if f.path.step == [contract.IMAGE_KEY]), None)
-            rows.append(
-                f"<tr><td>{split}</td><td class=n>{dataset.num_examples:,}</td>"
-                f"<td class=n>{label.min:.0f} - {label.max:.0f}</td>"
-                f"<td class=n>{image.avg_length:.0f} B</td></tr>" if label and image else
-                f"<tr><td>{split}</td><td class=n>{dataset.num_examples:,}</td><td></td><td></td></tr>"
-            )
-        sections.append("<h2>Data</h2><table><tr><th>split</th><th>examples</th><th>label range</th>"
-                        f"<th>mean PNG size</th></tr>{''.join(rows)}</table>")
-    corrections = _corrections(latest_run_properties(pipeline_root / "metadata.sqlite", pipeline_name,
-                                                     "ImportExampleGen").get("input_base"))
+def _data_section(statistics) -> str:
+    import tensorflow_data_validation as tfdv
+
+    rows = []
+    for split in contract.SPLITS:
+        path = uri.join(statistics.uri, f"Split-{split}", "FeatureStats.pb")
+        if not _exists(path):
+            continue
+        dataset = tfdv.load_stats_binary(path).datasets[0]
+        label = next((f.num_stats for f in dataset.features if f.path.step == [contract.LABEL_KEY]), None)
+        image = next((f.string_stats for f in dataset.features if f.path.step == [contract.IMAGE_KEY]), None)
+        rows.append(
+            f"<tr><td>{split}</td><td class=n>{dataset.num_examples:,}</td>"
+            f"<td class=n>{label.min:.0f} - {label.max:.0f}</td>"
+            f"<td class=n>{image.avg_length:.0f} B</td></tr>" if label and image else
+            f"<tr><td>{split}</td><td class=n>{dataset.num_examples:,}</td><td></td><td></td></tr>"
+        )
+    return ("<h2>Data</h2><table><tr><th>split</th><th>examples</th><th>label range</th>"
+            f"<th>mean PNG size</th></tr>{''.join(rows)}</table>")
+
+
+def _anomalies_section(anomalies) -> str:
+    from pipeline.anomalies_gate import describe_anomalies
+
+    found = describe_anomalies(anomalies.uri, [s for s in contract.SPLITS
+                                               if _exists(uri.join(anomalies.uri, f"Split-{s}"))])
+    return "<h3>Anomalies</h3>" + (
+        "<ul>" + "".join(f"<li class=bad>{html.escape(line)}</li>" for line in found) + "</ul>" if found
+        else "<p class=good>none: every split matches the curated schema</p>")
+
+
+def _training_section(model_run, gates: BlessingGates | None) -> str:
+    history = read_history(model_run.uri)
+    if history is None:
+        return ""
+    warning = history.get("base_weights_warning")
+    return (
+        "<h2>Training</h2>"
+        f"<p>base weights: <b>{html.escape(history['base_weights'])}</b></p>"
+        + (f"<p class=bad>{html.escape(warning)}</p>" if warning else "")
+        + f"<p>{history['epochs_run']} epochs x {history['steps_per_epoch']} steps</p>"
+        + "<h3>Settings</h3>" + settings_table(history["config"], gates)
+        + f"<img alt='training curves' src='data:image/png;base64,{_training_curves(history)}'>"
+    )
+
+
+def _evaluation_sections(facts: Evaluation) -> str:
+    metrics = facts.per_class
+    rows = "".join(
+        f"<tr><td>{digit}</td><td class=n>{_metric(metrics['precision'][digit])}</td>"
+        f"<td class=n>{_metric(metrics['recall'][digit])}</td><td class=n>{_metric(metrics['f1'][digit])}</td>"
+        f"<td class=n>{facts.support[digit]:.0f}</td></tr>" for digit in range(contract.NUM_CLASSES)
+    )
+    macro = facts.macro
+    evaluation = (
+        "<h2>Evaluation (held-out test split)</h2>"
+        f"<p>examples: <b>{facts.examples:,.0f}</b> &middot; accuracy: <b>{facts.accuracy:.4f}</b> &middot; "
+        f"macro precision {macro['precision']:.4f}, recall {macro['recall']:.4f}, "
+        f"<b>F1 {macro['f1']:.4f}</b> (TFMA's per-class values; n/a: undefined, counted as 0 in the "
+        f"macro average)</p>"
+        + (f"<p>at the operating point exported with the model: <b>{html.escape(facts.selective)}</b></p>"
+           if facts.selective else "")
+        + "<div class=row><table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>examples</th>"
+        f"</tr>{rows}</table>"
+        f"<img alt='confusion matrix' src='data:image/png;base64,{_confusion_image(facts.matrix)}'></div>"
+    )
+    blessing = (
+        "<h2>Blessing</h2>"
+        + ("<p class=good><b>BLESSED</b>: accuracy, every digit's recall, the share answered without a "
+           "person and the error among those answers passed their bars"
+           + (" and did not drop against the latest blessed model by more than allowed" if facts.has_baseline
+              else " (no blessed model yet to compare with)") + "</p>"
+           if facts.blessed else
+           "<p class=bad><b>NOT BLESSED</b></p><ul>"
+           + "".join(f"<li>{html.escape(reason)}</li>" for reason in facts.failures) + "</ul>")
+    )
+    if facts.pushed_destination:
+        push = (f"<h2>Push</h2><p class=good>pushed version <b>{html.escape(facts.pushed_version or '')}</b> to "
+                f"<code>{html.escape(facts.pushed_destination)}</code></p>")
+    elif facts.already_served_as:
+        push = f"<h2>Push</h2><p>{html.escape(facts.push_outcome)} (nothing changed since it was pushed)</p>"
+    else:
+        outcome = facts.push_outcome if facts.blessed else "not pushed (the model was not blessed)"
+        push = f"<h2>Push</h2><p class=bad>{html.escape(outcome)}</p>"
+    return evaluation + blessing + push
+
+
+def _guarded(title: str, build: Callable[[], str]) -> str:
+    """A section, or one line saying why it is missing: an artifact that cannot be read costs its own
+    section, never the page (nor, inside the pipeline, the run)."""
+    try:
+        return build()
+    except Exception as error:  # any reader's error: TFMA, TFDV, gfile, a damaged file
+        log.warning("run report: the %s section could not be built: %s", title, _one_line(error))
+        log.info("run report: the %s section", title, exc_info=True)  # the traceback, for the log file
+        return f"<h2>{html.escape(title)}</h2><p class=bad>could not be read: {html.escape(_one_line(error))}</p>"
+
+
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0]
+
+
+@dataclass(frozen=True)
+class Page:
+    html: str
+    summary: str  # one line for the console
+
+
+def render(run: RunArtifacts, pipeline_name: str = "digits") -> Page:
+    """The page about one run: the one function every report comes from."""
+    artifacts = run.artifacts
+    sections = [_components_section(run.components)]
+    try:
+        facts = _evaluation(run)
+        evaluation_error = None
+    except Exception as error:  # the page, and the run, go on without the verdict
+        log.warning("run report: the evaluation could not be read: %s", _one_line(error))
+        log.info("run report: the evaluation", exc_info=True)  # the traceback, for the log file
+        facts, evaluation_error = None, _one_line(error)
+
+    if "statistics" in artifacts:
+        sections.append(_guarded("Data", lambda: _data_section(artifacts["statistics"])))
+    corrections = _guarded("People's corrections", lambda: _corrections(run.data_root))
     if corrections:
         sections.append(corrections)
-    anomalies = outputs.get("ExampleValidator", {}).get("anomalies")
-    if anomalies is not None:
-        from pipeline.anomalies_gate import describe_anomalies
-
-        found = describe_anomalies(anomalies.uri, [s for s in contract.SPLITS
-                                                   if _exists(uri.join(anomalies.uri, f"Split-{s}"))])
-        sections.append("<h3>Anomalies</h3>" + (
-            "<ul>" + "".join(f"<li class=bad>{html.escape(line)}</li>" for line in found) + "</ul>" if found
-            else "<p class=good>none: every split matches the curated schema</p>"))
-
-    # Training.
-    model_run = outputs.get("Trainer", {}).get("model_run")
-    history = read_history(model_run.uri) if model_run is not None else None
-    if history is not None:
-        warning = history.get("base_weights_warning")
-        sections.append(
-            "<h2>Training</h2>"
-            f"<p>base weights: <b>{html.escape(history['base_weights'])}</b></p>"
-            + (f"<p class=bad>{html.escape(warning)}</p>" if warning else "")
-            + f"<p>{history['epochs_run']} epochs x {history['steps_per_epoch']} steps</p>"
-            + "<h3>Settings</h3>" + settings_table(history["config"], _gates(run_props))
-            + f"<img alt='training curves' src='data:image/png;base64,{_training_curves(history)}'>"
-        )
-
+    if "anomalies" in artifacts:
+        sections.append(_guarded("Anomalies", lambda: _anomalies_section(artifacts["anomalies"])))
+    if "model_run" in artifacts:
+        gates = facts.gates if facts is not None else None
+        sections.append(_guarded("Training", lambda: _training_section(artifacts["model_run"], gates)))
     # When the model does not answer: the operating point exported with it (components/abstention.py).
-    model = outputs.get("Trainer", {}).get("model")
-    operating_point = _read_abstention(model.uri) if model is not None else None
-    if operating_point is not None:
-        sections.append(_abstention_section(operating_point))
-
-    # Evaluation, blessing and push.
-    facts = _evaluation(outputs)
+    if "model" in artifacts:
+        sections.append(_guarded("When the model does not answer", lambda: _abstention(artifacts["model"])))
     if facts is not None:
-        metrics = facts.per_class
-        rows = "".join(
-            f"<tr><td>{digit}</td><td class=n>{_metric(metrics['precision'][digit])}</td>"
-            f"<td class=n>{_metric(metrics['recall'][digit])}</td><td class=n>{_metric(metrics['f1'][digit])}</td>"
-            f"<td class=n>{facts.support[digit]:.0f}</td></tr>" for digit in range(contract.NUM_CLASSES)
-        )
-        macro = facts.macro
-        sections.append(
-            "<h2>Evaluation (held-out test split)</h2>"
-            f"<p>examples: <b>{facts.examples:,.0f}</b> &middot; accuracy: <b>{facts.accuracy:.4f}</b> &middot; "
-            f"macro precision {macro['precision']:.4f}, recall {macro['recall']:.4f}, "
-            f"<b>F1 {macro['f1']:.4f}</b> (TFMA's per-class values; n/a: undefined, counted as 0 in the "
-            f"macro average)</p>"
-            + (f"<p>at the operating point exported with the model: <b>{html.escape(facts.selective)}</b></p>"
-               if facts.selective else "")
-            + "<div class=row><table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>examples</th>"
-            f"</tr>{rows}</table>"
-            f"<img alt='confusion matrix' src='data:image/png;base64,{_confusion_image(facts.matrix)}'></div>"
-        )
-        sections.append(
-            "<h2>Blessing</h2>"
-            + ("<p class=good><b>BLESSED</b>: accuracy, every digit's recall, the share answered without a "
-               "person and the error among those answers passed their bars"
-               + (" and did not drop against the latest blessed model by more than allowed" if facts.has_baseline
-                  else " (no blessed model yet to compare with)") + "</p>"
-               if facts.blessed else
-               "<p class=bad><b>NOT BLESSED</b></p><ul>"
-               + "".join(f"<li>{html.escape(reason)}</li>" for reason in facts.failures) + "</ul>")
-        )
-        if facts.pushed_destination:
-            sections.append(
-                f"<h2>Push</h2><p class=good>pushed version <b>{facts.pushed_version}</b> to "
-                f"<code>{html.escape(facts.pushed_destination)}</code></p>")
-        elif facts.already_served_as:
-            sections.append(f"<h2>Push</h2><p>{html.escape(facts.push_outcome)} (nothing changed since it "
-                            "was pushed)</p>")
-        else:
-            sections.append("<h2>Push</h2><p class=bad>not pushed (the model was not blessed)</p>")
+        sections.append(_guarded("Evaluation", lambda: _evaluation_sections(facts)))
+    elif evaluation_error is not None:
+        sections.append(f"<h2>Evaluation</h2><p class=bad>could not be read: {html.escape(evaluation_error)}</p>")
 
-    page = _PAGE.format(title=f"Pipeline run: {html.escape(pipeline_name)}", root=html.escape(str(pipeline_root)),
-                        body="\n".join(sections))
-    output = Path(output) if output else pipeline_root / "report" / "index.html"
+    page = _PAGE.format(title=f"Pipeline run: {html.escape(pipeline_name)}", label=html.escape(run.location_label),
+                        location=html.escape(run.location),
+                        body="\n".join(section for section in sections if section))
+    if facts is not None:
+        summary = facts.summary()
+    elif evaluation_error is not None:
+        summary = f"the evaluation could not be read: {evaluation_error}"
+    else:
+        summary = "no evaluation in the latest run"
+    return Page(html=page, summary=summary)
+
+
+def write_report(pipeline_root: Path, pipeline_name: str = "digits", output: Path | None = None) -> Report:
+    """PIPELINE_ROOT/report/index.html about the latest run in the local MLMD store, with its components'
+    states and times."""
+    page = render(from_mlmd(pipeline_root, pipeline_name), pipeline_name)
+    output = Path(output) if output else Path(pipeline_root).resolve() / "report" / PAGE_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_suffix(".html.tmp")
-    temporary.write_text(page)
+    temporary.write_text(page.html)
     os.replace(temporary, output)
-    return Report(path=output, summary=facts.summary() if facts else "no evaluation in the latest run")
+    return Report(path=output, summary=page.summary)
 
 
 _PAGE = """<!doctype html>
@@ -552,7 +641,7 @@ code {{ font-size: 0.85em; }}
 .settings table {{ display: table; }}
 .settings caption {{ text-align: left; font-weight: 600; text-transform: capitalize; padding: 0 0 3px; }}
 </style></head>
-<body><h1>{title}</h1><p>pipeline root: <code>{root}</code></p>
+<body><h1>{title}</h1><p>{label}: <code>{location}</code></p>
 {body}
 </body></html>
 """

@@ -48,11 +48,14 @@ def latest_run(metadata_path: Path, pipeline_name: str, since_ms: int = 0) -> li
 
 
 def latest_run_outputs(metadata_path: Path, pipeline_name: str) -> tuple[list[ComponentRun], dict[str, dict]]:
-    """The newest run's components, and per component of that run its output artifacts by key.
+    """The newest run's components, and per component of that run its output artifacts by key (TFX
+    artifacts, as a component's executor gets them).
 
     Only that run's executions count (a cached one points at the artifacts it reused), so a
     component that did not run in it has no outputs here, whatever earlier runs made.
     """
+    from tfx.types import artifact_utils
+
     if not Path(metadata_path).exists():
         return [], {}
     store = open_store(metadata_path)
@@ -65,9 +68,11 @@ def latest_run_outputs(metadata_path: Path, pipeline_name: str) -> tuple[list[Co
         events = [event for event in store.get_events_by_execution_ids([execution.id])
                   if event.type in (event.OUTPUT, event.DECLARED_OUTPUT)]
         artifacts = {a.id: a for a in store.get_artifacts_by_id([event.artifact_id for event in events])}
+        types = {t.id: t for t in store.get_artifact_types_by_id(list({a.type_id for a in artifacts.values()}))}
         for event in events:
             key = event.path.steps[0].key if event.path.steps else "output"
-            outputs.setdefault(node_id, {})[key] = artifacts[event.artifact_id]
+            found = artifacts[event.artifact_id]
+            outputs.setdefault(node_id, {})[key] = artifact_utils.deserialize_artifact(types[found.type_id], found)
     return _components(executions), outputs
 
 

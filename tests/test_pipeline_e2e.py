@@ -29,6 +29,16 @@ def _states(root: Path) -> dict[str, str]:
     return {component.node_id: component.state for component in latest_run(root / "metadata.sqlite", "digits")}
 
 
+def _in_pipeline_report(root: Path) -> str:
+    """The page the run's own last step (RunReport) wrote into its output artifact, found through MLMD."""
+    from pipeline.run_history import latest_run_outputs
+
+    _, outputs = latest_run_outputs(root / "metadata.sqlite", "digits")
+    report = outputs["RunReport"]["report"]
+    assert report.type_name == "pipeline.HtmlReport" and Path(report.uri).is_relative_to(root)
+    return (Path(report.uri) / "index.html").read_text()
+
+
 def _versions(serving: Path) -> list[Path]:
     model_dir = serving / "digits"
     return sorted(model_dir.iterdir()) if model_dir.exists() else []
@@ -63,8 +73,8 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
     states = _states(root)
     # Everything the killed run finished is reused; training onwards runs again.
     assert {node: states[node] for node in UPSTREAM_OF_TRAINER} == {node: "CACHED" for node in UPSTREAM_OF_TRAINER}
-    assert {node: states[node] for node in ("Trainer", "Evaluator", "Pusher")} == {
-        "Trainer": "COMPLETE", "Evaluator": "COMPLETE", "Pusher": "COMPLETE"}
+    assert {node: states[node] for node in ("Trainer", "Evaluator", "Pusher", "RunReport")} == {
+        "Trainer": "COMPLETE", "Evaluator": "COMPLETE", "Pusher": "COMPLETE", "RunReport": "COMPLETE"}
     assert "Trainer ..." in result.stdout and "Pusher: done" in result.stdout
     assert "BLESSED, pushed to" in result.stdout
 
@@ -82,11 +92,22 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
                      "keeps 99.0% of eval digits", "keeps 98.0% of the rest"):
         assert expected in report, expected
 
+    # The same page, made by the run's own last step from its artifacts (what a Vertex AI run has), but for
+    # the components' states and times, which only the orchestrator knows.
+    (version,) = _versions(serving)
+    in_pipeline = _in_pipeline_report(root)
+    for expected in ("examples: <b>50</b>", "alt='confusion matrix'", "<b>BLESSED</b>",
+                     f"pushed version <b>{version.name}</b>", "<caption>gates</caption>", "alt='training curves'"):
+        assert expected in in_pipeline, expected
+    assert "Each component's state and wall time are not in this page" in in_pipeline
+    assert "<td>Trainer</td>" not in in_pipeline and "could not be read" not in in_pipeline
+
     # Every component left its artifact; the data had no anomalies; the model was blessed.
     for component, output in [("ImportExampleGen", "examples"), ("StatisticsGen", "statistics"),
                               ("ImportSchemaGen", "schema"), ("ExampleValidator", "anomalies"),
                               ("Transform", "transform_graph"), ("Trainer", "model"), ("Trainer", "model_run"),
-                              ("Evaluator", "evaluation"), ("Evaluator", "blessing"), ("Pusher", "pushed_model")]:
+                              ("Evaluator", "evaluation"), ("Evaluator", "blessing"), ("Pusher", "pushed_model"),
+                              ("RunReport", "report")]:
         assert any((root / component / output).rglob("*")), f"{component} produced no {output}"
     from pipeline.anomalies_gate import describe_anomalies
 
@@ -97,7 +118,7 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
     assert '"epochs_run": 1' in history.read_text()
 
     # The pushed model: TF Serving's layout, both signatures, a PNG in, 10 probabilities out.
-    (version,) = _versions(serving)
+    assert _versions(serving) == [version]
     assert version.name.isdigit() and (version / "saved_model.pb").exists()
     model = tf.saved_model.load(str(version))
     assert set(model.signatures) == {"serving_default", "serving_examples", "normalized_image"}
@@ -195,6 +216,10 @@ def test_the_gates_bless_and_push_only_what_they_should(tiny_records, tmp_path):
     assert evaluation.accuracy == pytest.approx(0.9)
     assert evaluation.failures == ["digit 8: recall 0.0000, below the bar of 0.93"]
     assert "digit 8: recall 0.0000, below the bar of 0.93" in write_report(root).path.read_text()
+    # The run's own report step says the same: not blessed, why, and so not pushed.
+    in_pipeline = _in_pipeline_report(root)
+    assert "<b>NOT BLESSED</b>" in in_pipeline and "digit 8: recall 0.0000, below the bar of 0.93" in in_pipeline
+    assert "not pushed (the model was not blessed)" in in_pipeline
 
     run("fake_trainers.perfect_run_fn", min_accuracy=0.9)  # accuracy 1.0: blessed, pushed
     assert blessings()[-1] == "BLESSED" and len(_versions(serving)) == 1
@@ -211,6 +236,7 @@ def test_the_gates_bless_and_push_only_what_they_should(tiny_records, tmp_path):
     assert evaluation.already_served_as == first.name and evaluation.pushed_destination is None
     assert evaluation.summary().endswith(
         f"BLESSED, not pushed: identical to version {first.name}, already in the serving directory")
+    assert f"not pushed: identical to version {first.name}" in _in_pipeline_report(root)
 
     # One of 50 digits worse (accuracy 0.98, digit 5's recall 0.8 instead of 1): with 0.01 allowed
     # the accuracy drop refuses it; with 0.03 allowed, digit 5's drop of 0.2 against 0.1 allowed
@@ -278,6 +304,7 @@ def test_the_gates_bless_and_push_only_what_they_should(tiny_records, tmp_path):
         run("fake_trainers.failing_run_fn", min_accuracy=0.0, min_class_recall=0.0)
     components, evaluation = latest_results(root)
     assert {c.node_id: c.state for c in components}["Trainer"] == "FAILED" and evaluation is None
+    assert "RunReport" not in {c.node_id for c in components}  # the run stopped before its report step
     page = write_report(root).path.read_text()
     assert "<td>Trainer</td><td>failed</td>" in page
     assert "BLESSED" not in page and "Evaluation" not in page and "pushed version" not in page

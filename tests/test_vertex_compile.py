@@ -22,7 +22,7 @@ IMAGE = "europe-west4-docker.pkg.dev/my-project/digits/digits-pipeline:0.1.0"
 ROOT, DATA, SERVING = "gs://my-bucket/pipeline_root", "gs://my-bucket/tfrecords", "gs://my-bucket/serving"
 BEAM_ARGS = ["--project=my-project", "--region=europe-west4", "--temp_location=gs://my-bucket/tmp"]
 COMPONENTS = {"ImportExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator", "AnomaliesGate",
-              "Transform", "Trainer", "Evaluator", "Pusher",
+              "Transform", "Trainer", "Evaluator", "Pusher", "RunReport",
               "latest_blessed_model_resolver-model-resolver",
               "latest_blessed_model_resolver-model-blessing-resolver"}
 BEAM_COMPONENTS = {"ImportExampleGen", "StatisticsGen", "Transform", "Evaluator"}
@@ -44,7 +44,7 @@ def compiled(tmp_path_factory) -> dict:
     result = CliRunner().invoke(cli, compile_args(output, "--trainer-cpu", "8", "--trainer-memory", "32",
                                                   "--trainer-gpu", "NVIDIA_L4:1"))
     assert result.exit_code == 0, result.output
-    assert "11 steps" in result.output
+    assert "12 steps" in result.output
     return json.loads(output.read_text())
 
 
@@ -79,6 +79,7 @@ def test_dependencies_follow_the_pipeline(compiled):
     assert {"Transform", "ImportExampleGen"} <= depends["Trainer"]
     assert {"Trainer", "latest_blessed_model_resolver-model-resolver"} <= depends["Evaluator"]
     assert {"Evaluator", "Trainer"} <= depends["Pusher"]
+    assert "Pusher" in depends["RunReport"]  # the report is the run's last step
     # and it is a DAG: an order exists in which every task comes after what it depends on
     done: set[str] = set()
     while len(done) < len(depends):
@@ -111,6 +112,9 @@ def parameter(job: dict, task: str, name: str):
 # imports them from an installed copy, outside the repository).
 CONTAINER_IMPORTS = {"AnomaliesGate": "pipeline.anomalies_gate.AnomaliesGate_Executor",
                      "Pusher": "pipeline.pusher.DeduplicatingPusherExecutor",
+                     "RunReport": "pipeline.report_component.RunReport_Executor",
+                     # TFX's entry point imports a custom artifact type by its name, before the executor
+                     "HtmlReport": "pipeline.HtmlReport",
                      "preprocessing_fn": "components.transform.preprocessing_fn",
                      "run_fn": "components.trainer.run_fn"}
 
@@ -119,8 +123,28 @@ def test_the_custom_executors_and_dotted_functions_are_named_for_the_container(c
     specs = containers(compiled)
     assert executor_class(specs["AnomaliesGate"]) == CONTAINER_IMPORTS["AnomaliesGate"]
     assert executor_class(specs["Pusher"]) == CONTAINER_IMPORTS["Pusher"]
+    assert executor_class(specs["RunReport"]) == CONTAINER_IMPORTS["RunReport"]
     assert parameter(compiled, "Transform", "preprocessing_fn") == CONTAINER_IMPORTS["preprocessing_fn"]
     assert parameter(compiled, "Trainer", "run_fn") == CONTAINER_IMPORTS["run_fn"]
+
+
+def test_the_run_report_step_reads_each_artifact_from_the_step_that_makes_it(compiled):
+    """The report is an artifact of every Vertex run: its inputs are the run's own outputs, wired by role,
+    and its page goes into an output artifact of the type the container can import."""
+    import yaml
+
+    from pipeline.report import ROLES
+
+    task = tasks(compiled)["RunReport"]
+    wired = {role: (spec["taskOutputArtifact"]["producerTask"], spec["taskOutputArtifact"]["outputArtifactKey"])
+             for role, spec in task["inputs"]["artifacts"].items()}
+    assert wired == ROLES
+    assert parameter(compiled, "RunReport", "data_root") == DATA  # the build's manifest names people's corrections
+    assert parameter(compiled, "RunReport", "pipeline_name") == "digits"
+    component = compiled["pipelineSpec"]["components"][task["componentRef"]["name"]]
+    [(key, output)] = component["outputDefinitions"]["artifacts"].items()
+    assert key == "report"
+    assert yaml.safe_load(output["artifactType"]["instanceSchema"])["title"] == CONTAINER_IMPORTS["HtmlReport"]
 
 
 def test_what_the_containers_import_imports_from_an_installed_copy_outside_the_repository(installed_project,
