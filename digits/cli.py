@@ -10,6 +10,7 @@ import click
 
 from data.cli import data_group
 from digits.quiet import quiet_tensorflow_import
+from forms.cli import form_group, read_command
 from monitoring.cli import monitor_command
 from pipeline.commands import pipeline_group
 from serving.cli import predict_command, serve_command
@@ -21,13 +22,15 @@ from web.feedback_cli import feedback_group
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="digits-mlops")
 def cli():
-    """Handwritten-digit MLOps: data, TFX pipeline, serving, monitoring and the web app."""
+    """Handwritten-digit MLOps: data, TFX pipeline, serving, monitoring, the web app and the form reader."""
 
 
 cli.add_command(data_group)
 cli.add_command(pipeline_group)
 cli.add_command(serve_command)
 cli.add_command(predict_command)
+cli.add_command(read_command)
+cli.add_command(form_group)
 cli.add_command(docker_group)
 cli.add_command(monitor_command)
 cli.add_command(web_command)

@@ -155,16 +155,26 @@ class SheetReading:
         """A check fails on counts read without doubt: the numbers written on the form do not add up."""
         return any(check.holds is False for check in self.checks)
 
+    def to_review(self) -> dict[str, tuple[int, ...]]:
+        """The boxes a person should look at, by count: those the count needs, and every written box of
+        the counts in a check that fails (one of them is wrong, or the form itself is)."""
+        failing = {count_id for rule, result in zip(self.form.checks, self.checks) if result.holds is False
+                   for count_id in (*rule.terms, rule.total)}
+        return {count_id: tuple(sorted(set(count.review_cells) | (
+                    {i for i, cell in enumerate(count.cells) if not cell.blank} if count_id in failing else set())))
+                for count_id, count in self.counts.items()}
+
     def values(self) -> dict[str, int | None]:
         return {count_id: count.value for count_id, count in self.counts.items()}
 
     def to_dict(self) -> dict:
+        review = self.to_review()
         return {
             "form": self.form.name,
             "accepted": self.accepted,
             "counts": {count_id: {
                 "label": count.label, "value": count.value, "accepted": count.accepted,
-                "problems": list(count.problems), "review_boxes": [i + 1 for i in count.review_cells],
+                "problems": list(count.problems), "review_boxes": [i + 1 for i in review[count_id]],
                 "boxes": [None if cell.blank else {
                     "digit": cell.answer.digit, "confidence": round(cell.answer.confidence, 4),
                     "decision": cell.answer.decision, "runner_up": cell.answer.runner_up,

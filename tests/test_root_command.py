@@ -6,14 +6,14 @@ import ast
 
 from conftest import REPO, run_digits
 
-PACKAGES = ("pipeline", "components", "data", "tfrecord_builder", "serving", "monitoring", "web")
+PACKAGES = ("pipeline", "components", "data", "tfrecord_builder", "serving", "monitoring", "web", "forms")
 
 
 def test_python_m_digits_lists_every_subcommand():
     result = run_digits("--help", timeout=120)
     assert result.returncode == 0, result.stderr
     commands = {line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines() if line.strip()}
-    assert commands == {"data", "docker", "feedback", "monitor", "pipeline", "predict", "serve", "web"}
+    assert commands == {"data", "docker", "feedback", "form", "monitor", "pipeline", "predict", "read", "serve", "web"}
 
 
 def test_no_package_imports_the_root_command():
