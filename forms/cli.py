@@ -94,8 +94,9 @@ def _show_sheet(path: Path, result, as_json: bool) -> None:
         return
     verdict = ("accepted" if sheet.accepted else
                "NEEDS A PERSON: the counts do not add up" if sheet.inconsistent else "NEEDS A PERSON")
-    turned = {90: " (the sheet lay on its side)", 180: " (the sheet was upside down)", 270: " (the sheet lay on its side)"}
-    click.echo(f"{path}: {verdict}{turned.get(result.turned, '')}")
+    turned = {90: " (the sheet lay on its side)", 180: " (the sheet was upside down)",
+              270: " (the sheet lay on its side)"}.get(result.turned, "")
+    click.echo(f"{path}: {verdict}{turned}")
     width = max(len(count.label) for count in sheet.counts.values())
     for count in sheet.counts.values():
         shown = "?" if count.value is None else str(count.value)
@@ -189,4 +190,5 @@ def example_command(form_path, output, seed, wrong_total):
     photo = synth.photo_sheet(synth.fill_sheet(form, values.values, rng), rng, knobs)
     Image.fromarray(photo.image).save(output, quality=90)
     written = ", ".join(f"{count.label} {values.values[count.id]}" for count in form.counts)
-    click.echo(f"{output}: {written}" + (f" (does not add up: {values.inconsistent[0]})" if values.inconsistent else ""))
+    planted = f" (does not add up: {values.inconsistent[0]})" if values.inconsistent else ""
+    click.echo(f"{output}: {written}{planted}")
