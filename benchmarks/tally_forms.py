@@ -80,6 +80,9 @@ class Tally:
     planted_flagged_inconsistent: int = 0
     turned: int = 0
     turned_detected: int = 0
+    stood_by: int = 0  # counts whose every box the model accepted
+    stood_by_wrong: int = 0  # ... and read wrong: what the sums must catch
+    consistent_failed_check: int = 0  # consistent sheets on which a check failed: a wrong reading caught
     review_reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     readings: list = field(default_factory=list)
@@ -97,6 +100,8 @@ class Tally:
             "planted": self.planted, "planted_caught": self.planted_caught,
             "planted_flagged_inconsistent": self.planted_flagged_inconsistent,
             "turned": self.turned, "turned_detected": self.turned_detected,
+            "stood_by": self.stood_by, "stood_by_wrong": self.stood_by_wrong,
+            "consistent_failed_check": self.consistent_failed_check,
             "sheets_per_second": round(self.sheets / self.seconds, 2) if self.seconds else None,
             "review_reasons": dict(self.review_reasons.most_common(8)),
         }
@@ -148,6 +153,11 @@ def read_all(sheets: list[Planted], predict, concurrency: int) -> Tally:
             tally.consistent_accepted += not sheet.inconsistent
             tally.accepted_numbers += len(values)
             tally.accepted_numbers_wrong += sum(values[k] != v for k, v in sheet.truth.items())
+        for count_id, count in reading.counts.items():
+            if count.accepted:
+                tally.stood_by += 1
+                tally.stood_by_wrong += count.value != sheet.truth[count_id]
+        tally.consistent_failed_check += not sheet.inconsistent and reading.inconsistent
         if sheet.inconsistent:
             tally.planted_caught += not reading.accepted
             tally.planted_flagged_inconsistent += reading.inconsistent
@@ -201,6 +211,8 @@ def main() -> None:
          lambda t: f"{t.consistent_accepted:,} / {t.consistent:,} ({t.consistent_accepted / t.consistent:.1%})"),
         ("wrong among automatically accepted numbers",
          lambda t: f"{t.accepted_numbers_wrong} / {t.accepted_numbers:,}"),
+        ("numbers the model stood by that were wrong", lambda t: f"{t.stood_by_wrong} / {t.stood_by:,}"),
+        ("... caught by a check on a consistent sheet", lambda t: f"{t.consistent_failed_check} sheets"),
         ("planted wrong totals caught", lambda t: f"{t.planted_caught} / {t.planted} "
                                                   f"({t.planted_flagged_inconsistent} as a failed check)"),
         ("upside-down sheets turned", lambda t: f"{t.turned_detected} / {t.turned}"),

@@ -574,11 +574,18 @@ def _fallback(row: list[_Sides], expected: list[tuple[int, int, int, int]]) -> l
     return fixed
 
 
+# White paper added around a cell before it is sent: the model's preprocessing reads the paper's level and
+# the ink's polarity from the image's border (components/transform.py), so ink cut off at the box's side
+# (a digit written across it) must not be the border.
+CELL_MARGIN = 0.25  # of the cell's longer side, on each side
+
+
 def encode(cell: Cell) -> bytes:
-    """The cell as a grayscale PNG, the bytes the model server is sent."""
+    """The cell on a margin of white paper as a grayscale PNG: the bytes the model server is sent."""
     from data.sample import encode_png
 
-    return encode_png(cell.image)
+    margin = max(2, round(CELL_MARGIN * max(cell.image.shape)))
+    return encode_png(np.pad(cell.image, margin, constant_values=255))
 
 
 # --- without a form --------------------------------------------------------------------------------------------

@@ -149,11 +149,18 @@ def test_empty_boxes_stay_blank_on_a_noisy_blurred_low_resolution_photo():
     assert max(inks) < geometry.BLANK_INK
 
 
-def test_encode_gives_the_cell_as_a_png():
-    cell = cut_cells(register(blank_form(FORM), FORM), FORM)["cast"][0]
+def test_encode_gives_the_cell_on_a_margin_of_white_paper_as_a_png(digits):
+    """The model's preprocessing takes the paper's level and the ink's polarity from the image's border: a
+    digit cut off at its box's side must not be that border."""
+    sheet = fill_sheet(FORM, NO_ONES, np.random.default_rng(5), cross_share=1.0, digits=digits)
+    cell = cut_cells(register(sheet.image, FORM), FORM)["cast"][2]
     png = encode(cell)
     assert png.startswith(b"\x89PNG")
-    assert np.array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), cell.image)
+    decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    margin = round(geometry.CELL_MARGIN * max(cell.image.shape))
+    assert np.array_equal(decoded[margin:-margin, margin:-margin], cell.image)
+    border = np.concatenate([decoded[0], decoded[-1], decoded[:, 0], decoded[:, -1]])
+    assert border.min() == 255 and not cell.blank
 
 
 def _frameless_page() -> np.ndarray:
