@@ -62,16 +62,11 @@ def read_command(images, form_path, free, rest_url, grpc_target, model_name, lab
                 if form is not None:
                     result = read_sheet(pixels, form, predict)
                     _show_sheet(path, result, as_json)
-                    cells = [cell for count in form.counts for cell in result.cells[count.id]]
-                    review = {id(result.cells[count_id][index])
-                              for count_id, boxes in result.reading.to_review().items() for index in boxes}
                 else:
-                    number = read_number(pixels, predict, boxes=not free)
-                    _show_number(path, number, as_json)
-                    cells = number.cells
-                    review = {id(number.cells[index]) for index in number.reading.review_cells}
+                    result = read_number(pixels, predict, boxes=not free)
+                    _show_number(path, result, as_json)
                 if marked is not None:
-                    _write_marked(marked, path, pixels, cells, review)
+                    _write_marked(marked, path, pixels, result.marks())
             except OSError as error:
                 click.echo(f"error: {path}: {error.strerror or error}", err=True)
                 failed += 1
@@ -126,12 +121,12 @@ def _show_number(path: Path, result, as_json: bool) -> None:
     click.echo(f"{path}: {shown}   [{digits}]{note}")
 
 
-def _write_marked(directory: Path, path: Path, pixels, cells, review: set[int]) -> None:
+def _write_marked(directory: Path, path: Path, pixels, marks) -> None:
     from forms.marking import marked_image
 
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{path.stem}.marked.png"
-    marked_image(pixels, [(cell.quad, id(cell) in review, cell.blank) for cell in cells]).save(target)
+    marked_image(pixels, marks).save(target)
     click.echo(f"  marked: {target}", err=True)
 
 

@@ -49,6 +49,12 @@ class ReadSheet:
     cells: dict[str, list[geometry.Cell]]
     turned: int  # how the sheet lay in the photo: 0, 90, 180 or 270 degrees clockwise
 
+    def marks(self) -> list[tuple[np.ndarray, bool, bool]]:
+        """(quad on the photo, for a person to look at, blank) of every box: what forms.marking draws."""
+        review = self.reading.to_review()
+        return [(cell.quad, index in review[count_id], cell.blank)
+                for count_id, cells in self.cells.items() for index, cell in enumerate(cells)]
+
 
 def _answers(predict: Predict, cells: list[geometry.Cell]) -> list[reading.CellReading]:
     """The inked cells' answers in one call (the client splits it into the server's batch size)."""
@@ -76,6 +82,9 @@ def read_sheet(image: np.ndarray, form: Form, predict: Predict) -> ReadSheet:
 class ReadNumber:
     reading: reading.CountReading
     cells: list[geometry.Cell]
+
+    def marks(self) -> list[tuple[np.ndarray, bool, bool]]:
+        return [(cell.quad, index in self.reading.review_cells, cell.blank) for index, cell in enumerate(self.cells)]
 
 
 def read_number(image: np.ndarray, predict: Predict, boxes: bool = True) -> ReadNumber:

@@ -161,6 +161,23 @@ WEB_FEEDBACK_PENDING = _declare("digits_web_feedback_pending", "gauge", ())
 WEB_PREDICT_ENDPOINT = "predict"
 WEB_FEEDBACK_ENDPOINT = "feedback"
 WEB_REVIEW_ENDPOINT = "review"  # the reviewers' API, behind a token
+WEB_READ_SHEET_ENDPOINT = "read_sheet"  # a photo of a tally form (forms/): every count read and checked
+# Sheets read through POST /api/read-sheet. `form` is the name of the form `digits web --form` serves (one
+# per process: bounded); every series of the form exists from the start, at 0.
+FORM_LABEL = "form"
+CHECK_LABEL = "check"  # the name of one of the form's arithmetic checks, as its description gives it
+SHEET_ACCEPTED = "accepted"  # every count read without doubt and every check holds: no person needed
+SHEET_NEEDS_REVIEW = "needs_review"  # a count the model is unsure of (or a check that cannot be made)
+SHEET_INCONSISTENT = "inconsistent"  # counts read without doubt that do not add up as the form says
+SHEET_UNREADABLE = "unreadable"  # not an image, too large, not the form, or its boxes not found (a 4xx)
+SHEET_OUTCOMES = (SHEET_ACCEPTED, SHEET_NEEDS_REVIEW, SHEET_INCONSISTENT, SHEET_UNREADABLE)
+COUNT_ACCEPTED = "accepted"  # read from boxes the model stood by
+COUNT_NEEDS_REVIEW = "needs_review"  # a value read, but a box the model was unsure of
+COUNT_UNREAD = "unread"  # no value without a person (an empty count, a box that is not a digit)
+COUNT_OUTCOMES = (COUNT_ACCEPTED, COUNT_NEEDS_REVIEW, COUNT_UNREAD)
+WEB_SHEETS = _declare("digits_web_sheets_read_total", "counter", (FORM_LABEL, "outcome"))
+WEB_SHEET_COUNTS = _declare("digits_web_sheet_counts_read_total", "counter", (FORM_LABEL, "outcome"))
+WEB_SHEET_CHECK_FAILURES = _declare("digits_web_sheet_check_failures_total", "counter", (FORM_LABEL, CHECK_LABEL))
 
 # -- The blackbox exporter's probes (monitoring/blackbox/blackbox.yml) ----------------------------------
 # The one signal that sees requests that never arrive: a real predict of a known digit through REST

@@ -123,6 +123,30 @@ def model_server(pushed_model):
 
 
 @pytest.fixture(scope="session")
+def sevens_server(pushed_model, tmp_path_factory):
+    """`digits serve` with one version: the pushed tiny model made to answer 7, and to stand by it (the form
+    reader's tests: which boxes hold ink then decides every number)."""
+    from model_copies import copy_version_answering
+
+    (source,) = pushed_model.iterdir()
+    model_dir = tmp_path_factory.mktemp("sevens") / "digits"
+    copy_version_answering(source, model_dir / source.name, 7)
+    server = start_server(model_dir)
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="session")
+def form_file(tmp_path_factory) -> Path:
+    """tests/form_sheets.py's small form, as a file."""
+    from form_sheets import FORM_YAML
+
+    path = tmp_path_factory.mktemp("form") / "ballots.yaml"
+    path.write_text(FORM_YAML)
+    return path
+
+
+@pytest.fixture(scope="session")
 def browser():
     """One headless Chromium (Debian's, through Playwright) for every browser test."""
     from playwright.sync_api import sync_playwright

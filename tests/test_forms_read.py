@@ -11,60 +11,12 @@ default model reads real sheets is benchmarks/tally_forms.py's question.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_digits, start_server
-from model_copies import copy_version_answering
-
-FORM_YAML = """
-name: ballot-account
-title: Ballot account
-frame: {width: 120, height: 90}
-box: {width: 12, height: 15}
-counts:
-  - {id: issued, label: "Ballots issued", digits: 3, at: [70, 25]}
-  - {id: counted, label: "Ballots counted", digits: 3, at: [70, 55]}
-checks:
-  - {name: "every ballot issued is counted", sum: [counted], equals: issued}
-"""
-
-
-@pytest.fixture(scope="module")
-def sevens_server(pushed_model, tmp_path_factory):
-    """`digits serve` with one version: the pushed tiny model made to answer 7, and to stand by it."""
-    (source,) = pushed_model.iterdir()
-    model_dir = tmp_path_factory.mktemp("sevens") / "digits"
-    copy_version_answering(source, model_dir / source.name, 7)
-    server = start_server(model_dir)
-    yield server
-    assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def form_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("form") / "ballots.yaml"
-    path.write_text(FORM_YAML)
-    return path
-
-
-def photo(form_file: Path, values: dict, directory: Path, name: str, turned: bool = False, seed: int = 0) -> Path:
-    """A filled sheet photographed a little skewed, in perspective, blurred and as JPEG (or upside down)."""
-    import cv2
-
-    from forms import layout, synth
-
-    form = layout.load(form_file)
-    rng = np.random.default_rng(seed)
-    sheet = synth.fill_sheet(form, values, rng)
-    knobs = synth.Degradation(skew_deg=2.5, perspective=0.015, light=0.3, noise=4, blur=0.8, jpeg_quality=70,
-                              scale=0.8, turned=turned)
-    path = directory / f"{name}.jpg"
-    cv2.imwrite(str(path), synth.photo_sheet(sheet, rng, knobs).image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return path
-
+from conftest import run_digits
+from form_sheets import FORM_YAML, photo
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_a_planted_arithmetic_error_is_found_through_the_server(sevens_server, form_file, tmp_path, transport):

@@ -61,7 +61,7 @@ def test_dashboard_basics(dashboard):
     # The rows docs/runbook.md sends the on-call engineer to.
     assert [row["title"] for row in lint.rows(dashboard)] == [
         "SLOs", "Probes", "Traffic", "Latency", "Batching", "Model versions", "Predictions & drift", "Web app & feedback",
-        "Scrape health"]
+        "Tally forms", "Scrape health"]
     ids = [panel["id"] for panel in lint.panels(dashboard) + lint.rows(dashboard)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
 
@@ -320,7 +320,8 @@ LABEL_VALUES = {
     names.CLASS_LABEL: "7", names.REFERENCE_CLASS_LABEL: "7", names.CORRECTED_CLASS_LABEL: "1",
     names.VERDICT_LABEL: names.VERDICT_RIGHT, "endpoint": names.WEB_PREDICT_ENDPOINT, "outcome": "ok",
     "reason": names.REFUSED_BODY_TOO_LARGE, "state": "AVAILABLE", "error_code": "OK",
-    "module": names.PROBE_PREDICT_MODULE,
+    "module": names.PROBE_PREDICT_MODULE, names.FORM_LABEL: "polling-station-tally",
+    names.CHECK_LABEL: "valid votes and rejected ballots add up to the votes cast",
 }
 NOT_EQUAL = {"status": "INTERNAL"}  # for `status!="OK"`
 # The labels of a recorded series, by the words of its level (job_model_status: job, model_name, status).

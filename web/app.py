@@ -2,6 +2,8 @@
 
     GET  /                 the page (web/static/index.html; its script and styles from /static/)
     POST /api/predict      body: a PNG or JPEG image -> the model's answer (JSON)
+    POST /api/read-sheet   body: a PNG or JPEG photo of the configured form (--form) -> every count read,
+                           the form's checks, the verdict and the marked sheet (JSON; web/sheets.py)
     POST /api/feedback     {"id": <answer id>, "digit": 0-9} -> a right answer counted, a wrong one queued
                            for review (web/feedback.py)
     GET  /api/model        the model server and the versions it has loaded
@@ -66,7 +68,7 @@ NEXT_STEP = "A reviewer checks corrections before the next training run learns f
 QUEUE_RETRY_AFTER_S = 3600  # a full review queue empties as fast as a person reviews
 # The API's state-changing paths, by the endpoint label their metrics carry.
 _ENDPOINTS = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT,
-              "/api/review": n.WEB_REVIEW_ENDPOINT}
+              "/api/review": n.WEB_REVIEW_ENDPOINT, "/api/read-sheet": n.WEB_READ_SHEET_ENDPOINT}
 REVIEW_PAGE_SIZE = 50  # proposals one GET /api/review returns (at most ?limit=200)
 # Wrong review tokens one client may send per minute: a token is 128 bits or more, this only keeps logs
 # and the CPU quiet.
@@ -280,7 +282,8 @@ class WebApp:
         self.recent = RecentAnswers(config.recent_answers, config.answers_per_client)
         self._rates = {n.WEB_PREDICT_ENDPOINT: RateLimiter(config.predicts_per_minute),
                        n.WEB_FEEDBACK_ENDPOINT: RateLimiter(config.feedback_per_minute),
-                       n.WEB_REVIEW_ENDPOINT: RateLimiter(config.reviews_per_minute)}
+                       n.WEB_REVIEW_ENDPOINT: RateLimiter(config.reviews_per_minute),
+                       n.WEB_READ_SHEET_ENDPOINT: RateLimiter(config.sheets_per_minute)}
         self._bad_tokens = RateLimiter(BAD_TOKENS_PER_MINUTE)
         self._profiles: dict[int, dict | None] = {}  # version -> its reference profile (None: has none)
         self._sync_task: asyncio.Task | None = None
@@ -288,14 +291,28 @@ class WebApp:
         # Predicts in flight to the model server, at most what it admits; the rest wait their turn.
         self._model_slots = asyncio.Semaphore(config.model_connections)
         self._decode_slots = asyncio.Semaphore(config.decode_slots)  # memory: decoded photos at once
+        self.sheets = self._sheet_reader()
+
+    def _sheet_reader(self):
+        """The reader of --form's sheets; None without the forms package (the web image has none)."""
+        try:
+            from web.sheets import SheetReader
+        except ModuleNotFoundError as error:
+            log.warning("POST /api/read-sheet is off: %s is not installed", error.name)
+            return None
+        sheets = SheetReader.load(self.config.form_path)
+        self.metrics.declare_form(sheets.form.name, sheets.check_names)
+        return sheets
 
     # -- the API ---------------------------------------------------------------------------------
 
     async def _predict_in_turn(self, body: bytes):
         """The model server's answer, once one of its admitted slots is free."""
-        busy = ms.ModelServerError(ms.OVERLOADED, f"the model server is busy ({self.config.model_connections} "
+        return await self._in_turn(self._model_slots, self._model_busy(), self.model_server.predict, body)
+
+    def _model_busy(self) -> ms.ModelServerError:
+        return ms.ModelServerError(ms.OVERLOADED, f"the model server is busy ({self.config.model_connections} "
                                                   "predicts in flight): try again in a moment")
-        return await self._in_turn(self._model_slots, busy, self.model_server.predict, body)
 
     async def _in_turn(self, slots: asyncio.Semaphore, busy: Exception, work, *args):
         """`work(*args)` once one of `slots` is free; `busy` (a 503 with Retry-After, in the end) after
@@ -334,11 +351,7 @@ class WebApp:
             try:
                 prediction = await self._predict_in_turn(body)
             except ms.ModelServerError as error:
-                self.metrics.model_server_errors.labels(error.reason).inc()
-                log.warning("model server %s: %s", self.model_server.description, error.message)
-                status = _MODEL_SERVER_STATUS[error.reason]
-                outcome = "bad_request" if error.reason == ms.REJECTED else f"model_{error.reason}"
-                raise RequestError(status, error.message, outcome) from None
+                raise self._model_server_failure(error) from None
             if prediction.blank:
                 raise RequestError(422, "there is no digit in the image (no ink found): draw or upload a digit",
                                    "no_ink")
@@ -369,6 +382,62 @@ class WebApp:
             "model_version": prediction.model_version,
             "elapsed_ms": round(model_ms, 1),
         })
+
+    def _model_server_failure(self, error: ms.ModelServerError) -> RequestError:
+        """A model-server failure as the page's answer (503 and 504 its fault, 400 if it refused the input),
+        counted and logged with the server's address (which the page is not told)."""
+        self.metrics.model_server_errors.labels(error.reason).inc()
+        log.warning("model server %s: %s", self.model_server.description, error.message)
+        outcome = "bad_request" if error.reason == ms.REJECTED else f"model_{error.reason}"
+        return RequestError(_MODEL_SERVER_STATUS[error.reason], error.message, outcome)
+
+    async def read_sheet(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            if self.sheets is None:
+                raise RequestError(501, "this app reads no forms: the forms package is not installed",
+                                   "not_configured")
+            form = self.sheets.form.name
+            loop = asyncio.get_running_loop()
+
+            def predict(cells: list[bytes]) -> list[ms.Prediction]:  # called by forms' reader, in its thread
+                return asyncio.run_coroutine_threadsafe(self._predict_cells(cells), loop).result()
+
+            try:
+                body = await self._read(request, self.config.max_image_bytes)
+                busy = RequestError(503, "the app is busy reading other images: try again in a moment", "busy")
+                sheet = await self._in_turn(self._decode_slots, busy, asyncio.to_thread, self._read_sheet, body,
+                                            predict)
+            except RequestError as error:
+                if error.status < 500:  # the photo's fault: no image, too large, not the form
+                    self.metrics.sheet(form, n.SHEET_UNREADABLE)
+                raise
+            except ms.ModelServerError as error:
+                raise self._model_server_failure(error) from None
+        except RequestError as error:
+            self.metrics.request(n.WEB_READ_SHEET_ENDPOINT, error.outcome, time.perf_counter() - started)
+            return _error(error)
+        self.metrics.sheet(form, sheet.outcome, sheet.counts, sheet.failed_checks)
+        self.metrics.request(n.WEB_READ_SHEET_ENDPOINT, "ok", time.perf_counter() - started)
+        return _json(sheet.document)
+
+    def _read_sheet(self, body: bytes, predict):
+        """In a worker thread: the photo checked as /api/predict checks an image, then read as the form."""
+        from web.sheets import Unreadable
+
+        check_image(body, self.config)
+        try:
+            return self.sheets.read(body, predict)
+        except Unreadable as error:
+            raise RequestError(error.status, error.message, "not_a_form" if error.status == 422 else "bad_request") \
+                from None
+
+    async def _predict_cells(self, cells: list[bytes]) -> list[ms.Prediction]:
+        """A sheet's cells, in requests of the model server's batch size, once one of its slots is free."""
+        from web.sheets import BATCH_SIZE
+
+        return await self._in_turn(self._model_slots, self._model_busy(), self.model_server.predict_batch, cells,
+                                   BATCH_SIZE)
 
     async def feedback_handler(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -641,6 +710,7 @@ class WebApp:
         app.router.add_get("/", self.page)
         app.router.add_static("/static/", self._static, follow_symlinks=False, show_index=False)
         app.router.add_post("/api/predict", self.predict)
+        app.router.add_post("/api/read-sheet", self.read_sheet)
         app.router.add_post("/api/feedback", self.feedback_handler)
         app.router.add_get("/api/model", self.model_info)
         app.router.add_get("/review", self.review_page)

@@ -49,12 +49,17 @@ from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, 
               help="Corrections that may wait for a reviewer; more get 503 until some are reviewed.")
 @click.option("--pending-per-client", type=int, default=WebConfig.pending_per_client, show_default=True,
               help="Of those, from one client (address); more get 429.")
+@click.option("--form", "form_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The form POST /api/read-sheet reads (a form description, YAML or JSON, as for `digits read "
+                   "--form`). Default: the example tally form, forms/tally.yaml.")
+@click.option("--sheets-per-minute", type=int, default=WebConfig.sheets_per_minute, show_default=True,
+              help="Sheet photos one client may send to /api/read-sheet per minute; more get 429 with Retry-After.")
 @click.option("--review-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A file holding the reviewers' token: serves the review page at /review (not linked from "
                    "the public page). Or set DIGITS_REVIEW_TOKEN. Default: no review page.")
 def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, model_dir, model_timeout,
                 max_image_bytes, model_connections, predicts_per_minute, feedback_per_minute, allowed_hosts,
-                allowed_origins, max_pending, pending_per_client, review_token_file):
+                allowed_origins, max_pending, pending_per_client, form_path, sheets_per_minute, review_token_file):
     """Serve the web page: draw or upload a digit, see what the model answers, correct it."""
     if review_token_file is not None and not review_token_file.is_file():
         raise click.ClickException(f"--review-token-file {review_token_file} is not a file")
@@ -66,7 +71,8 @@ def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, 
                            max_image_bytes=max_image_bytes, model_connections=model_connections,
                            predicts_per_minute=predicts_per_minute, feedback_per_minute=feedback_per_minute,
                            allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, max_pending=max_pending,
-                           pending_per_client=pending_per_client, review_token=_review_token(review_token_file))
+                           pending_per_client=pending_per_client, form_path=form_path,
+                           sheets_per_minute=sheets_per_minute, review_token=_review_token(review_token_file))
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     if config.feedback_dir.exists() and not config.feedback_dir.is_dir():
@@ -74,6 +80,8 @@ def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, 
     if config.model_dir is not None and not config.model_dir.is_dir():
         raise click.ClickException(f"--model-dir {config.model_dir} is not a directory: give the model server's "
                                    "base path (e.g. serving_model/digits), or leave the option out")
+    if config.form_path is not None:
+        _check_form(config.form_path)
     # The port before anything else, so a taken one is one line; bound, not listening until the app is.
     try:
         sock = reserve(Port(config.host, config.port, "the web page", "--port"))
@@ -119,3 +127,13 @@ def _review_token(path: Path | None) -> str | None:
     if not token:
         raise click.ClickException(f"--review-token-file {path} is empty")
     return token
+
+
+def _check_form(path: Path) -> None:
+    """A form description that cannot be read is one line now, not a refused sheet later."""
+    from forms import layout
+
+    try:
+        layout.load(path)
+    except layout.FormError as error:
+        raise click.ClickException(f"--form {error}") from None

@@ -68,6 +68,10 @@ class WebConfig:
     allowed_hosts: tuple[str, ...] = ()
     # Origins besides the page's own allowed to send state-changing requests (a separate front end).
     allowed_origins: tuple[str, ...] = ()
+    # The form POST /api/read-sheet reads (forms/ layout YAML or JSON); None: the example tally form,
+    # forms/tally.yaml. A sheet is a photo: a minute's worth is a stack of them, not a person drawing.
+    form_path: Path | None = None
+    sheets_per_minute: int = 30
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feedback_dir", Path(self.feedback_dir))
@@ -76,6 +80,8 @@ class WebConfig:
                            tuple(origin.rstrip("/").lower() for origin in self.allowed_origins))
         if self.model_dir is not None:
             object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if self.form_path is not None:
+            object.__setattr__(self, "form_path", Path(self.form_path))
         problems = []
         if (self.serving_url is None) == (self.grpc_target is None):
             problems.append("give either a REST URL (--serving-url) or a gRPC target (--grpc), not both")
@@ -94,7 +100,7 @@ class WebConfig:
             problems.append(f"--port must be 0-65535, got {self.port}")
         for name in ("max_image_bytes", "max_image_pixels", "recent_answers", "model_connections",
                      "answers_per_client", "predicts_per_minute", "feedback_per_minute", "decode_slots",
-                     "max_pending", "pending_per_client", "reviews_per_minute"):
+                     "max_pending", "pending_per_client", "reviews_per_minute", "sheets_per_minute"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.model_timeout_s <= 0:

@@ -55,6 +55,13 @@ class WebMetrics:
                                   "Answers people judged: right when predicted_class equals corrected_class.", registry)
         self.pending = _declared(n.WEB_FEEDBACK_PENDING, "Corrections waiting for a reviewer before any training "
                                                          "run may use them.", registry)
+        self.sheets = _declared(n.WEB_SHEETS, "Tally-form photos sent to /api/read-sheet, by verdict (unreadable: "
+                                               "refused as no image or no form).", registry)
+        self.sheet_counts = _declared(n.WEB_SHEET_COUNTS, "Counts of the sheets read, by whether a person must "
+                                                          "look at them.", registry)
+        self.sheet_check_failures = _declared(n.WEB_SHEET_CHECK_FAILURES, "Arithmetic checks that failed on "
+                                                                          "counts read without doubt, by check.",
+                                              registry)
         self._versions_seen: set[tuple[str, int]] = set()
         # The reference profile of each version that answered, read from --model-dir (what `digits serve`
         # exports itself): in front of the TF Serving container, the drift rules need it from here.
@@ -87,6 +94,27 @@ class WebMetrics:
     def judged(self, model_name: str, version: int, predicted: int, corrected: int) -> None:
         self._first_sight(model_name, version)
         self._feedback(model_name, version, predicted, corrected).inc()
+
+    def declare_form(self, form: str, checks: list[str]) -> None:
+        """Every series of the sheets of `form` (its name) at 0 from the start: rate() cannot see the
+        increment that creates a series, and an inconsistent sheet is rare."""
+        for outcome in n.SHEET_OUTCOMES:
+            self.sheets.labels(form, outcome)
+        for outcome in n.COUNT_OUTCOMES:
+            self.sheet_counts.labels(form, outcome)
+        for check in checks:
+            self.sheet_check_failures.labels(form, check)
+
+    def sheet(self, form: str, outcome: str, counts: list[str] = (), failed_checks: list[str] = ()) -> None:
+        """One sheet read (or refused: SHEET_UNREADABLE), the outcome of each of its counts, its failed checks."""
+        unknown = {outcome, *counts} - {*n.SHEET_OUTCOMES, *n.COUNT_OUTCOMES}
+        if unknown:
+            raise ValueError(f"outcomes not declared in monitoring/names.py: {sorted(unknown)}")
+        self.sheets.labels(form, outcome).inc()
+        for count in counts:
+            self.sheet_counts.labels(form, count).inc()
+        for check in failed_checks:
+            self.sheet_check_failures.labels(form, check).inc()
 
     def _feedback(self, model_name: str, version: int, predicted: int, corrected: int):
         verdict = n.VERDICT_RIGHT if predicted == corrected else n.VERDICT_CORRECTED

@@ -49,16 +49,21 @@ class ModelServerError(Exception):
 Prediction = Answer
 
 
-def _decoded(decode, payload, version: int) -> Prediction:
+def _decoded(decode, payload, version: int, count: int = 1) -> list[Prediction]:
+    """The `count` answers of one predict request, each with its ink fraction."""
     try:
-        [answer] = decode(payload, with_image=True, model_version=version)
+        answers = decode(payload, with_image=True, model_version=version)
     except BadAnswer as error:
         raise ModelServerError(BAD_ANSWER, f"the model server's answer is not a digits model's: {error}") from None
-    except ValueError:
-        raise ModelServerError(BAD_ANSWER, "the model server answered for more or fewer images than it was sent") from None
-    if answer.ink_fraction is None:
+    if len(answers) != count:
+        raise ModelServerError(BAD_ANSWER, "the model server answered for more or fewer images than it was sent")
+    if any(answer.ink_fraction is None for answer in answers):
         raise ModelServerError(BAD_ANSWER, f"the model server's answer has no {contract.INK_FRACTION_OUTPUT!r}")
-    return answer
+    return answers
+
+
+def _chunks(images: list[bytes], batch_size: int) -> list[list[bytes]]:
+    return [images[start:start + batch_size] for start in range(0, len(images), batch_size)]
 
 
 class RestModelServer:
@@ -141,17 +146,27 @@ class RestModelServer:
         return self._version
 
     async def predict(self, image: bytes) -> Prediction:
-        body = {"signature_name": contract.NORMALIZED_SIGNATURE,
-                "instances": [{"b64": base64.b64encode(image).decode("ascii")}]}
+        [answer] = await self.predict_batch([image], 1)
+        return answer
+
+    async def predict_batch(self, images: list[bytes], batch_size: int) -> list[Prediction]:
+        """One answer per image, in order, all from one version: requests of at most `batch_size` images
+        (TF Serving with batching on refuses more than its max_batch_size in one request)."""
         for attempt in range(2):
             version = await self._current_version(refresh=attempt > 0)
-            status, document = await self._request(
-                "POST", f"/v1/models/{self._model}/versions/{version}:predict", body)
-            if status == 404 and attempt == 0:
-                continue  # the version was unloaded since it was read: ask which is newest now
-            if status != 200:
-                raise _http_error(status, document)
-            return _decoded(from_rest, document.get("predictions"), version)
+            answers: list[Prediction] = []
+            for chunk in _chunks(images, batch_size):
+                body = {"signature_name": contract.NORMALIZED_SIGNATURE,
+                        "instances": [{"b64": base64.b64encode(image).decode("ascii")} for image in chunk]}
+                status, document = await self._request(
+                    "POST", f"/v1/models/{self._model}/versions/{version}:predict", body)
+                if status == 404 and attempt == 0:
+                    break  # the version was unloaded since it was read: ask which is newest now
+                if status != 200:
+                    raise _http_error(status, document)
+                answers += _decoded(from_rest, document.get("predictions"), version, len(chunk))
+            else:
+                return answers
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
@@ -234,18 +249,26 @@ class GrpcModelServer:
         return sorted(entry.version for entry in response.model_version_status if entry.state == available)
 
     async def predict(self, image: bytes) -> Prediction:
+        [answer] = await self.predict_batch([image], 1)
+        return answer
+
+    async def predict_batch(self, images: list[bytes], batch_size: int) -> list[Prediction]:
+        """One answer per image, in order: requests of at most `batch_size` images."""
         from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
         from tensorflow_serving.apis import predict_pb2
 
         stub, _ = self._stubs()
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = self._model
-        request.model_spec.signature_name = contract.NORMALIZED_SIGNATURE
-        request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_STRING, string_val=[image],
-            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)])))
-        response = await self._call(stub.Predict, request)
-        return _decoded(from_grpc, response.outputs, response.model_spec.version.value)
+        answers: list[Prediction] = []
+        for chunk in _chunks(images, batch_size):
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = self._model
+            request.model_spec.signature_name = contract.NORMALIZED_SIGNATURE
+            shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(chunk))])
+            request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_STRING, string_val=chunk, tensor_shape=shape))
+            response = await self._call(stub.Predict, request)
+            answers += _decoded(from_grpc, response.outputs, response.model_spec.version.value, len(chunk))
+        return answers
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -24,7 +24,8 @@ class WebProcess(ChildProcess):
 
 # Tests and benchmarks are one client (loopback) sending far more than a person: without rate limits
 # unless they set them (the rate-limit test does).
-UNLIMITED = ("--predicts-per-minute", "1000000", "--feedback-per-minute", "1000000")
+UNLIMITED = ("--predicts-per-minute", "1000000", "--feedback-per-minute", "1000000",
+             "--sheets-per-minute", "1000000")
 
 
 def start_web(*args: str | Path, timeout: float = 60, cwd: Path | None = None) -> WebProcess:

@@ -599,6 +599,49 @@ def web_panels() -> list:
     ]
 
 
+def web_sheet(metric: str, *matchers: str) -> str:
+    """A series of the web app's tally-form reading (POST /api/read-sheet)."""
+    return selector(metric, WEB_JOB, *TOPOLOGY, *matchers)
+
+
+def per_hour(metric: str, by: str, *matchers: str) -> str:
+    return f"sum by ({WHERE}, {by}) ({rate(web_sheet(metric, *matchers))}) * 3600"
+
+
+def sheet_panels() -> list:
+    """Photos of tally forms read through the web app (`digits web --form`): what a person still has to do."""
+    outcomes = ", ".join(n.SHEET_OUTCOMES)
+    accepted = f'outcome="{n.SHEET_ACCEPTED}"'
+    return [
+        graph(
+            "Sheets read per hour, by verdict",
+            f"Tally-form photos sent to POST /api/read-sheet per hour, per form, by verdict ({outcomes}): "
+            f"{n.SHEET_ACCEPTED} needs no person; {n.SHEET_NEEDS_REVIEW}, a digit the model was unsure of; "
+            f"{n.SHEET_INCONSISTENT}, counts read without doubt that do not add up (the form itself, or a misread "
+            f"the model stood by); {n.SHEET_UNREADABLE}, refused as no image, too large or not the form.",
+            units.Short,
+            [query(per_hour(n.WEB_SHEETS, f"{n.FORM_LABEL}, outcome"), "{{form}} {{outcome}}")], width=8).min(0),
+        graph(
+            "Sheets a person must look at",
+            "Share of the sheets sent that were not accepted without a person (any verdict but "
+            f"{n.SHEET_ACCEPTED}, unreadable photos included), per form. A rise after a rollout is the model "
+            "reading worse; a rise of inconsistent sheets alone is the forms, or a confident misreading.",
+            units.PercentUnit,
+            [query(f"1 - sum by ({WHERE}, {n.FORM_LABEL}) ({rate(web_sheet(n.WEB_SHEETS, accepted))})\n"
+                   f"  / sum by ({WHERE}, {n.FORM_LABEL}) ({rate(web_sheet(n.WEB_SHEETS))})", "{{form}}")],
+            width=8).min(0).max(1),
+        graph(
+            "Counts and failed checks per hour",
+            f"The counts of the sheets read per hour by outcome ({', '.join(n.COUNT_OUTCOMES)}), and the "
+            "arithmetic checks that failed on counts read without doubt, per check: one check failing often "
+            "is a form people fill in wrongly.",
+            units.Short,
+            [query(per_hour(n.WEB_SHEET_COUNTS, f"{n.FORM_LABEL}, outcome"), "counts {{outcome}}"),
+             query(per_hour(n.WEB_SHEET_CHECK_FAILURES, f"{n.FORM_LABEL}, {n.CHECK_LABEL}"), "failed: {{check}}")],
+            width=8).min(0),
+    ]
+
+
 def scrape_panels() -> list:
     up_mappings = [model.ValueMap(options={
         "0": model.ValueMappingResult(text="down", color=RED, index=0),
@@ -656,6 +699,7 @@ ROWS = (
     ("Model versions", True, version_panels),
     ("Predictions & drift", False, drift_panels),
     ("Web app & feedback", False, web_panels),
+    ("Tally forms", True, sheet_panels),
     ("Scrape health", True, scrape_panels),
 )
 
