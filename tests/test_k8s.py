@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -655,6 +656,25 @@ def test_production_overlay_runs_the_registry_image_of_a_model_version_with_more
     # patched, not replaced
     assert hpa["behavior"] == the(base_objects(), "HorizontalPodAutoscaler")["spec"]["behavior"]
     assert the(objects, "Deployment")["spec"]["selector"] == the(base_objects(), "Deployment")["spec"]["selector"]
+
+
+def test_a_digest_pin_renders_as_the_image_reference_and_stays_valid(tmp_path):
+    """docs/kubernetes.md's pin by digest: `kustomize edit set image NAME=IMAGE@sha256:...` writes `digest:` into
+    the kustomization, which renders one immutable image reference. The digest here is made up (no registry can
+    be reached from these machines to read a real one); what is checked is the shape kubectl renders."""
+    digest = "sha256:" + "0123456789abcdef" * 4
+    overlay = tmp_path / "pinned"
+    overlay.mkdir()
+    [image] = kustomization(PRODUCTION)["images"]
+    relative = os.path.relpath(PRODUCTION, overlay)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [relative],
+        "images": [{"name": image["newName"], "digest": digest}]}))
+    objects = built(overlay)
+    assert container(the(objects, "Deployment"))["image"] == f"{image['newName']}@{digest}"
+    assert schema_problems(objects) == []
+    assert "kustomize edit set image digits-serving=REGISTRY/digits-serving@sha256:" in " ".join(
+        (REPO / "docs" / "kubernetes.md").read_text().split())
 
 
 ADAPTER_RULES = K8S / "prometheus-adapter" / "rules.yaml"
