@@ -58,9 +58,14 @@ class ReadSheet:
 
 def _answers(predict: Predict, cells: list[geometry.Cell]) -> list[reading.CellReading]:
     """The inked cells' answers in one call (the client splits it into the server's batch size)."""
+    from serving.client import ServerError
+
     inked = [cell for cell in cells if not cell.blank]
-    answers = iter(predict([geometry.encode(cell) for cell in inked])) if inked else iter(())
-    return [reading.CellReading(None if cell.blank else next(answers)) for cell in cells]
+    answers = list(predict([geometry.encode(cell) for cell in inked])) if inked else []
+    if len(answers) != len(inked):
+        raise ServerError("BAD_ANSWER", f"{len(answers)} answers for {len(inked)} images")
+    given = iter(answers)
+    return [reading.CellReading(None if cell.blank else next(given)) for cell in cells]
 
 
 def read_sheet(image: np.ndarray, form: Form, predict: Predict) -> ReadSheet:

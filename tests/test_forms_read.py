@@ -147,3 +147,15 @@ def test_digits_form_prints_the_blank_form_and_makes_an_example_that_reads_as_wr
     missing = run_digits("form", "example", tmp_path / "none.yaml", tmp_path / "sheet.png")
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"Error: {tmp_path / 'none.yaml'}: no such form description"
+
+
+def test_a_server_that_answers_fewer_images_than_it_was_sent_is_an_error_not_a_shifted_reading():
+    from forms import layout, synth
+    from forms.reader import read_sheet
+    from serving.client import ServerError
+
+    form = layout.tally_form()
+    rng = np.random.default_rng(0)
+    sheet = synth.fill_sheet(form, synth.random_values(form, rng).values, rng)
+    with pytest.raises(ServerError, match=r"^BAD_ANSWER: \d+ answers for \d+ images$"):
+        read_sheet(sheet.image, form, lambda cells: [])
