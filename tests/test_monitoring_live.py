@@ -317,6 +317,12 @@ DASHBOARD_RESULTS: dict[str, Series | Empty | dict[str, Series | Empty]] = {
     "Web API latency": series("job", "endpoint", jobs=WEB),
     "Page predicts failing at the model server": series("job", jobs=WEB),
     "Corrections waiting for review": series("job", jobs=WEB),
+    # The web app declares every sheet series at 0 for its form when it starts: rates of 0 (and a share of
+    # 0 / 0, NaN, drawn as a gap) until a sheet is read.
+    "Sheets read per hour, by verdict": series(names.FORM_LABEL, "outcome"),
+    "Sheets a person must look at": series(names.FORM_LABEL),
+    "Counts and failed checks per hour": {"A": series(names.FORM_LABEL, "outcome"),
+                                          "B": series(names.FORM_LABEL, names.CHECK_LABEL)},
     "Model servers up": series("job", "instance"),
     "Scrape duration": series("job", "instance"),
 }
