@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -180,6 +181,9 @@ def test_the_model_server_client_answers_a_batch_in_order(sevens_server, transpo
         finally:
             await client.close()
 
-    answers = asyncio.run(ask())
+    # In a thread of its own: the session's headless browser (Playwright's sync API) keeps an event loop
+    # running in this one once a browser test has run.
+    with ThreadPoolExecutor(1) as pool:
+        answers = pool.submit(asyncio.run, ask()).result(timeout=60)
     assert [answer.blank for answer in answers] == [False, True, False, False, True]
     assert {answer.digit for answer in answers if not answer.blank} == {7}
