@@ -47,6 +47,9 @@ REVIEW_ACCEPTED, REVIEW_REJECTED = "accepted", "rejected"  # a review's verdict 
 PENDING_DIR = "pending"
 REJECTED_DIR = "rejected"
 ACCEPTED_DIR = TRAINING_DIR
+# Tally sheets waiting for a person, and those reviewed (web/sheet_queue.py), inside the feedback tree: the
+# builder never reads it; the digits a person confirms on a sheet reach training/ through the review log.
+SHEETS_DIR = "sheets"
 
 # The exported model's signatures: the contract between the Trainer, TF Serving, `digits serve` and clients.
 SERVING_SIGNATURE = "serving_default"  # encoded images in

@@ -201,7 +201,7 @@ _FEEDBACK_FILES = (contract.FEEDBACK_LOG, contract.REVIEW_LOG, contract.FEEDBACK
 
 def _without_review_queue(root: Path, entries) -> tuple[list, dict[str, int]]:
     """An extra source's entries without its corrections that no reviewer accepted (pending/ and
-    rejected/) and the feedback store's own files, and how many there were of each state. They are
+    rejected/), the feedback store's own files and its tally sheets (sheets/), and how many there were of each state. They are
     not part of the build, nor of its fingerprint: a new proposal does not make --if-changed rebuild.
 
     In a feedback tree (it has the store's log), a training/ image is used only if reviews.jsonl
@@ -209,6 +209,7 @@ def _without_review_queue(root: Path, entries) -> tuple[list, dict[str, int]]:
     moved there by a crash before its review line) is reported as `unreviewed`, never trained on."""
     prefixes = {state: str(root / state) + os.sep for state in _REVIEW_STATES}
     own = {str(root / name) for name in _FEEDBACK_FILES}
+    sheets = str(root / contract.SHEETS_DIR) + os.sep
     accepted = _accepted(root) if (root / contract.FEEDBACK_LOG).exists() or (root / contract.REVIEW_LOG).exists() \
         else None
     kept, counts = [], {state: 0 for state in _REVIEW_STATES}
@@ -216,7 +217,7 @@ def _without_review_queue(root: Path, entries) -> tuple[list, dict[str, int]]:
         state = next((s for s, prefix in prefixes.items() if entry.path.startswith(prefix)), None)
         if state is not None:
             counts[state] += entry.path.endswith(".png") and not os.path.basename(entry.path).startswith(".")
-        elif entry.path in own:
+        elif entry.path in own or entry.path.startswith(sheets):
             continue
         elif accepted is not None and type(entry) is Candidate and entry.part == contract.TRAINING_DIR \
                 and accepted.get(Path(entry.path).stem) != entry.label:

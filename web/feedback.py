@@ -221,32 +221,56 @@ class FeedbackStore:
         Raises QueueFull when the queue, or this client's share of it, is full."""
         check_digit(corrected)
         png = digit_png(normalized_image)
+        with self._locked():
+            return self._store(png, predicted=predicted, corrected=corrected, confidence=confidence,
+                               model_name=model_name, model_version=model_version, decision=decision, client=client,
+                               capped=True)
+
+    def add_reviewed(self, normalized_image, *, predicted: int, digit: int, confidence: float, model_name: str,
+                     model_version: int, reviewer: str, decision: str | None = None, client: str = "") -> Correction:
+        """A digit a trusted person read (a tally sheet's box confirmed on the token-protected review page):
+        stored as a correction and accepted as `digit` at once, with its line in both logs, under one hold
+        of the lock. Not capped: only a reviewer reaches it. An image stored already stays where a reviewer
+        put it; if it is still pending (proposed by someone else), this review accepts it as `digit`."""
+        check_digit(digit)
+        png = digit_png(normalized_image)
+        with self._locked():
+            record = self._store(png, predicted=predicted, corrected=digit, confidence=confidence,
+                                 model_name=model_name, model_version=model_version, decision=decision, client=client,
+                                 capped=False)
+            if record.state == PENDING:
+                self._review(record.id, ACCEPTED, reviewer=reviewer, digit=digit)
+        return record
+
+    def _store(self, png: bytes, *, predicted: int, corrected: int, confidence: float, model_name: str,
+               model_version: int, decision: str | None, client: str, capped: bool) -> Correction:
+        """With the lock held: the PNG stored as pending (unless stored already) and its log line."""
         digest = hashlib.sha256(png).hexdigest()
         image_id = digest[:HASH_CHARS]
         target = self._exact(PENDING, corrected, image_id)
-        with self._locked():
-            self._check_log()
-            found = self.find(image_id)
-            if found is None:
+        self._check_log()
+        found = self.find(image_id)
+        if found is None:
+            if capped:
                 self._check_room(client)
-                _write_atomically(target, png)
-                state = PENDING
-            else:  # stored already: it stays where it is (first proposal, or the reviewer's decision)
-                state, digit = found
-                target = self._exact(state, digit, image_id)
-            record = Correction(
-                time=_now(), model_name=model_name, model_version=int(model_version), predicted=int(predicted),
-                corrected=corrected, confidence=round(float(confidence), 6),
-                image=target.relative_to(self.root.resolve()).as_posix(), sha256=digest,
-                duplicate=found is not None, decision=decision, client=client, state=state)
-            try:
-                _append(self._log(LOG_NAME), json.dumps(asdict(record), sort_keys=True))
-            except BaseException:
-                if found is None:  # neither without the other: an image no log line accounts for is undone
-                    target.unlink(missing_ok=True)
-                raise
-            if found is None:
-                self._owners[image_id] = client
+            _write_atomically(target, png)
+            state = PENDING
+        else:  # stored already: it stays where it is (first proposal, or the reviewer's decision)
+            state, digit = found
+            target = self._exact(state, digit, image_id)
+        record = Correction(
+            time=_now(), model_name=model_name, model_version=int(model_version), predicted=int(predicted),
+            corrected=corrected, confidence=round(float(confidence), 6),
+            image=target.relative_to(self.root.resolve()).as_posix(), sha256=digest,
+            duplicate=found is not None, decision=decision, client=client, state=state)
+        try:
+            _append(self._log(LOG_NAME), json.dumps(asdict(record), sort_keys=True))
+        except BaseException:
+            if found is None:  # neither without the other: an image no log line accounts for is undone
+                target.unlink(missing_ok=True)
+            raise
+        if found is None:
+            self._owners[image_id] = client
         return record
 
     def _log(self, name: str) -> Path:
@@ -289,25 +313,29 @@ class FeedbackStore:
         if digit is not None:
             check_digit(digit, "the reviewed digit")
         with self._locked():
-            found = self.find(image_id)
-            if found is None:
-                raise NotPending(f"no correction {image_id!r} is stored here")
-            state, proposed = found
-            if state != PENDING:
-                raise NotPending(f"correction {image_id} was already reviewed ({state})")
-            label = proposed if digit is None or verdict == REJECTED else digit
-            source = self._exact(PENDING, proposed, image_id)
-            target = self._exact(verdict, label, image_id)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
-            _sync_directory(target.parent)
-            record = Review(time=_now(), id=image_id, verdict=verdict, digit=label, proposed=proposed,
-                            reviewer=reviewer)
-            try:
-                _append(self._log(REVIEW_LOG_NAME), json.dumps(asdict(record), sort_keys=True))
-            except BaseException:
-                os.replace(target, source)
-                raise
+            return self._review(image_id, verdict, reviewer=reviewer, digit=digit)
+
+    def _review(self, image_id: str, verdict: str, *, reviewer: str, digit: int | None) -> Review:
+        """With the lock held: the move and its review line, or neither."""
+        found = self.find(image_id)
+        if found is None:
+            raise NotPending(f"no correction {image_id!r} is stored here")
+        state, proposed = found
+        if state != PENDING:
+            raise NotPending(f"correction {image_id} was already reviewed ({state})")
+        label = proposed if digit is None or verdict == REJECTED else digit
+        source = self._exact(PENDING, proposed, image_id)
+        target = self._exact(verdict, label, image_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        _sync_directory(target.parent)
+        record = Review(time=_now(), id=image_id, verdict=verdict, digit=label, proposed=proposed,
+                        reviewer=reviewer)
+        try:
+            _append(self._log(REVIEW_LOG_NAME), json.dumps(asdict(record), sort_keys=True))
+        except BaseException:
+            os.replace(target, source)
+            raise
         return record
 
     def pending(self, limit: int | None = None) -> list[Proposal]:
