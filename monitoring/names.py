@@ -178,6 +178,16 @@ COUNT_OUTCOMES = (COUNT_ACCEPTED, COUNT_NEEDS_REVIEW, COUNT_UNREAD)
 WEB_SHEETS = _declare("digits_web_sheets_read_total", "counter", (FORM_LABEL, "outcome"))
 WEB_SHEET_COUNTS = _declare("digits_web_sheet_counts_read_total", "counter", (FORM_LABEL, "outcome"))
 WEB_SHEET_CHECK_FAILURES = _declare("digits_web_sheet_check_failures_total", "counter", (FORM_LABEL, CHECK_LABEL))
+# The sheets review queue (web/sheet_queue.py): a sheet that is not accepted waits for a person, who confirms
+# or corrects its boxes. Both gauges are read from the queue's directory at each scrape (a reviewer in another
+# process counts too); the oldest sheet's time is absent while nothing waits.
+SHEET_CONFIRMED = "confirmed"  # a person confirmed (or corrected) every box: the counts are the person's
+SHEET_REJECTED = "rejected"  # a person said the photo cannot be read as the form: nothing is counted from it
+SHEET_REVIEW_VERDICTS = (SHEET_CONFIRMED, SHEET_REJECTED)
+WEB_SHEETS_PENDING = _declare("digits_web_sheets_pending_review", "gauge", (FORM_LABEL,))
+WEB_SHEET_OLDEST_PENDING = _declare("digits_web_sheet_oldest_pending_timestamp_seconds", "gauge", (FORM_LABEL,))
+WEB_SHEET_REVIEWS = _declare("digits_web_sheet_reviews_total", "counter", (FORM_LABEL, VERDICT_LABEL))
+WEB_SHEETS_ENDPOINT = "sheets"  # the sheet reviewers' API, behind the review token
 
 # -- The blackbox exporter's probes (monitoring/blackbox/blackbox.yml) ----------------------------------
 # The one signal that sees requests that never arrive: a real predict of a known digit through REST

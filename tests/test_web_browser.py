@@ -660,3 +660,134 @@ def test_the_review_page_paints_each_proposal_and_records_the_verdicts(open_page
         f"training/1/{records[0].id}.png", f"training/4/{records[1].id}.png", f"rejected/1/{records[2].id}.png"])
     reviews = [json.loads(line) for line in (feedback / "reviews.jsonl").read_text().splitlines()]
     assert [review["reviewer"] for review in reviews] == ["web review page (127.0.0.1)"] * 3
+
+
+# -- Tally forms: the public page reads a sheet; a reviewer reads its boxes -------------------------------
+
+SHEET_TOKEN = "sheet-review-token-0123456789"
+RED = "rgb(164, 22, 26)"  # --error in style.css: the boxes to check
+
+
+@pytest.fixture(scope="module")
+def sheets_app(sevens_server, form_file, tmp_path_factory):
+    """`digits web --form` in front of the server whose model answers 7 (tests/form_sheets.py's form)."""
+    root = tmp_path_factory.mktemp("sheets-browser")
+    (root / "token").write_text(SHEET_TOKEN)
+    with start_web("--serving-url", sevens_server.rest_url, "--form", form_file, "--feedback-dir", root / "feedback",
+                   "--review-token-file", root / "token") as app:
+        app.feedback_dir = root / "feedback"
+        yield app
+
+
+def _painted_red(page, selector: str) -> int:
+    """Red pixels of an <img> as the browser decoded it (drawn on a canvas: what is on screen, not the text)."""
+    return page.evaluate("""(selector) => {
+        const img = document.querySelector(selector);
+        const canvas = document.createElement('canvas');
+        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+        const ctx = canvas.getContext('2d');
+        ctx.drawImage(img, 0, 0);
+        const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+        let red = 0;
+        for (let i = 0; i < data.length; i += 4) red += data[i] > 150 && data[i + 1] < 80 && data[i + 2] < 80;
+        return red;
+    }""", selector)
+
+
+def _no_sideways_scroll(page) -> None:
+    width = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], "the page scrolls sideways"
+
+
+@pytest.mark.parametrize("size", ["phone", "desktop"])
+def test_an_uploaded_sheet_shows_what_to_check_and_a_reviewer_reads_its_boxes(sheets_app, open_page, form_file,
+                                                                              tmp_path, size):
+    """The public page reads a photographed sheet whose total was planted wrong (upside down): it says a person
+    must check it, outlines the boxes of the failing sum in red in its table and on the photo, and that it went
+    to review. On the reviewers' page the same sheet shows each box's image and the model's digit; the reviewer
+    reads "issued" as 77, the sum is worked out again on the page, and the confirmed counts are recorded."""
+    import numpy as np
+    from PIL import Image
+
+    from form_sheets import photo
+
+    options = PHONE if size == "phone" else DESKTOP
+    sheet = photo(form_file, {"issued": 777, "counted": 77}, tmp_path, f"planted-{size}", turned=True,
+                  seed={"phone": 11, "desktop": 12}[size])
+    page = open_page(sheets_app.url, **options)
+    page.goto(sheets_app.url + "/sheet")
+    page.set_input_files("#upload", str(sheet))
+    page.wait_for_function("() => ['done', 'error'].includes(document.body.dataset.state)")
+    assert page.evaluate("document.body.dataset.state") == "done", page.locator("#error").text_content()
+    assert "do not add up" in page.locator("#announce").text_content()
+    assert "turned 180" in page.locator("#announce").text_content()
+    rows = page.evaluate("""() => [...document.querySelectorAll('#counts tbody tr')].map((tr) => ({
+        count: tr.dataset.count, value: tr.querySelector('.value').textContent,
+        boxes: [...tr.querySelectorAll('.box')].map((box) => ({text: box.textContent,
+            look: box.classList.contains('look'), border: getComputedStyle(box).borderTopColor,
+            rect: box.getBoundingClientRect().toJSON()}))}))""")
+    assert [(row["count"], row["value"]) for row in rows] == [("issued", "777"), ("counted", "77")]
+    assert [box["text"] for box in rows[0]["boxes"]] == ["7", "7", "7"]
+    assert [box["look"] for box in rows[0]["boxes"]] == [True, True, True]  # every written box of the failing sum
+    assert [box["look"] for box in rows[1]["boxes"]] == [False, True, True]
+    assert all(box["border"] == RED for row in rows for box in row["boxes"] if box["look"])
+    for row in rows:  # a count's boxes side by side on one line, in order
+        tops = [box["rect"]["top"] for box in row["boxes"]]
+        lefts = [box["rect"]["left"] for box in row["boxes"]]
+        assert max(tops) - min(tops) < 2 and lefts == sorted(lefts), row
+    assert page.locator("#checks li.fails").count() == 1
+    assert page.locator("#review-note").text_content().startswith("Sent to a person for review")
+    marked = page.evaluate("""() => {const img = document.querySelector('#marked'), box = img.getBoundingClientRect();
+        return {natural: img.naturalWidth, width: box.width, right: box.right, complete: img.complete}}""")
+    assert marked["complete"] and marked["natural"] > 0 and 0 < marked["right"] <= page.viewport_size["width"]
+    assert _painted_red(page, "#marked") > 300  # the boxes to check, outlined on the photo
+    _no_sideways_scroll(page)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"sheet-{size}.png"), full_page=True)
+
+    page.goto(sheets_app.url + "/review/sheets")
+    page.fill("#token", SHEET_TOKEN)
+    page.click("#login button")
+    page.wait_for_function("() => ['shown', 'empty', 'error'].includes(document.body.dataset.state)")
+    assert page.evaluate("document.body.dataset.state") == "shown", page.locator("#error").text_content()
+    sheet_id = page.evaluate("document.body.dataset.sheet")
+    pending = sheets_app.feedback_dir / "sheets" / "pending" / sheet_id
+    boxes = page.evaluate("""() => [...document.querySelectorAll('tr[data-count]')].map((tr) => ({
+        count: tr.dataset.count, value: tr.querySelector('.value').textContent,
+        boxes: [...tr.querySelectorAll('.box-edit')].map((box) => {
+            const canvas = box.querySelector('canvas'), input = box.querySelector('input');
+            const rect = input.getBoundingClientRect();
+            return {value: input.value, look: box.classList.contains('look'), rect: [rect.left, rect.top, rect.height],
+                    visible: canvas !== null && canvas.getBoundingClientRect().width > 0,
+                    pixels: canvas && [...canvas.getContext('2d').getImageData(0, 0, 28, 28).data]
+                        .filter((_, i) => i % 4 === 0)};
+        })}))""")
+    assert [(row["count"], [b["value"] for b in row["boxes"]], row["value"]) for row in boxes] == [
+        ("issued", ["7", "7", "7"], "777"), ("counted", ["", "7", "7"], "77")]
+    for row in boxes:
+        tops = [box["rect"][1] for box in row["boxes"]]
+        assert max(tops) - min(tops) < 1, row  # one line, in order
+        assert [box["rect"][0] for box in row["boxes"]] == sorted(box["rect"][0] for box in row["boxes"])
+        assert min(box["rect"][2] for box in row["boxes"]) >= 44  # touch-sized inputs
+        for index, box in enumerate(row["boxes"]):
+            cell = pending / "cells" / f"{row['count']}.{index + 1}.png"
+            assert box["visible"] == cell.is_file()
+            if cell.is_file():  # what is painted is the image the model classified
+                with Image.open(cell) as png:
+                    assert box["pixels"] == np.asarray(png).flatten().tolist()
+    assert page.evaluate("document.activeElement.closest('.box-edit').classList.contains('look')")
+    assert page.locator("#checks li.fails").count() == 1
+    _no_sideways_scroll(page)
+    page.screenshot(path=str(ARTIFACTS / f"review-sheet-{size}.png"), full_page=True)
+
+    page.locator("tr[data-count='issued'] .box-edit input").first.fill("")  # the hundreds box is empty
+    page.wait_for_function("() => document.querySelector('#checks li.holds') !== null")
+    assert page.locator("tr[data-count='issued'] .value").text_content() == "77"
+    page.click("#confirm")
+    page.wait_for_function("() => document.body.dataset.sheet !== %r || document.body.dataset.state === 'empty'"
+                           % sheet_id)
+    [decision] = [line for line in map(json.loads, (sheets_app.feedback_dir / "sheets" / "reviews.jsonl")
+                                       .read_text().splitlines()) if line["id"] == sheet_id]
+    assert decision["values"] == {"issued": 77, "counted": 77} and decision["checks"][0]["holds"] is True
+    assert decision["changed"] == [{"count": "issued", "box": 1, "read": 7, "confirmed": None}]
+    assert decision["training"] == []  # the model stood by every 7: an emptied box teaches no digit

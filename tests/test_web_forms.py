@@ -32,10 +32,20 @@ FORM = "ballot-account"  # FORM_YAML's name: the `form` label of the sheet metri
 CHECK = "every ballot issued is counted"
 
 
+TOKEN = "sheet-review-token-0123456789"
+
+
 @pytest.fixture(scope="module")
-def sheets_app(sevens_server, form_file, tmp_path_factory):
-    with start_web("--serving-url", sevens_server.rest_url, "--form", form_file,
-                   "--feedback-dir", tmp_path_factory.mktemp("feedback")) as app:
+def feedback_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("feedback")
+
+
+@pytest.fixture(scope="module")
+def sheets_app(sevens_server, form_file, feedback_dir, tmp_path_factory):
+    token = tmp_path_factory.mktemp("token") / "token"
+    token.write_text(TOKEN)
+    with start_web("--serving-url", sevens_server.rest_url, "--form", form_file, "--feedback-dir", feedback_dir,
+                   "--review-token-file", token) as app:
         yield app
 
 
@@ -78,7 +88,8 @@ def test_a_sheet_is_read_as_digits_read_reads_it(sheets_app, sevens_server, form
     assert cli.returncode == 0, cli.stderr
     expected = json.loads(cli.stdout)
     del expected["image"]
-    assert {k: v for k, v in answer.items() if k not in ("marked", "verdict")} == expected
+    assert {k: v for k, v in answer.items() if k not in ("marked", "verdict", "review")} == expected
+    assert answer["review"] is None  # accepted: nobody needs to look at it
 
     marked = _marked(answer)
     assert marked.format == "PNG" and max(marked.size) <= 1600
@@ -187,3 +198,122 @@ def test_the_model_server_client_answers_a_batch_in_order(sevens_server, transpo
         answers = pool.submit(asyncio.run, ask()).result(timeout=60)
     assert [answer.blank for answer in answers] == [False, True, False, False, True]
     assert {answer.digit for answer in answers if not answer.blank} == {7}
+
+
+def _sheets_api(app, method: str, path: str = "", token: str | None = TOKEN, **kwargs) -> requests.Response:
+    headers = kwargs.pop("headers", {})
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return requests.request(method, f"{app.url}/api/sheets{path}", headers=headers, timeout=30, **kwargs)
+
+
+def _gauge(metrics: dict, name: str) -> float | None:
+    return metrics.get((name, (("form", FORM),)))
+
+
+def test_a_sheet_for_a_person_waits_until_a_reviewer_reads_its_boxes(sheets_app, feedback_dir, form_file, tmp_path):
+    """The planted sheet is answered as inconsistent and queued; the reviewers' API gives its marked photo and
+    the image of each written box; the reviewer reads box 1 of "issued" as a 1 (the model said 7), and the
+    decision is recorded with the sums as written, the box becomes a training digit and the gauges follow."""
+    from PIL import Image
+
+    sheet = photo(form_file, {"issued": 777, "counted": 77}, tmp_path, "queued", seed=5)
+    answer = _read_sheet(sheets_app, sheet.read_bytes()).json()
+    assert answer["verdict"] == "inconsistent"
+    assert answer["review"]["queued"] is True and answer["review"]["state"] == "pending"
+    sheet_id = answer["review"]["id"]
+    again = _read_sheet(sheets_app, sheet.read_bytes()).json()["review"]
+    assert again == answer["review"]  # the same photo waits once
+
+    queue = _sheets_api(sheets_app, "GET")
+    assert queue.status_code == 200, queue.text
+    listing = queue.json()
+    assert sheet_id in [item["id"] for item in listing["pending"]]
+    assert listing["form"]["counts"] == [{"id": "issued", "label": "Ballots issued", "digits": 3},
+                                         {"id": "counted", "label": "Ballots counted", "digits": 3}]
+    waiting = listing["counts"]["pending"]
+    metrics = _metrics(sheets_app)
+    assert _gauge(metrics, n.WEB_SHEETS_PENDING) == waiting >= 1
+    assert _gauge(metrics, n.WEB_SHEET_OLDEST_PENDING) > 0
+
+    shown = _sheets_api(sheets_app, "GET", f"/{sheet_id}").json()
+    assert "client" not in shown and shown["reading"]["verdict"] == "inconsistent"
+    prefix = "data:image/jpeg;base64,"
+    assert shown["marked"].startswith(prefix)
+    marked = Image.open(io.BytesIO(base64.b64decode(shown["marked"][len(prefix):])))
+    assert marked.format == "JPEG" and max(marked.size) <= 1600
+    assert sorted(shown["cells"]) == ["counted.2", "counted.3", "issued.1", "issued.2", "issued.3"]
+    assert np.asarray(shown["cells"]["issued.1"]).shape == (28, 28) and np.asarray(shown["cells"]["issued.1"]).max() > 0
+
+    decided = _sheets_api(sheets_app, "POST", json={"id": sheet_id, "verdict": "confirmed",
+                                                    "boxes": {"issued": [1, 7, 7], "counted": [None, 7, 7]}})
+    assert decided.status_code == 200, decided.text
+    decision = decided.json()["decision"]
+    assert decision["values"] == {"issued": 177, "counted": 77}
+    assert decision["reviewer"] == "web review page (127.0.0.1)"
+    assert [check["holds"] for check in decision["checks"]] == [False]  # as written: still a case to escalate
+    assert decision["changed"] == [{"count": "issued", "box": 1, "read": 7, "confirmed": 1}]
+    [trained] = decision["training"]
+    assert (feedback_dir / "training" / "1" / f"{trained}.png").is_file()
+    assert decided.json()["counts"]["pending"] == waiting - 1
+
+    after = _metrics(sheets_app)
+    assert _gauge(after, n.WEB_SHEETS_PENDING) == waiting - 1
+    assert after[(n.WEB_SHEET_REVIEWS, (("form", FORM), ("verdict", "confirmed")))] \
+        - metrics[(n.WEB_SHEET_REVIEWS, (("form", FORM), ("verdict", "confirmed")))] == 1
+    if waiting == 1:
+        assert _gauge(after, n.WEB_SHEET_OLDEST_PENDING) is None  # nothing waits: the series is gone
+
+    twice = _sheets_api(sheets_app, "POST", json={"id": sheet_id, "verdict": "rejected"})
+    assert (twice.status_code, twice.json()) == (409, {"error": f"no sheet {sheet_id!r} waits for review"})
+
+
+def test_the_reviewers_api_refuses_what_is_not_a_review(sheets_app, form_file, tmp_path):
+    sheet = photo(form_file, {"issued": 777, "counted": 77}, tmp_path, "bad-reviews", seed=6)
+    sheet_id = _read_sheet(sheets_app, sheet.read_bytes()).json()["review"]["id"]
+    unknown = "0" * 24
+    cases = [
+        (_sheets_api(sheets_app, "GET", token=None), 401, "give the review token: Authorization: Bearer <token>"),
+        (_sheets_api(sheets_app, "GET", f"/{sheet_id}", token="not-the-token-not-the-token"), 401,
+         "give the review token: Authorization: Bearer <token>"),
+        (_sheets_api(sheets_app, "GET", f"/{unknown}"), 404, f"no sheet {unknown!r} waits for review"),
+        (_sheets_api(sheets_app, "GET", "?limit=0"), 400, "limit must be a whole number from 1 to 200"),
+        (_sheets_api(sheets_app, "POST", data="id=1", headers={"Content-Type": "text/plain"}), 415,
+         "send JSON, as Content-Type: application/json"),
+        (_sheets_api(sheets_app, "POST", json=[sheet_id]), 400, 'send a JSON object: {"id": "<sheet id>", "verdict": '
+                                                                '"confirmed" or "rejected", "boxes": {"<count id>": '
+                                                                '[digit or null, ...]}}'),
+        (_sheets_api(sheets_app, "POST", json={"id": unknown, "verdict": "rejected"}), 404,
+         f"no sheet {unknown!r} waits for review"),
+        (_sheets_api(sheets_app, "POST", json={"id": sheet_id, "verdict": "confirmed"}), 400,
+         'give "boxes": {"<count id>": [digit or null for each box], ...} for every count'),
+        (_sheets_api(sheets_app, "POST", json={"id": sheet_id, "verdict": "confirmed",
+                                               "boxes": {"issued": [7, None, 7], "counted": [None, 7, 7]}}), 400,
+         "Ballots issued: an empty box between digits"),
+        (_sheets_api(sheets_app, "POST", json={"id": sheet_id, "verdict": "maybe"}), 400,
+         "a verdict is confirmed or rejected, got 'maybe'"),
+    ]
+    for response, status, message in cases:
+        assert (response.status_code, response.json()) == (status, {"error": message})
+    assert sheet_id in [item["id"] for item in _sheets_api(sheets_app, "GET").json()["pending"]]  # still waiting
+    assert _sheets_api(sheets_app, "POST", json={"id": sheet_id, "verdict": "rejected"}).status_code == 200
+    assert "Traceback" not in "".join(sheets_app.output)
+
+
+def test_without_a_token_there_is_no_review_and_a_full_queue_still_answers(sevens_server, form_file, tmp_path):
+    """No --review-token-file: the reviewers' pages and API do not exist. Past its share of the queue, a
+    client's sheet is still read and answered; the answer says it was not queued, and why."""
+    first = photo(form_file, {"issued": 777, "counted": 77}, tmp_path, "first", seed=7)
+    second = photo(form_file, {"issued": 77, "counted": 777}, tmp_path, "second", seed=8)
+    with start_web("--serving-url", sevens_server.rest_url, "--form", form_file, "--feedback-dir", tmp_path / "fb",
+                   "--pending-sheets-per-client", "1") as app:
+        assert _sheets_api(app, "GET").status_code == 404
+        assert requests.get(f"{app.url}/review/sheets", timeout=10).status_code == 404
+        assert requests.get(f"{app.url}/sheet", timeout=10).status_code == 200  # the public page is there
+        assert _read_sheet(app, first.read_bytes()).json()["review"]["queued"] is True
+        response = _read_sheet(app, second.read_bytes())
+        assert response.status_code == 200 and response.json()["verdict"] == "inconsistent"
+        assert response.json()["review"] == {
+            "queued": False, "reason": "a sheet from this address already waits for a person: keep the paper "
+                                       "sheet and send it again later"}
+        assert _gauge(_metrics(app), n.WEB_SHEETS_PENDING) == 1

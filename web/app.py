@@ -7,19 +7,25 @@
     POST /api/feedback     {"id": <answer id>, "digit": 0-9} -> a right answer counted, a wrong one queued
                            for review (web/feedback.py)
     GET  /api/model        the model server and the versions it has loaded
+    GET  /sheet            the tally-form page: upload a photo, see every count, the checks and what to look at
     GET  /review           the reviewers' page, and GET/POST /api/review its API: only with a review
                            token (--review-token-file), every API call with `Authorization: Bearer <token>`
+    GET  /review/sheets    the sheets waiting for a person (web/sheet_queue.py), and its API, behind the same
+                           token: GET /api/sheets (the queue), GET /api/sheets/<id> (one sheet, its marked photo
+                           and cells), POST /api/sheets {"id", "verdict", "boxes"} (a person's decision)
     GET  /metrics          Prometheus text format (web/metrics.py)
     GET  /healthz          this process is up;   GET /readyz   ... and the model server answers
 
 Every error is `{"error": "<one line>"}` with a 4xx for the input's fault (not an image, too large,
 no ink) and 502/503/504 for the model server's (a bad answer, unavailable, too slow). Every answer
-carries a Content-Security-Policy of `default-src 'self'`: the page loads nothing from elsewhere.
+carries a Content-Security-Policy of `default-src 'self'` (and images from data: URLs, the marked sheets the
+API answers with): the page loads nothing from elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import hmac
 import io
@@ -45,8 +51,8 @@ from web.metrics import WebMetrics
 
 log = logging.getLogger(__name__)
 
-CONTENT_SECURITY_POLICY = ("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
-                           "object-src 'none'")
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
+                           "frame-ancestors 'none'; object-src 'none'")
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
@@ -68,8 +74,11 @@ NEXT_STEP = "A reviewer checks corrections before the next training run learns f
 QUEUE_RETRY_AFTER_S = 3600  # a full review queue empties as fast as a person reviews
 # The API's state-changing paths, by the endpoint label their metrics carry.
 _ENDPOINTS = {"/api/predict": n.WEB_PREDICT_ENDPOINT, "/api/feedback": n.WEB_FEEDBACK_ENDPOINT,
-              "/api/review": n.WEB_REVIEW_ENDPOINT, "/api/read-sheet": n.WEB_READ_SHEET_ENDPOINT}
-REVIEW_PAGE_SIZE = 50  # proposals one GET /api/review returns (at most ?limit=200)
+              "/api/review": n.WEB_REVIEW_ENDPOINT, "/api/read-sheet": n.WEB_READ_SHEET_ENDPOINT,
+              "/api/sheets": n.WEB_SHEETS_ENDPOINT}
+_JSON_PATHS = ("/api/feedback", "/api/review", "/api/sheets")  # bodies that must be sent as JSON
+REVIEW_PAGE_SIZE = 50  # proposals one GET /api/review (or sheets one GET /api/sheets) returns, at most ?limit=200
+NO_FORMS = "this app reads no forms: the forms package is not installed"
 # Wrong review tokens one client may send per minute: a token is 128 bits or more, this only keeps logs
 # and the CPU quiet.
 BAD_TOKENS_PER_MINUTE = 10
@@ -283,6 +292,7 @@ class WebApp:
         self._rates = {n.WEB_PREDICT_ENDPOINT: RateLimiter(config.predicts_per_minute),
                        n.WEB_FEEDBACK_ENDPOINT: RateLimiter(config.feedback_per_minute),
                        n.WEB_REVIEW_ENDPOINT: RateLimiter(config.reviews_per_minute),
+                       n.WEB_SHEETS_ENDPOINT: RateLimiter(config.reviews_per_minute),
                        n.WEB_READ_SHEET_ENDPOINT: RateLimiter(config.sheets_per_minute)}
         self._bad_tokens = RateLimiter(BAD_TOKENS_PER_MINUTE)
         self._profiles: dict[int, dict | None] = {}  # version -> its reference profile (None: has none)
@@ -292,9 +302,16 @@ class WebApp:
         self._model_slots = asyncio.Semaphore(config.model_connections)
         self._decode_slots = asyncio.Semaphore(config.decode_slots)  # memory: decoded photos at once
         self.sheets = self._sheet_reader()
+        self.sheet_queue = None
+        if self.sheets is not None:
+            from web.sheet_queue import SheetQueue
+
+            self.sheet_queue = SheetQueue(config.feedback_dir / contract.SHEETS_DIR, self.sheets.form, self.feedback,
+                                          max_pending=config.max_pending_sheets,
+                                          pending_per_client=config.pending_sheets_per_client)
 
     def _sheet_reader(self):
-        """The reader of --form's sheets; None without the forms package (the web image has none)."""
+        """The reader of --form's sheets; None without the forms package or OpenCV (an app installed without them)."""
         try:
             from web.sheets import SheetReader
         except ModuleNotFoundError as error:
@@ -395,8 +412,7 @@ class WebApp:
         started = time.perf_counter()
         try:
             if self.sheets is None:
-                raise RequestError(501, "this app reads no forms: the forms package is not installed",
-                                   "not_configured")
+                raise RequestError(501, NO_FORMS, "not_configured")
             form = self.sheets.form.name
             loop = asyncio.get_running_loop()
 
@@ -418,8 +434,31 @@ class WebApp:
             self.metrics.request(n.WEB_READ_SHEET_ENDPOINT, error.outcome, time.perf_counter() - started)
             return _error(error)
         self.metrics.sheet(form, sheet.outcome, sheet.counts, sheet.failed_checks)
+        document = {**sheet.document, "review": None}
+        if sheet.outcome != n.SHEET_ACCEPTED:
+            document["review"] = await self._queue_sheet(body, sheet, _client(request))
         self.metrics.request(n.WEB_READ_SHEET_ENDPOINT, "ok", time.perf_counter() - started)
-        return _json(sheet.document)
+        return _json(document)
+
+    async def _queue_sheet(self, body: bytes, sheet, client: str) -> dict:
+        """A sheet a person must look at, put in the review queue: what the answer says of it."""
+        from web.sheet_queue import QueueFull
+
+        versions = [cell.answer.model_version for count in sheet.reading.counts.values() for cell in count.cells
+                    if cell.answer is not None and cell.answer.model_version is not None]
+        try:
+            queued = await asyncio.to_thread(self.sheet_queue.add, body, sheet.document, sheet.reading, sheet.marked,
+                                             client=client, model_name=self.config.model_name,
+                                             model_version=versions[0] if versions else None)
+        except QueueFull as error:
+            log.warning("sheet not queued for review: %s", error)
+            return {"queued": False, "reason": f"{error}: keep the paper sheet and send it again later"}
+        except OSError as error:
+            log.error("cannot queue a sheet in %s: %s", self.sheet_queue.root, error)
+            return {"queued": False, "reason": "the sheet could not be saved for review: keep the paper sheet"}
+        if queued.new:
+            log.info("sheet %s queued for review (%s)", queued.id, sheet.outcome)
+        return {"queued": True, "id": queued.id, "state": queued.state}
 
     def _read_sheet(self, body: bytes, predict):
         """In a worker thread: the photo checked as /api/predict checks an image, then read as the form."""
@@ -517,21 +556,19 @@ class WebApp:
             raise RequestError(401, "give the review token: Authorization: Bearer <token>", "unauthorized")
         return f"web review page ({_client(request)})"
 
-    async def review_page(self, request: web.Request) -> web.FileResponse:
+    def _reviewers_page(self, name: str) -> web.FileResponse:
         if self.config.review_token is None:
             raise web.HTTPNotFound()
-        return web.FileResponse(self._static / "review.html", headers={"Cache-Control": "no-cache"})
+        return web.FileResponse(self._static / name, headers={"Cache-Control": "no-cache"})
+
+    async def review_page(self, request: web.Request) -> web.FileResponse:
+        return self._reviewers_page("review.html")
 
     async def review_list(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         try:
             self._reviewer(request)
-            try:
-                limit = int(request.query.get("limit", REVIEW_PAGE_SIZE))
-            except ValueError:
-                limit = -1
-            if not 1 <= limit <= 200:
-                raise RequestError(400, "limit must be a whole number from 1 to 200", "bad_request")
+            limit = _limit(request)
             proposals, counts = await asyncio.to_thread(self._proposals, limit)
         except RequestError as error:
             self.metrics.request(n.WEB_REVIEW_ENDPOINT, error.outcome, time.perf_counter() - started)
@@ -586,6 +623,85 @@ class WebApp:
             return _error(error)
         self.metrics.request(n.WEB_REVIEW_ENDPOINT, "ok", time.perf_counter() - started)
         return _json({"review": asdict(review), "counts": await asyncio.to_thread(self.feedback.counts)})
+
+    # -- the sheets' review (only with --review-token-file and the forms package) --------------------
+
+    def _sheet_reviewer(self, request: web.Request) -> str:
+        reviewer = self._reviewer(request)
+        if self.sheet_queue is None:
+            raise RequestError(501, NO_FORMS, "not_configured")
+        return reviewer
+
+    async def sheets_page(self, request: web.Request) -> web.FileResponse:
+        return self._reviewers_page("review-sheets.html")
+
+    async def sheets_list(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            self._sheet_reviewer(request)
+            limit = _limit(request)
+            pending, counts = await asyncio.to_thread(
+                lambda: (self.sheet_queue.pending(limit), self.sheet_queue.counts()))
+        except RequestError as error:
+            self.metrics.request(n.WEB_SHEETS_ENDPOINT, error.outcome, time.perf_counter() - started)
+            return _error(error)
+        self.metrics.request(n.WEB_SHEETS_ENDPOINT, "ok", time.perf_counter() - started)
+        return _json({"counts": counts, "pending": pending, "form": _form_document(self.sheets.form)})
+
+    async def sheet_one(self, request: web.Request) -> web.Response:
+        from web.sheet_queue import NotPending as SheetNotPending
+
+        started = time.perf_counter()
+        try:
+            self._sheet_reviewer(request)
+            try:
+                record, marked, cells = await asyncio.to_thread(self.sheet_queue.get, request.match_info["id"])
+            except SheetNotPending as error:
+                raise RequestError(404, str(error), "not_pending") from None
+            document = {**record, "marked": "data:image/jpeg;base64," + base64.b64encode(marked).decode(),
+                        "cells": await asyncio.to_thread(_cell_pixels, cells), "form": _form_document(self.sheets.form)}
+            document.pop("client", None)  # who sent it is in the log, not on the reviewers' screen
+        except RequestError as error:
+            self.metrics.request(n.WEB_SHEETS_ENDPOINT, error.outcome, time.perf_counter() - started)
+            return _error(error)
+        self.metrics.request(n.WEB_SHEETS_ENDPOINT, "ok", time.perf_counter() - started)
+        return _json(document)
+
+    async def sheet_review(self, request: web.Request) -> web.Response:
+        from web.feedback import QueueFull as FeedbackFull
+        from web.sheet_queue import BadReview
+        from web.sheet_queue import NotPending as SheetNotPending
+
+        started = time.perf_counter()
+        try:
+            reviewer = self._sheet_reviewer(request)
+            body = await self._read(request, 64 * 1024)
+            try:
+                document = json.loads(body)
+            except (ValueError, RecursionError):
+                document = None
+            if not isinstance(document, dict) or not isinstance(document.get("id"), str):
+                raise RequestError(400, 'send a JSON object: {"id": "<sheet id>", "verdict": "confirmed" or '
+                                        '"rejected", "boxes": {"<count id>": [digit or null, ...]}}', "bad_request")
+            try:
+                decision = await asyncio.to_thread(self.sheet_queue.review, document["id"], document.get("verdict"),
+                                                   reviewer=reviewer, boxes=document.get("boxes"))
+            except BadReview as error:
+                raise RequestError(400, str(error), "bad_request") from None
+            except SheetNotPending as error:
+                status = 409 if self.sheet_queue.find(document["id"]) else 404
+                raise RequestError(status, str(error), "not_pending") from None
+            except (OSError, FeedbackFull, ValueError) as error:
+                log.error("cannot record a sheet review in %s: %s", self.sheet_queue.root, error)
+                raise RequestError(500, "the review could not be saved; the sheet still waits", "error") from None
+            self.metrics.sheet_reviews.labels(self.sheets.form.name, decision["verdict"]).inc()
+            log.info("sheet %s %s by %s", decision["id"], decision["verdict"], reviewer)
+        except RequestError as error:
+            self.metrics.request(n.WEB_SHEETS_ENDPOINT, error.outcome, time.perf_counter() - started)
+            return _error(error)
+        self.metrics.request(n.WEB_SHEETS_ENDPOINT, "ok", time.perf_counter() - started)
+        counts = await asyncio.to_thread(self.sheet_queue.counts)
+        return _json({"decision": decision, "counts": counts})
 
     async def model_info(self, request: web.Request) -> web.Response:
         try:
@@ -649,11 +765,21 @@ class WebApp:
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(self._static / "index.html", headers={"Cache-Control": "no-cache"})
 
+    async def sheet_page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(self._static / "sheet.html", headers={"Cache-Control": "no-cache"})
+
     async def metrics_page(self, request: web.Request) -> web.Response:
         try:
             self.metrics.pending.set((await asyncio.to_thread(self.feedback.counts))[PENDING])
         except OSError as error:  # the metrics still answer; the gauge keeps its last value
             log.warning("cannot count pending corrections in %s: %s", self.config.feedback_dir, error)
+        if self.sheet_queue is not None:
+            try:
+                pending, oldest = await asyncio.to_thread(
+                    lambda: (self.sheet_queue.counts()["pending"], self.sheet_queue.oldest()))
+                self.metrics.sheet_queue(self.sheets.form.name, pending, oldest)
+            except OSError as error:
+                log.warning("cannot count the sheets waiting in %s: %s", self.sheet_queue.root, error)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": WebMetrics.content_type})
 
     async def _close(self, app: web.Application) -> None:
@@ -693,7 +819,7 @@ class WebApp:
                 return RequestError(403, f"requests from another site ({site}) are refused", "cross_site")
             if origin is not None and urlsplit(origin).netloc.lower() != (request.host or "").lower():
                 return RequestError(403, f"requests from another origin ({origin}) are refused", "cross_site")
-        if request.path in ("/api/feedback", "/api/review") and request.content_type != "application/json":
+        if request.path in _JSON_PATHS and request.content_type != "application/json":
             return RequestError(415, "send JSON, as Content-Type: application/json", "unsupported_media_type")
         endpoint = _ENDPOINTS.get(request.path)
         if endpoint is not None:
@@ -716,6 +842,11 @@ class WebApp:
         app.router.add_get("/review", self.review_page)
         app.router.add_get("/api/review", self.review_list)
         app.router.add_post("/api/review", self.review_post)
+        app.router.add_get("/sheet", self.sheet_page)
+        app.router.add_get("/review/sheets", self.sheets_page)
+        app.router.add_get("/api/sheets", self.sheets_list)
+        app.router.add_get("/api/sheets/{id}", self.sheet_one)
+        app.router.add_post("/api/sheets", self.sheet_review)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
         app.router.add_get("/readyz", self.ready)
@@ -723,6 +854,37 @@ class WebApp:
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._close)
         return app
+
+
+def _limit(request: web.Request) -> int:
+    """?limit= of a reviewers' list: 1-200, REVIEW_PAGE_SIZE if not given."""
+    try:
+        limit = int(request.query.get("limit", REVIEW_PAGE_SIZE))
+    except ValueError:
+        limit = -1
+    if not 1 <= limit <= 200:
+        raise RequestError(400, "limit must be a whole number from 1 to 200", "bad_request")
+    return limit
+
+
+def _form_document(form) -> dict:
+    """What the review page needs of the form: its counts' boxes and its checks, to recompute them as a person types."""
+    return {"name": form.name, "title": form.title, "empty_box": form.empty_box,
+            "counts": [{"id": count.id, "label": count.label, "digits": count.digits} for count in form.counts],
+            "checks": [{"name": check.name, "terms": list(check.terms), "total": check.total,
+                        "equation": check.describe()} for check in form.checks]}
+
+
+def _cell_pixels(cells: dict[str, bytes]) -> dict[str, list]:
+    """Each stored 28x28 cell PNG as rows of 8-bit gray, as the corrections' review page paints them."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = {}
+    for name, png in cells.items():
+        with Image.open(io.BytesIO(png)) as image:
+            pixels[name] = np.asarray(image.convert("L")).tolist()
+    return pixels
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

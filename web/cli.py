@@ -54,12 +54,17 @@ from web.config import DEFAULT_FEEDBACK_DIR, DEFAULT_PORT, DEFAULT_SERVING_URL, 
                    "--form`). Default: the example tally form, forms/tally.yaml.")
 @click.option("--sheets-per-minute", type=int, default=WebConfig.sheets_per_minute, show_default=True,
               help="Sheet photos one client may send to /api/read-sheet per minute; more get 429 with Retry-After.")
+@click.option("--max-pending-sheets", type=int, default=WebConfig.max_pending_sheets, show_default=True,
+              help="Sheets that may wait for a person on the review page; past this a sheet is read but not queued.")
+@click.option("--pending-sheets-per-client", type=int, default=WebConfig.pending_sheets_per_client,
+              show_default=True, help="Of those, from one client (address).")
 @click.option("--review-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A file holding the reviewers' token: serves the review page at /review (not linked from "
                    "the public page). Or set DIGITS_REVIEW_TOKEN. Default: no review page.")
 def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, model_dir, model_timeout,
                 max_image_bytes, model_connections, predicts_per_minute, feedback_per_minute, allowed_hosts,
-                allowed_origins, max_pending, pending_per_client, form_path, sheets_per_minute, review_token_file):
+                allowed_origins, max_pending, pending_per_client, form_path, sheets_per_minute, max_pending_sheets,
+                pending_sheets_per_client, review_token_file):
     """Serve the web page: draw or upload a digit, see what the model answers, correct it."""
     if review_token_file is not None and not review_token_file.is_file():
         raise click.ClickException(f"--review-token-file {review_token_file} is not a file")
@@ -72,7 +77,9 @@ def web_command(serving_url, grpc_target, model_name, host, port, feedback_dir, 
                            predicts_per_minute=predicts_per_minute, feedback_per_minute=feedback_per_minute,
                            allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, max_pending=max_pending,
                            pending_per_client=pending_per_client, form_path=form_path,
-                           sheets_per_minute=sheets_per_minute, review_token=_review_token(review_token_file))
+                           sheets_per_minute=sheets_per_minute, max_pending_sheets=max_pending_sheets,
+                           pending_sheets_per_client=pending_sheets_per_client,
+                           review_token=_review_token(review_token_file))
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     if config.feedback_dir.exists() and not config.feedback_dir.is_dir():

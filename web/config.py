@@ -72,6 +72,10 @@ class WebConfig:
     # forms/tally.yaml. A sheet is a photo: a minute's worth is a stack of them, not a person drawing.
     form_path: Path | None = None
     sheets_per_minute: int = 30
+    # Sheets waiting for a person (<feedback-dir>/sheets/, about 200 KB each), in all and from one client:
+    # past these a sheet is still read and answered, but not queued (the answer says so).
+    max_pending_sheets: int = 1000
+    pending_sheets_per_client: int = 50
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feedback_dir", Path(self.feedback_dir))
@@ -100,7 +104,8 @@ class WebConfig:
             problems.append(f"--port must be 0-65535, got {self.port}")
         for name in ("max_image_bytes", "max_image_pixels", "recent_answers", "model_connections",
                      "answers_per_client", "predicts_per_minute", "feedback_per_minute", "decode_slots",
-                     "max_pending", "pending_per_client", "reviews_per_minute", "sheets_per_minute"):
+                     "max_pending", "pending_per_client", "reviews_per_minute", "sheets_per_minute",
+                     "max_pending_sheets", "pending_sheets_per_client"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.model_timeout_s <= 0:

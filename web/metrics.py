@@ -62,6 +62,11 @@ class WebMetrics:
         self.sheet_check_failures = _declared(n.WEB_SHEET_CHECK_FAILURES, "Arithmetic checks that failed on "
                                                                           "counts read without doubt, by check.",
                                               registry)
+        self.sheets_pending = _declared(n.WEB_SHEETS_PENDING, "Tally sheets waiting for a person on the review "
+                                                              "page.", registry)
+        self.sheet_oldest_pending = _declared(n.WEB_SHEET_OLDEST_PENDING, "When the oldest waiting sheet was "
+                                                                          "queued (absent while none waits).", registry)
+        self.sheet_reviews = _declared(n.WEB_SHEET_REVIEWS, "Sheets a person reviewed, by verdict.", registry)
         self._versions_seen: set[tuple[str, int]] = set()
         # The reference profile of each version that answered, read from --model-dir (what `digits serve`
         # exports itself): in front of the TF Serving container, the drift rules need it from here.
@@ -104,6 +109,20 @@ class WebMetrics:
             self.sheet_counts.labels(form, outcome)
         for check in checks:
             self.sheet_check_failures.labels(form, check)
+        for verdict in n.SHEET_REVIEW_VERDICTS:
+            self.sheet_reviews.labels(form, verdict)
+        self.sheets_pending.labels(form)
+
+    def sheet_queue(self, form: str, pending: int, oldest: float | None) -> None:
+        """The review queue as it is now (read from its directory at each scrape)."""
+        self.sheets_pending.labels(form).set(pending)
+        if oldest is None:
+            try:
+                self.sheet_oldest_pending.remove(form)
+            except KeyError:  # absent already
+                pass
+        else:
+            self.sheet_oldest_pending.labels(form).set(oldest)
 
     def sheet(self, form: str, outcome: str, counts: list[str] = (), failed_checks: list[str] = ()) -> None:
         """One sheet read (or refused: SHEET_UNREADABLE), the outcome of each of its counts, its failed checks."""

@@ -1,7 +1,7 @@
 """`digits web` as a child process on loopback: started, awaited until ready, stopped by PID.
 
 For tests and benchmarks that need the real app (its own process, its own event loop) and must
-clean it up. (Not part of the app: the web image leaves serving/ out.)
+clean it up. (Not part of the app: the web image leaves serving/process.py out.)
 """
 
 from __future__ import annotations

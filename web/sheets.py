@@ -1,8 +1,9 @@
 """POST /api/read-sheet's reading of a tally-form photo: what `digits read --form FORM --json --marked` does
 (forms/ reads; the cells go to the model server through the web app's client), as one JSON answer.
 
-Imported only when the app starts: an app without the forms package (the web image) answers the
-endpoint with 501 and serves everything else.
+Imported only when the app starts: an app installed without the forms package or OpenCV answers the
+endpoint with 501 and serves everything else. A sheet that is not accepted is kept for a person
+(web/sheet_queue.py) with what `Sheet` carries besides the answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from forms import layout, reader
 from forms.marking import marked_image
+from forms.reading import SheetReading
 from monitoring import names as n
 from serving.config import BatchingConfig
 
@@ -42,6 +44,8 @@ class Sheet:
     outcome: str  # one of monitoring.names.SHEET_OUTCOMES, not SHEET_UNREADABLE
     counts: list[str] = field(default_factory=list)  # each count's outcome (names.COUNT_OUTCOMES)
     failed_checks: list[str] = field(default_factory=list)  # the names of the checks that fail
+    reading: SheetReading | None = None  # what the review queue keeps of a sheet a person must look at
+    marked: object = None  # the marked photo (a PIL image), at most MARKED_MAX_SIDE a side
 
 
 class SheetReader:
@@ -72,20 +76,21 @@ class SheetReader:
         sheet = result.reading
         outcome = (n.SHEET_ACCEPTED if sheet.accepted else n.SHEET_INCONSISTENT if sheet.inconsistent
                    else n.SHEET_NEEDS_REVIEW)
+        marked = small_marked(pixels, result)
+        out = io.BytesIO()
+        marked.save(out, format="PNG")
         document = {**sheet.to_dict(), "verdict": outcome, "turned": result.turned,
-                    "marked": "data:image/png;base64," + base64.b64encode(marked_png(pixels, result)).decode()}
+                    "marked": "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()}
         counts = [n.COUNT_ACCEPTED if count.accepted else n.COUNT_UNREAD if count.value is None
                   else n.COUNT_NEEDS_REVIEW for count in sheet.counts.values()]
         failed = [check.name for check in sheet.checks if check.holds is False]
-        return Sheet(document, outcome, counts, failed)
+        return Sheet(document, outcome, counts, failed, sheet, marked)
 
 
-def marked_png(pixels, result: reader.ReadSheet) -> bytes:
+def small_marked(pixels, result: reader.ReadSheet):
     """The sheet with every box outlined as `digits read --marked` draws it, at most MARKED_MAX_SIDE a side."""
     from PIL import Image
 
     image = marked_image(pixels, result.marks())
     image.thumbnail((MARKED_MAX_SIDE, MARKED_MAX_SIDE), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
+    return image

@@ -1,53 +1,24 @@
 // The reviewers' page: the pending corrections, each with the 28x28 image the model saw, accepted
-// (as proposed or as another digit) or rejected. Every call carries the token the reviewer typed,
-// kept for this tab only (sessionStorage). No external resource: the CSP forbids it.
+// (as proposed or as another digit) or rejected. The token and the calls: review-auth.js. No external
+// resource: the CSP forbids it.
 "use strict";
 
 (() => {
-  const REQUEST_TIMEOUT_MS = 20000;
-  const TOKEN_KEY = "digits-review-token";
   const $ = (id) => document.getElementById(id);
   const login = $("login"), tokenInput = $("token"), errorBox = $("error");
   const queue = $("queue"), empty = $("empty"), countsText = $("counts");
+  const { paint } = window.DigitsReview;
 
   function showError(message) {
     errorBox.textContent = message;
     errorBox.hidden = !message;
   }
 
-  async function call(method, body) {
-    const token = sessionStorage.getItem(TOKEN_KEY) || "";
-    const response = await fetch("/api/review" + (method === "GET" ? "?limit=100" : ""), {
-      method,
-      headers: Object.assign({ "Authorization": "Bearer " + token },
-                             body ? { "Content-Type": "application/json" } : {}),
-      body: body ? JSON.stringify(body) : undefined,
-      signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
-    });
-    let document_ = null;
-    try { document_ = await response.json(); } catch (_) { /* not JSON: said below */ }
-    if (response.status === 401) {
-      sessionStorage.removeItem(TOKEN_KEY);
-      login.hidden = false;
-      throw new Error("that token is not the review token");
-    }
-    if (!response.ok) throw new Error((document_ && document_.error) || `the app answered ${response.status}`);
-    return document_;
-  }
+  const call = (method, body) =>
+    window.DigitsReview.call(method, "/api/review" + (method === "GET" ? "?limit=100" : ""), body, login);
 
   function showCounts(counts) {
     countsText.textContent = `${counts.pending} waiting, ${counts.accepted} accepted, ${counts.rejected} rejected.`;
-  }
-
-  function paint(canvas, pixels) {
-    const ctx = canvas.getContext("2d");
-    const image = ctx.createImageData(28, 28);
-    pixels.forEach((row, y) => row.forEach((value, x) => {
-      const at = (y * 28 + x) * 4;
-      image.data[at] = image.data[at + 1] = image.data[at + 2] = value;
-      image.data[at + 3] = 255;
-    }));
-    ctx.putImageData(image, 0, 0);
   }
 
   // The model's own verdict on its answer, in words that do not read as this page's "accept".
@@ -143,11 +114,5 @@
     }
   }
 
-  login.addEventListener("submit", (event) => {
-    event.preventDefault();
-    sessionStorage.setItem(TOKEN_KEY, tokenInput.value.trim());
-    tokenInput.value = "";
-    load();
-  });
-  if (sessionStorage.getItem(TOKEN_KEY)) load();
+  window.DigitsReview.start(login, tokenInput, load);
 })();
