@@ -81,6 +81,15 @@ WEB_MODEL_ERROR_THRESHOLD = 0.05
 WEB_MODEL_DOWN_THRESHOLD = 0.9
 MIN_WEB_PREDICTS = 20  # in the 10-minute window
 WEB_QUANTILES = (0.5, 0.95)
+# Tally sheets waiting for a person (the web app's review queue, one directory per form that every process
+# of the app reads: the max over its instances, never the sum). A queue that one reviewer clears in half an
+# hour or so is normal on a busy evening; this many sheets, and more than an hour ago, is people not keeping
+# up: a ticket to add reviewers before the results wait.
+SHEET_BACKLOG_MIN = 25
+SHEET_BACKLOG_WINDOW = "1h"
+# On an election night the results wait for the last sheet of each polling station: a sheet that has waited
+# this long holds a result back (and the oldest waits longest: it is reviewed first).
+SHEET_MAX_WAIT_SECONDS = 4 * 3600
 WATCHDOG = "DigitsWatchdog"
 # Client errors spend no budget, but most predicts failing on the client's side for half an hour is a
 # broken client release (or abuse) someone should look at: a ticket.
@@ -410,6 +419,8 @@ def alerting_rules(runbook_base: str = RUNBOOK_BASE) -> list[dict]:
     instance = f"{TOPOLOGY}, job, instance"
     job = f"{TOPOLOGY}, job"
     up = f'up{{{SERVING}}}'
+    queue = f"{TOPOLOGY}, job, {n.FORM_LABEL}"  # a form's review queue, whichever instance of the app reads it
+    sheets_pending = f"max by ({queue}) ({n.WEB_SHEETS_PENDING}{{{WEB}}})"
     web_predicts_10m = f'increase({n.WEB_REQUESTS}{{{WEB},endpoint="{n.WEB_PREDICT_ENDPOINT}"}}[10m])'
     predicts_ok = counter_rate(f"{n.REQUEST_LATENCY}_count", TRAFFIC_STOPPED_WINDOW, f"{SERVING},{PREDICT}")
     not_found = counter_rate(n.REQUEST_COUNT, "5m", f'{SERVING},status="{n.NOT_FOUND}"')
@@ -579,6 +590,25 @@ def alerting_rules(runbook_base: str = RUNBOOK_BASE) -> list[dict]:
                 runbook_base)
           for threshold, for_, severity in ((WEB_MODEL_ERROR_THRESHOLD, "10m", "warning"),
                                             (WEB_MODEL_DOWN_THRESHOLD, "5m", "critical"))),
+        alert("DigitsSheetReviewBacklogGrowing",
+              f"{sheets_pending} >= {SHEET_BACKLOG_MIN}\n"
+              f"and on ({queue})\n"
+              f"max by ({queue}) (delta({n.WEB_SHEETS_PENDING}{{{WEB}}}[{SHEET_BACKLOG_WINDOW}])) > 0",
+              "30m", "warning",
+              "Tally sheets wait for people faster than they are reviewed.",
+              f"{{{{ $value | printf \"%.0f\" }}}} sheets of form {{{{ $labels.{n.FORM_LABEL} }}}} ({WHERE}) wait "
+              f"for a person (at least {SHEET_BACKLOG_MIN}), and more wait than {SHEET_BACKLOG_WINDOW} ago: "
+              "the reviewers are not keeping up.",
+              runbook_base),
+        # Absent while nothing waits: no series, no alert.
+        alert("DigitsSheetWaitingTooLong",
+              f"time() - min by ({queue}) ({n.WEB_SHEET_OLDEST_PENDING}{{{WEB}}}) > {SHEET_MAX_WAIT_SECONDS}",
+              "10m", "warning",
+              "A tally sheet has waited too long for a person.",
+              f"The oldest sheet of form {{{{ $labels.{n.FORM_LABEL} }}}} ({WHERE}) has waited "
+              f"{{{{ $value | humanizeDuration }}}} for a person (limit {SHEET_MAX_WAIT_SECONDS // 3600}h): "
+              "its counts are in no result until someone confirms or rejects it.",
+              runbook_base),
         alert("DigitsMonitoringTargetDown",
               f'up{{job=~"{n.PROMETHEUS_JOB}|{n.ALERTMANAGER_JOB}|{n.BLACKBOX_JOB}"}} == 0', "5m", "warning",
               "A monitoring component cannot be scraped.",

@@ -459,6 +459,40 @@ def _query_of(dashboard: dict, title: str, ref: str = "A") -> str:
     return lint.substitute(next(t["expr"] for t in panel["targets"] if t["refId"] == ref))
 
 
+def test_the_review_queue_panels_count_a_queue_once_and_its_oldest_sheet_in_seconds(dashboard, tmp_path):
+    """Two instances of the web app read the same queue directory: 7 sheets waiting show as 7, not 14; the
+    oldest, queued at 0 s, has waited the evaluation time in seconds; reviews show per hour. With nothing
+    waiting the app exports no oldest-sheet series, and the panel draws no line."""
+    form = LABEL_VALUES[names.FORM_LABEL]
+
+    def web(metric: str, instance: str, values: str, **labels: str) -> dict:
+        text = ", ".join(f'{key}="{value}"' for key, value in {"form": form, **labels}.items())
+        return {"series": f'{metric}{{job="{names.WEB_JOB}", instance="{instance}", {text}}}', "values": values}
+
+    def at_end(title: str, samples: list[dict]) -> dict:
+        return {"expr": _query_of(dashboard, title), "eval_time": f"{SAMPLES * 15}s", "exp_samples": samples}
+
+    instances = ("web-1:8080", "web-2:8080")
+    queue = [web(names.WEB_SHEETS_PENDING, instance, f"7x{SAMPLES}") for instance in instances]
+    oldest = [web(names.WEB_SHEET_OLDEST_PENDING, instance, f"0x{SAMPLES}") for instance in instances]
+    reviews = [web(names.WEB_SHEET_REVIEWS, "web-1:8080", f"0+1x{SAMPLES}", verdict=names.SHEET_CONFIRMED),
+               web(names.WEB_SHEET_REVIEWS, "web-1:8080", f"0x{SAMPLES}", verdict=names.SHEET_REJECTED)]
+    cases = [
+        {"interval": SCRAPE, "input_series": queue + oldest + reviews, "promql_expr_test": [
+            at_end("Sheets waiting for a person", [{"labels": f'{{form="{form}"}}', "value": 7}]),
+            at_end("Oldest waiting sheet", [{"labels": f'{{form="{form}"}}', "value": SAMPLES * 15}]),
+            at_end("Sheet reviews", [  # one review a scrape: 240 an hour
+                {"labels": f'{{form="{form}", verdict="{names.SHEET_CONFIRMED}"}}', "value": 240},
+                {"labels": f'{{form="{form}", verdict="{names.SHEET_REJECTED}"}}', "value": 0}]),
+        ]},
+        {"interval": SCRAPE, "input_series": [web(names.WEB_SHEETS_PENDING, "web-1:8080", f"0x{SAMPLES}")],
+         "promql_expr_test": [at_end("Sheets waiting for a person", [{"labels": f'{{form="{form}"}}', "value": 0}]),
+                              at_end("Oldest waiting sheet", [])]},
+    ]
+    result = _promtool_test(tmp_path, cases)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+
+
 def test_first_failures_show_although_their_counters_are_born_at_one(dashboard, tmp_path):
     """A version's first failed load, its load time, a status's first error and a first refused request
     show in the interval they happened, though each counter series appears with the value 1 (or its

@@ -600,7 +600,8 @@ def web_panels() -> list:
 
 
 def web_sheet(metric: str, *matchers: str) -> str:
-    """A series of the web app's tally-form reading (POST /api/read-sheet)."""
+    """A series of the web app's tally-form reading (POST /api/read-sheet) or review queue. The queue's
+    gauges are read from one directory by every instance of the app: panels take their max, not the sum."""
     return selector(metric, WEB_JOB, *TOPOLOGY, *matchers)
 
 
@@ -638,6 +639,32 @@ def sheet_panels() -> list:
             units.Short,
             [query(per_hour(n.WEB_SHEET_COUNTS, f"{n.FORM_LABEL}, outcome"), "counts {{outcome}}"),
              query(per_hour(n.WEB_SHEET_CHECK_FAILURES, f"{n.FORM_LABEL}, {n.CHECK_LABEL}"), "failed: {{check}}")],
+            width=8).min(0),
+        with_threshold_line(graph(
+            "Sheets waiting for a person",
+            "Sheets in the review queue, per form: not accepted alone, waiting for a reviewer to confirm, "
+            f"correct or reject them on /review/sheets. DigitsSheetReviewBacklogGrowing opens a ticket when at "
+            f"least {r.SHEET_BACKLOG_MIN} wait (the orange line) and more than {r.SHEET_BACKLOG_WINDOW} before, "
+            "for 30 minutes.",
+            units.Short,
+            [query(f"max by ({WHERE}, {n.FORM_LABEL}) ({web_sheet(n.WEB_SHEETS_PENDING)})", "{{form}}")],
+            width=8), GREEN, (r.SHEET_BACKLOG_MIN, ORANGE)).min(0).decimals(0),
+        with_threshold_line(graph(
+            "Oldest waiting sheet",
+            "How long the oldest sheet in the review queue has waited for a person, per form; no line while "
+            "nothing waits. Its counts are in no result until it is reviewed. DigitsSheetWaitingTooLong opens "
+            f"a ticket above the red line ({r.SHEET_MAX_WAIT_SECONDS // 3600}h).",
+            units.Seconds,
+            [query(f"time() - min by ({WHERE}, {n.FORM_LABEL}) ({web_sheet(n.WEB_SHEET_OLDEST_PENDING)})",
+                   "{{form}}")],
+            width=8), GREEN, (r.SHEET_MAX_WAIT_SECONDS, RED)).min(0),
+        graph(
+            "Sheet reviews",
+            f"Sheets people reviewed per hour, per form, by verdict: {n.SHEET_CONFIRMED} (every box confirmed or "
+            f"corrected: the counts are the person's) or {n.SHEET_REJECTED} (the photo cannot be read as the "
+            "form). None while sheets wait: no reviewer is working.",
+            units.Short,
+            [query(per_hour(n.WEB_SHEET_REVIEWS, f"{n.FORM_LABEL}, {n.VERDICT_LABEL}"), "{{form}} {{verdict}}")],
             width=8).min(0),
     ]
 
