@@ -389,13 +389,23 @@ def test_the_web_image_runs_on_its_pins_alone(tmp_path):
     check = subprocess.run([str(uv), "pip", "check", "--no-config", "--python", str(python)],
                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr
-    # The app's modules, and what its request handlers import on first use (Pillow, NumPy): a corrected
-    # digit made into a PNG and that PNG checked as an upload.
+    # The app's modules, and what its request handlers import on first use (Pillow, NumPy, OpenCV): a
+    # corrected digit made into a PNG and that PNG checked as an upload, and a blank form read.
     probe = ("import sys\n"
              "import web.app, web.cli, web.metrics, web.feedback, web.model_server\n"
              "from web.config import WebConfig\n"
              "png = web.feedback.digit_png([[x / 27 for x in range(28)]] * 28)\n"
              "assert web.app.check_image(png, WebConfig()) == 'png'\n"
+             # POST /api/read-sheet's reader with OpenCV: the blank example form, printed and read (no box
+             # holds ink, so nothing is asked of a model server).
+             "import io, web.sheets\n"
+             "from PIL import Image\n"
+             "from forms.render import blank_form\n"
+             "reader = web.sheets.SheetReader.load(None)\n"
+             "page = io.BytesIO()\n"
+             "Image.fromarray(blank_form(reader.form)).save(page, format='PNG')\n"
+             "sheet = reader.read(page.getvalue(), lambda cells: [])\n"
+             "assert sheet.outcome == 'needs_review' and set(sheet.counts) == {'unread'}, sheet.counts\n"
              "places = (sys.prefix, sys.base_prefix, sys.argv[1])\n"
              "stray = [n for n, m in sys.modules.items() if getattr(m, '__file__', None) and "
              "not m.__file__.startswith(places)]\n"
