@@ -66,7 +66,7 @@ def read_command(images, form_path, free, rest_url, grpc_target, model_name, lab
                     result = read_number(pixels, predict, boxes=not free)
                     _show_number(path, result, as_json)
                 if marked is not None:
-                    _write_marked(marked, path, pixels, result.marks())
+                    _write_marked(marked, path, pixels, result.marks(), result.turned)
             except OSError as error:
                 click.echo(f"error: {path}: {error.strerror or error}", err=True)
                 failed += 1
@@ -121,12 +121,12 @@ def _show_number(path: Path, result, as_json: bool) -> None:
     click.echo(f"{path}: {shown}   [{digits}]{note}")
 
 
-def _write_marked(directory: Path, path: Path, pixels, marks) -> None:
+def _write_marked(directory: Path, path: Path, pixels, marks, turned: int) -> None:
     from forms.marking import marked_image
 
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{path.stem}.marked.png"
-    marked_image(pixels, marks).save(target)
+    marked_image(pixels, marks, turned).save(target)  # upright, as the person reads it
     click.echo(f"  marked: {target}", err=True)
 
 

@@ -87,6 +87,7 @@ def read_sheet(image: np.ndarray, form: Form, predict: Predict) -> ReadSheet:
 class ReadNumber:
     reading: reading.CountReading
     cells: list[geometry.Cell]
+    turned: int = 0  # a row or a number is read as it lies
 
     def marks(self) -> list[tuple[np.ndarray, bool, bool]]:
         return [(cell.quad, index in self.reading.review_cells, cell.blank) for index, cell in enumerate(self.cells)]

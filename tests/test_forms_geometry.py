@@ -273,3 +273,17 @@ def test_random_values_satisfy_the_checks_unless_an_inconsistency_is_planted():
     planted = sum(bool(values.inconsistent) for values in drawn)
     assert 30 <= planted <= 90
     assert any(values.values["candidate_a"] < 10 for values in drawn)  # short numbers leave leading boxes empty
+
+
+@pytest.mark.parametrize("quarter_turns", [1, 2, 3])
+def test_a_marked_sheet_is_drawn_upright_however_the_photo_lay(quarter_turns, digits):
+    """The marked sheet a person checks reads upright (registered again, it lies as printed), whichever way
+    the photo was taken: a doubted 6 on an upside-down sheet would be read as a 9."""
+    from forms.marking import marked_image
+
+    sheet = _sheet(40 + quarter_turns, Degradation(noise=2.0), digits)
+    photo = np.ascontiguousarray(np.rot90(sheet.image, k=quarter_turns))  # counter-clockwise quarter turns
+    registered = register(photo, FORM)
+    assert registered.rotation == 90 * (4 - quarter_turns)  # how it lay, clockwise
+    marked = marked_image(photo, [], rotation=registered.rotation)
+    assert register(np.asarray(marked.convert("L")), FORM).rotation == 0

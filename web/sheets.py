@@ -88,9 +88,10 @@ class SheetReader:
 
 
 def small_marked(pixels, result: reader.ReadSheet):
-    """The sheet with every box outlined as `digits read --marked` draws it, at most MARKED_MAX_SIDE a side."""
+    """The sheet with every box outlined as `digits read --marked` draws it (upright), at most MARKED_MAX_SIDE a
+    side."""
     from PIL import Image
 
-    image = marked_image(pixels, result.marks())
+    image = marked_image(pixels, result.marks(), result.turned)  # upright
     image.thumbnail((MARKED_MAX_SIDE, MARKED_MAX_SIDE), Image.Resampling.LANCZOS)
     return image
