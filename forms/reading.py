@@ -78,7 +78,7 @@ class CountReading:
                 digit_choices.append(cell.choices())
         readings: dict[int, float] = {}
         for combination in itertools.product(*digit_choices):
-            value = _assemble([digit for digit, _ in combination], empty_box)[0]
+            value = assemble([digit for digit, _ in combination], empty_box)[0]
             if value is None:
                 continue
             probability = math.prod(p for _, p in combination)
@@ -86,7 +86,7 @@ class CountReading:
         return sorted(readings.items(), key=lambda item: item[1], reverse=True)[:MAX_READINGS_PER_COUNT]
 
 
-def _assemble(digits: list[int | None], empty_box: str) -> tuple[int | None, str | None]:
+def assemble(digits: list[int | None], empty_box: str) -> tuple[int | None, str | None]:
     """The number the boxes spell, or None and why: an empty box inside a number, or no digit at all."""
     if empty_box == EMPTY_ZERO:
         return int("".join(str(d or 0) for d in digits)), None
@@ -112,7 +112,7 @@ def read_count(count_id: str, label: str, cells: list[CellReading], empty_box: s
         elif not cell.accepted:
             problems.append(f"box {index + 1}: {cell.describe()}")
             review.append(index)
-    value, why = _assemble([None if cell.blank else cell.answer.digit for cell in cells], empty_box)
+    value, why = assemble([None if cell.blank else cell.answer.digit for cell in cells], empty_box)
     if why is not None:
         problems.append(why)
         review.extend(index for index, cell in enumerate(cells) if cell.blank and index not in review)

@@ -264,7 +264,7 @@ class FeedbackStore:
             image=target.relative_to(self.root.resolve()).as_posix(), sha256=digest,
             duplicate=found is not None, decision=decision, client=client, state=state)
         try:
-            _append(self._log(LOG_NAME), json.dumps(asdict(record), sort_keys=True))
+            append_line(self._log(LOG_NAME), json.dumps(asdict(record), sort_keys=True))
         except BaseException:
             if found is None:  # neither without the other: an image no log line accounts for is undone
                 target.unlink(missing_ok=True)
@@ -297,7 +297,7 @@ class FeedbackStore:
             raise QueueFull(f"the review queue is full ({len(pending)} corrections wait for a reviewer)",
                             per_client=False)
         if any(image_id not in self._owners for image_id in pending):  # added by another process
-            for line in _lines(self.log_path):
+            for line in read_lines(self.log_path):
                 self._owners.setdefault(line.get("sha256", "")[:HASH_CHARS], line.get("client", ""))
         mine = sum(1 for image_id in pending if self._owners.get(image_id, "") == client)
         if mine >= self.pending_per_client:
@@ -328,11 +328,11 @@ class FeedbackStore:
         target = self._exact(verdict, label, image_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
-        _sync_directory(target.parent)
+        sync_directory(target.parent)
         record = Review(time=_now(), id=image_id, verdict=verdict, digit=label, proposed=proposed,
                         reviewer=reviewer)
         try:
-            _append(self._log(REVIEW_LOG_NAME), json.dumps(asdict(record), sort_keys=True))
+            append_line(self._log(REVIEW_LOG_NAME), json.dumps(asdict(record), sort_keys=True))
         except BaseException:
             os.replace(target, source)
             raise
@@ -346,7 +346,7 @@ class FeedbackStore:
         reports: Counter = Counter()
         clients: dict[str, set] = {}
         others: dict[str, set] = {}
-        for line in _lines(self.log_path):
+        for line in read_lines(self.log_path):
             image_id = line.get("sha256", "")[:HASH_CHARS]
             if image_id in files:
                 first.setdefault(image_id, line)
@@ -383,7 +383,7 @@ class FeedbackStore:
         return (self.root / STATE_DIRS[state]).glob("[0-9]/*.png")
 
 
-def _lines(path: Path):
+def read_lines(path: Path):
     """The log's JSON objects; a line that is not one (cut by a crash, edited by hand) is skipped."""
     try:
         handle = open(path, encoding="utf-8", errors="replace")
@@ -399,7 +399,7 @@ def _lines(path: Path):
                 yield document
 
 
-def _append(path: Path, line: str) -> None:
+def append_line(path: Path, line: str) -> None:
     """One whole line, flushed to disk, or none: a failed write or flush takes back what it wrote
     (a crash loses at most the line being written). Appends are serialised by the store's lock."""
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -427,13 +427,13 @@ def _write_atomically(target: Path, payload: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o644)
         os.replace(temporary, target)
-        _sync_directory(target.parent)  # the rename itself survives a crash
+        sync_directory(target.parent)  # the rename itself survives a crash
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
 
 
-def _sync_directory(directory: Path) -> None:
+def sync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(descriptor)

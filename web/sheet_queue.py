@@ -40,7 +40,7 @@ from pathlib import Path
 from data import contract
 from forms import layout, reading
 from monitoring import names as n
-from web.feedback import FeedbackStore, _append, _lines, _sync_directory, digit_png
+from web.feedback import FeedbackStore, append_line, digit_png, read_lines, sync_directory
 
 HASH_CHARS = 24
 PENDING = "pending"
@@ -159,10 +159,10 @@ class SheetQueue:
                     _write(incoming / CELLS_DIR / f"{name}.png", png)
                 _write(incoming / MARKED_FILE, jpeg.getvalue())
                 _write(incoming / SHEET_FILE, json.dumps(record, sort_keys=True).encode())
-                _sync_directory(incoming / CELLS_DIR)
-                _sync_directory(incoming)
+                sync_directory(incoming / CELLS_DIR)
+                sync_directory(incoming)
                 os.rename(incoming, target)
-                _sync_directory(target.parent)
+                sync_directory(target.parent)
             except BaseException:
                 shutil.rmtree(incoming, ignore_errors=True)
                 raise
@@ -242,12 +242,12 @@ class SheetQueue:
             source, target = self._dir(PENDING, image_id), self._dir(verdict, image_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(source, target)
-            _sync_directory(target.parent)
+            sync_directory(target.parent)
             try:
                 log = self.root / LOG_NAME
                 if log.is_symlink():
                     raise ValueError(f"refusing {log}: a symlink")
-                _append(log, json.dumps(decision, sort_keys=True))
+                append_line(log, json.dumps(decision, sort_keys=True))
             except BaseException:
                 os.rename(target, source)
                 raise
@@ -263,7 +263,7 @@ class SheetQueue:
             if all(digit is None for digit in written) and self.form.empty_box != layout.EMPTY_ZERO:
                 values[count.id] = None  # nothing written: recorded so, and its checks cannot be made
                 continue
-            value, why = reading._assemble(written, self.form.empty_box)
+            value, why = reading.assemble(written, self.form.empty_box)
             if value is None:
                 raise BadReview(f"{count.label}: {why}")
             values[count.id] = value
@@ -313,7 +313,7 @@ class SheetQueue:
 
     def decisions(self) -> list[dict]:
         """Every decision recorded, oldest first (the counts people confirmed)."""
-        return list(_lines(self.root / LOG_NAME))
+        return list(read_lines(self.root / LOG_NAME))
 
 
 def _pixels(png: bytes):
