@@ -8,16 +8,20 @@ the code that Transform and the Trainer run goes into their custom_config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pipeline import uri
 from pipeline.config import PipelineConfig
 from pipeline.run_history import ComponentRun, ProgressWatcher, latest_run
+from tfrecord_builder.builder import process_alive
 
 REPO_PACKAGES = Path(__file__).resolve().parent.parent
 # The code whose behaviour Transform and Trainer outputs depend on: packages, and single modules
@@ -71,6 +75,40 @@ def prepare(config: PipelineConfig) -> PipelineConfig:
                                code_fingerprint=code_fingerprint(), trainer=precision.pin(pin(config.trainer)))
 
 
+SCRATCH = "_scratch"
+
+
+@contextlib.contextmanager
+def run_scratch(local_dir: Path) -> Iterator[Path]:
+    """The run's temporary files under <local_dir>/_scratch/<pid>/, removed when the run ends.
+
+    Components leave files in the temporary directory that nobody removes: TFX builds a 45 MB
+    sdist of itself for every Beam component (tfx/utils/dependency_utils.py), Beam stages it, and
+    AutoGraph writes a module per traced function. Left in /tmp that was about 200 MB per run and
+    9 GB per test suite. A run killed before it could clean up leaves its directory; the next run
+    on the same local directory removes it once its process is gone.
+    """
+    root = local_dir / SCRATCH
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.iterdir():
+        if not (stale.name.isdigit() and process_alive(int(stale.name))):
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = root / str(os.getpid())
+    scratch.mkdir(exist_ok=True)
+    saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(scratch)
+    os.environ["TMPDIR"] = str(scratch)  # Beam's worker processes, pip, setup.py
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run_pipeline(config: PipelineConfig,
                  on_event: Callable[[str, ComponentRun], None] = lambda event, component: None
                  ) -> list[ComponentRun]:
@@ -81,6 +119,7 @@ def run_pipeline(config: PipelineConfig,
 
     config = prepare(config)
     started_ms = int(time.time() * 1000)
-    with ProgressWatcher(config.metadata_path, config.pipeline_name, started_ms, on_event):
+    with run_scratch(config.local_dir), ProgressWatcher(config.metadata_path, config.pipeline_name, started_ms,
+                                                          on_event):
         tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
     return latest_run(config.metadata_path, config.pipeline_name, started_ms)

@@ -59,17 +59,27 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
 
     root, serving = tmp_path / "root", tmp_path / "serving"
     args = pipeline_run_args(tiny_records, root, serving)
+    # The runs' own temporary directory: what the components leave there must not outlive a run.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "TMPDIR": str(temporary)}
     first = subprocess.Popen([sys.executable, "-m", "digits", *args], cwd=REPO, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         _wait_for(lambda: _states(root).get("Trainer") == "RUNNING", 900, "the Trainer to start")
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the run dies in the middle of training
         first.wait(timeout=60)
     assert _versions(serving) == []
+    # The Beam components' leftovers (TFX's sdist of itself) went to the run's scratch directory.
+    killed_scratch = root / "_scratch" / str(first.pid)
+    assert list(killed_scratch.rglob("tfx_ephemeral-*.tar.gz")), list(killed_scratch.rglob("*"))[:10]
 
-    result = run_digits(*args, timeout=1500)
+    result = run_digits(*args, timeout=1500, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The second run removed the killed run's scratch and its own; nothing was left in TMPDIR.
+    assert list((root / "_scratch").iterdir()) == []
+    assert list(temporary.iterdir()) == []
     states = _states(root)
     # Everything the killed run finished is reused; training onwards runs again.
     assert {node: states[node] for node in UPSTREAM_OF_TRAINER} == {node: "CACHED" for node in UPSTREAM_OF_TRAINER}

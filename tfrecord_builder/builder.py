@@ -514,11 +514,12 @@ def _remove_stale_staging(output: Path) -> None:
     ours = re.compile(rf"^\.{re.escape(output.name)}\.(?:tmp-(\d+)-[A-Za-z0-9_]+|old-(\d+))$")
     for leftover in output.parent.iterdir():
         match = ours.match(leftover.name)
-        if match and leftover.is_dir() and not _alive(int(match.group(1) or match.group(2))):
+        if match and leftover.is_dir() and not process_alive(int(match.group(1) or match.group(2))):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
