@@ -8,7 +8,9 @@ line instead of minutes into a run.
 
 Dataflow, Flink and Spark workers run the pipeline image (docker/pipeline/Dockerfile). Naming
 that image matters twice: the workers then have this project's code, and TFX stops building and
-shipping an sdist of TFX itself, which it does whenever no dependency option is given.
+shipping an sdist of TFX itself, which it does whenever no dependency option is given. Workers
+that are this interpreter (the local, local-mp and portable profiles) need no sdist either: the
+runner skips it for them (pipeline/runner.py).
 """
 
 from __future__ import annotations
@@ -123,6 +125,25 @@ def profile_args(profile: str, extra: tuple[str, ...] | list[str] = (), image: s
     args = merge(base, tuple(extra))
     validate(args, chosen)
     return args
+
+
+# Runners whose workers are this Python process or processes it starts from this interpreter.
+IN_PROCESS_RUNNERS = ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+PORTABLE_RUNNERS = ("PortableRunner", "FlinkRunner", "SparkRunner")
+
+
+def workers_are_this_interpreter(args: tuple[str, ...] | list[str]) -> bool:
+    """Whether every Beam worker runs in this process or one it starts from this interpreter (Beam's
+    FnApiRunner, in memory or multi-process, and a portable job whose job server calls back into a
+    LOOPBACK worker here): those workers import the TFX and project code installed here, so nothing
+    need be shipped to them."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(args)).get_all_options()
+    runner = str(options.get("runner") or "DirectRunner").rsplit(".", 1)[-1]
+    if runner in IN_PROCESS_RUNNERS:
+        return True
+    return runner in PORTABLE_RUNNERS and options.get("environment_type") == "LOOPBACK"
 
 
 def _parser():

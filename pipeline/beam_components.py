@@ -57,10 +57,10 @@ def run_beam_components(config: PipelineConfig, stages=("statistics", "transform
     from tfx import v1 as tfx
 
     from pipeline.run_history import latest_run_outputs
-    from pipeline.runner import prepare, run_scratch
+    from pipeline.runner import no_tfx_sdist_for_local_workers, prepare, run_scratch
 
     config = prepare(dataclasses.replace(config, enable_cache=False))
-    with run_scratch(config.local_dir):
+    with run_scratch(config.local_dir), no_tfx_sdist_for_local_workers(config.beam_pipeline_args):
         tfx.orchestration.LocalDagRunner().run(create_beam_pipeline(config, stages, model_uri, materialize))
     components, outputs = latest_run_outputs(config.metadata_path, config.pipeline_name)
     failed = [c.node_id for c in components if c.state not in ("COMPLETE", "CACHED")]

@@ -109,6 +109,33 @@ def run_scratch(local_dir: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def no_tfx_sdist_for_local_workers(beam_args: tuple[str, ...]) -> Iterator[None]:
+    """Stops TFX building an sdist of itself for each Beam component when the workers are this
+    interpreter (pipeline.beam.workers_are_this_interpreter).
+
+    TFX's Beam executors call `dependency_utils.make_beam_dependency_flags`, which builds and adds a
+    45 MB `tfx_ephemeral` sdist (about 1 s) unless a Beam option says how workers get TFX: right for
+    a remote cluster without the pipeline image, a waste when the worker is this process, and the
+    portable runner then stages it too. Beam's own options have no honest way to say "the workers
+    are here", so the function is replaced, for this run only, by one that leaves the arguments as
+    they are. Remote runners keep TFX's behaviour.
+    """
+    from pipeline import beam
+
+    if not beam.workers_are_this_interpreter(beam_args):
+        yield
+        return
+    from tfx.utils import dependency_utils
+
+    original = dependency_utils.make_beam_dependency_flags
+    dependency_utils.make_beam_dependency_flags = list
+    try:
+        yield
+    finally:
+        dependency_utils.make_beam_dependency_flags = original
+
+
 def run_pipeline(config: PipelineConfig,
                  on_event: Callable[[str, ComponentRun], None] = lambda event, component: None
                  ) -> list[ComponentRun]:
@@ -119,7 +146,7 @@ def run_pipeline(config: PipelineConfig,
 
     config = prepare(config)
     started_ms = int(time.time() * 1000)
-    with run_scratch(config.local_dir), ProgressWatcher(config.metadata_path, config.pipeline_name, started_ms,
-                                                          on_event):
+    with run_scratch(config.local_dir), no_tfx_sdist_for_local_workers(config.beam_pipeline_args), \
+            ProgressWatcher(config.metadata_path, config.pipeline_name, started_ms, on_event):
         tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
     return latest_run(config.metadata_path, config.pipeline_name, started_ms)

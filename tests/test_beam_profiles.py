@@ -49,6 +49,20 @@ def test_remote_workers_run_the_pipeline_image_so_tfx_ships_no_sdist_of_itself(p
     assert options["environment_type"] == "DOCKER" and options["environment_config"] == IMAGE
 
 
+@pytest.mark.parametrize("args, here", [
+    (beam.LOCAL.args, True), (beam.LOCAL_MP.args, True), (beam.PORTABLE.args, True),
+    (("--runner=DirectRunner",), True), ((), True),
+    (("--runner=FlinkRunner", "--job_endpoint=localhost:8099", "--environment_type=LOOPBACK"), True),
+    (("--runner=PortableRunner", "--job_endpoint=localhost:8099", "--environment_type=EXTERNAL",
+      "--environment_config=localhost:50000"), False),
+    (("--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=DOCKER"), False),
+    *[(beam.profile_args(profile, REMOTE_ARGS[profile], image=IMAGE), False)
+      for profile in ("dataflow", "flink", "spark")],
+])
+def test_tfx_ships_an_sdist_of_itself_only_to_workers_that_are_not_this_interpreter(args, here):
+    assert beam.workers_are_this_interpreter(args) is here
+
+
 @pytest.mark.parametrize("image, dataflow", [
     (IMAGE, IMAGE + "-dataflow"), (IMAGE + "-dataflow", IMAGE + "-dataflow"),
     ("localhost:5000/digits-pipeline:1", "localhost:5000/digits-pipeline:1-dataflow"),

@@ -71,9 +71,10 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
         os.killpg(first.pid, signal.SIGKILL)  # the run dies in the middle of training
         first.wait(timeout=60)
     assert _versions(serving) == []
-    # The Beam components' leftovers (TFX's sdist of itself) went to the run's scratch directory.
+    # The run's temporary files went to its scratch directory, and with in-process Beam workers TFX
+    # built no sdist of itself there (it would have, once per Beam component).
     killed_scratch = root / "_scratch" / str(first.pid)
-    assert list(killed_scratch.rglob("tfx_ephemeral-*.tar.gz")), list(killed_scratch.rglob("*"))[:10]
+    assert killed_scratch.is_dir() and not list(killed_scratch.rglob("tfx_ephemeral*"))
 
     result = run_digits(*args, timeout=1500, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
