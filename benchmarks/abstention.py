@@ -10,9 +10,14 @@ training, letters and digit pairs, made from test digits), and measures in one r
 - the held-out digits kept at that point and the error among them;
 - for the confidence methods, ECE and the error among accepted digits at 95 % and 99 % coverage;
 - the exported decision (components/abstention.py, fitted exactly as the Trainer fits it), per kind
-  refused (`not_a_digit`) or sent to a person (`unsure`).
+  refused (`not_a_digit`) or sent to a person (`unsure`);
+- decision rules beside it, each fitted the same way, with what they cost on digits people write
+  with a thick pen or small in a big canvas: an ink ceiling (more ink than any train digit is not a
+  digit) and, with --test-time-augmentation, the mean logits of shifted, rotated and scaled copies of
+  the normalised image (and the least digit-like copy's energy as a score).
 
     .venv/bin/python benchmarks/abstention.py [--model DIR] [--per-kind 200] [--seed 0] [--json OUT]
+        [--test-time-augmentation]
 
 DIR is a pushed version (serving_model/digits/<version>); by default the newest one. The model's
 penultimate features are read by rebuilding the architecture and restoring the SavedModel's variables.
@@ -40,6 +45,14 @@ BATCH = 64
 KNN = 10
 ECE_BINS = 15
 GOAL_REFUSED, GOAL_AUROC, GOAL_ACCEPTED, GOAL_SELECTIVE_ERROR = 0.95, 0.99, 0.97, 0.001
+# Digits as some people write them (data/variants.py): the rules' cost where ink and size differ from MNIST.
+PEOPLES_DIGITS = ("thick strokes", "small in canvas")
+# Test-time augmentation of the normalised 28x28 image: (shift right, shift down, degrees, scale). After
+# Transform, which would undo a shift or a scaling of the raw image by re-centring and re-sizing the ink.
+TTA_VARIANTS = {"identity": (0, 0, 0.0, 1.0), "right": (1, 0, 0.0, 1.0), "left": (-1, 0, 0.0, 1.0),
+                "down": (0, 1, 0.0, 1.0), "up": (0, -1, 0.0, 1.0), "rotated +8": (0, 0, 8.0, 1.0),
+                "rotated -8": (0, 0, -8.0, 1.0), "scaled 0.9": (0, 0, 0.0, 0.9), "scaled 1.1": (0, 0, 0.0, 1.1)}
+TTA_SETS = {"3 scales": ("identity", "scaled 0.9", "scaled 1.1"), "9 copies": tuple(TTA_VARIANTS)}
 
 
 def newest_model() -> Path | None:
@@ -94,10 +107,51 @@ class Features:
                                 ("probabilities", probabilities), ("served", served),
                                 ("ink", answer[contract.INK_FRACTION_OUTPUT])):
                 parts.setdefault(name, []).append(np.asarray(value, dtype=np.float64))
+            parts.setdefault("normalized", []).append(answer[contract.NORMALIZED_IMAGE_OUTPUT].numpy())
         result = {name: np.concatenate(values) for name, values in parts.items()}
-        kernel, bias = self.head
-        result["logits"] = result["dense_2"] @ kernel.astype(np.float64) + bias.astype(np.float64)
+        result["logits"] = self.logits(result["dense_2"])
         return result
+
+    def logits(self, dense_2):
+        import numpy as np
+
+        kernel, bias = self.head
+        return dense_2 @ kernel.astype(np.float64) + bias.astype(np.float64)
+
+    def copies_logits(self, normalized) -> dict:
+        """Logits [N, 10] of each TTA_VARIANTS copy of normalised images [N, 28, 28]."""
+        import numpy as np
+        import tensorflow as tf
+
+        from components.transform import to_model_input
+
+        result = {}
+        for name, transform in TTA_VARIANTS.items():
+            moved = affine(normalized, *transform)
+            dense_2 = [np.asarray(self.layers(to_model_input(tf.constant(moved[start:start + BATCH])))[2],
+                                  np.float64) for start in range(0, len(moved), BATCH)]
+            result[name] = self.logits(np.concatenate(dense_2))
+        return result
+
+
+def affine(images, right: float, down: float, degrees: float, scale: float):
+    """[N, 28, 28] images moved, turned about their centre and scaled (bilinear, black outside)."""
+    import numpy as np
+    import tensorflow as tf
+
+    if (right, down, degrees, scale) == (0, 0, 0.0, 1.0):
+        return images
+    centre = (images.shape[-1] - 1) / 2
+    angle = np.deg2rad(degrees)
+    a, b = np.cos(angle) / scale, np.sin(angle) / scale
+    # For each output pixel, where to read in the input: the inverse of the move.
+    transform = [a, -b, centre - a * centre + b * centre - right,
+                 b, a, centre - b * centre - a * centre - down, 0, 0]
+    moved = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.constant(images[..., None], tf.float32), transforms=tf.constant([transform], tf.float32),
+        output_shape=tf.constant(images.shape[1:3], tf.int32), fill_value=0.0, interpolation="BILINEAR",
+        fill_mode="CONSTANT")
+    return moved.numpy()[..., 0]
 
 
 def auroc(inliers, outliers) -> float:
@@ -171,12 +225,66 @@ def knn_scores(bank, queries, k: int = KNN):
     return 1.0 - np.sort(similarity, axis=1)[:, -k]
 
 
+def decision_rules(splits: dict, kinds: dict, peoples: dict, defaults, copies: bool) -> dict[str, dict]:
+    """The exported decision and rules beside it, each fitted on the eval split as the Trainer fits the
+    exported one, measured on the held-out digits, people's digits and every non-digit kind."""
+    import numpy as np
+
+    from components import abstention
+
+    evaluation, eval_labels, _ = splits["eval"]
+    test, test_labels, _ = splits["test"]
+    ink_ceiling = float(splits["train"][0]["ink"].max())
+
+    def rule(logits_of, ceiling: float | None = None):
+        fitted = abstention.fit(logits_of(evaluation), eval_labels, defaults.abstention_ood_keep,
+                                defaults.abstention_confident_keep)
+
+        def decide(part):
+            logits = logits_of(part)
+            score = abstention.energy(logits)
+            confidence = abstention.softmax(logits, fitted.temperature).max(axis=1)
+            codes = abstention.decide(score, confidence, part["ink"], fitted)
+            if ceiling is not None:
+                codes = np.where(part["ink"] > ceiling, abstention.NOT_A_DIGIT, codes)
+            return codes, logits
+
+        return decide
+
+    def own(part):
+        return part["logits"]
+
+    rules = {"exported: energy + temperature": rule(own),
+             f"exported + ink ceiling ({ink_ceiling:.3f}, the most of any train digit)": rule(own, ink_ceiling)}
+    if copies:
+        for set_name, names in TTA_SETS.items():
+            rules[f"mean logits of {set_name} (TTA)"] = rule(
+                lambda part, names=names: np.mean([part["copies"][name] for name in names], axis=0))
+    figures = {}
+    for name, decide in rules.items():
+        codes, logits = decide(test)
+        correct = logits.argmax(axis=1) == test_labels
+        accepted = codes == abstention.ACCEPTED
+        figures[name] = {
+            "accuracy": float(correct.mean()),
+            "digits_accepted": float(accepted.mean()),
+            **{people: float(np.mean(decide(part)[0] == abstention.ACCEPTED)) for people, part in peoples.items()},
+            "error_among_accepted": float(1 - correct[accepted].mean()) if accepted.any() else 1.0,
+            "error_at_95": selective_error(abstention.softmax(logits).max(axis=1), correct, 0.95),
+            "refused": {kind: float(np.mean(decide(part)[0] != abstention.ACCEPTED)) for kind, part in kinds.items()},
+        }
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="a pushed version directory; default: the newest")
     parser.add_argument("--per-kind", type=int, default=200, help="non-digit images per kind")
     parser.add_argument("--seed", type=int, default=0, help="the non-digit corpus' seed")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--test-time-augmentation", action="store_true",
+                        help="also measure decisions on the mean logits of shifted, rotated and scaled copies "
+                             "(9x the model calls)")
     parser.add_argument("--features", type=Path, default=None,
                         help="also save every image's features, logits and labels here (.npz), to try other rules")
     args = parser.parse_args()
@@ -206,6 +314,12 @@ def main() -> int:
     test_images = splits["test"][2]
     corpus = nondigits.corpus(args.per_kind, args.seed, test_images)
     kinds = {kind: features(encode_all(images)) for kind, images in corpus.items()}
+    from data.variants import make_variant
+
+    peoples = {name: features(make_variant(name, test_images, args.seed)) for name in PEOPLES_DIGITS}
+    if args.test_time_augmentation:
+        for part in [splits["eval"][0], splits["test"][0], *kinds.values(), *peoples.values()]:
+            part["copies"] = features.copies_logits(part["normalized"])
     served_gap = max(float(np.abs(part["served"] - part["probabilities"]).max())
                      for part in [*(s[0] for s in splits.values()), *kinds.values()])
     print(f"{model}: features of {sum(len(s[1]) for s in splits.values()) + args.per_kind * len(kinds):,} images "
@@ -214,8 +328,9 @@ def main() -> int:
 
     if args.features:
         arrays = {f"{split}_{name}": value for split, (part, labels, _) in splits.items()
-                  for name, value in [*part.items(), ("labels", labels)]}
-        arrays.update({f"{kind}_{name}": value for kind, part in kinds.items() for name, value in part.items()})
+                  for name, value in [*part.items(), ("labels", labels)] if name != "copies"}
+        arrays.update({f"{kind}_{name}": value for kind, part in kinds.items() for name, value in part.items()
+                       if name != "copies"})
         np.savez_compressed(args.features, **arrays)
     train, train_labels, _ = splits["train"]
     evaluation, eval_labels, _ = splits["eval"]
@@ -251,6 +366,11 @@ def main() -> int:
     for pair in (("energy", "Mahalanobis, dense_2"), ("max softmax", "Mahalanobis, dense_2"),
                  ("energy", "Mahalanobis, pooled"), ("energy", "kNN k=10, pooled")):
         methods[" + ".join(pair)] = combined(*pair)
+
+    if args.test_time_augmentation:
+        for set_name, names in TTA_SETS.items():
+            methods[f"energy, least digit-like of {set_name} (TTA)"] = (lambda names: lambda part: np.max(
+                [abstention.energy(part["copies"][copy]) for copy in names], axis=0))(names)
 
     defaults = TrainerConfig()
     fitted = abstention.fit(evaluation["logits"], eval_labels, defaults.abstention_ood_keep,
@@ -328,10 +448,22 @@ def main() -> int:
     for kind, decision in [("held-out digits", digit_decisions), *decisions.items()]:
         shares = [float(np.mean(decision == code)) for code in (abstention.ACCEPTED, abstention.UNSURE, abstention.NOT_A_DIGIT)]
         print(f"| {kind} | {' | '.join(f'{share:.1%}' for share in shares)} |")
+
+    rules = decision_rules(splits, kinds, peoples, defaults, args.test_time_augmentation)
+    print("\nDecision rules side by side, each fitted on the eval split as the Trainer fits the exported one "
+          "(refused: unsure or not a digit):\n")
+    print(f"| rule | accuracy | digits accepted | {' | '.join(f'{name} accepted' for name in PEOPLES_DIGITS)} | "
+          f"error among accepted | error at 95 % coverage | {' | '.join(kind_names)} |")
+    print(f"|---|{'---:|' * (4 + len(PEOPLES_DIGITS) + len(kind_names))}")
+    for name, row in rules.items():
+        cells = [f"{row['accuracy']:.3f}", f"{row['digits_accepted']:.1%}",
+                 *(f"{row[people]:.1%}" for people in PEOPLES_DIGITS), f"{row['error_among_accepted']:.2%}",
+                 f"{row['error_at_95']:.2%}", *(f"{row['refused'][kind]:.1%}" for kind in kind_names)]
+        print(f"| {name} | {' | '.join(cells)} |")
     if args.json:
         args.json.write_text(json.dumps({"model": str(model), "per_kind": args.per_kind, "seed": args.seed,
                                          "methods": results, "selective": selective, "calibration": calibration,
-                                         "exported": fitted.summary()}, indent=1, sort_keys=True))
+                                         "exported": fitted.summary(), "rules": rules}, indent=1, sort_keys=True))
     return 0
 
 
