@@ -1,4 +1,4 @@
-"""Training-only augmentation for digits: stroke width, blur, small shifts and rotations, never flips.
+"""Training-only augmentation for digits: stroke width, blur, small shifts, rotations and scalings, never flips.
 
 A mirrored 2 or 7 is not a digit any more. Transform's normalisation already undoes polarity,
 contrast, size and position, so what is left for augmentation is what it cannot undo: marker or
@@ -29,22 +29,26 @@ def augment_ink(normalized: tf.Tensor, stroke_probability: float, blur_probabili
     return normalized
 
 
-def augment_batch(images: tf.Tensor, max_translation: int, max_rotation_degrees: float) -> tf.Tensor:
-    """images [N, 75, 75, 3] in [-1, 1] -> same shape, each image rotated and shifted at random.
+def augment_batch(images: tf.Tensor, max_translation: int, max_rotation_degrees: float,
+                  max_scale_change: float = 0.0) -> tf.Tensor:
+    """images [N, 75, 75, 3] in [-1, 1] -> same shape, each image rotated, scaled and shifted at random.
 
-    One projective transform per image does both (a uniform angle in [-max, max] degrees about the
-    centre, then a whole-pixel shift in [-max, max] each way), for the whole batch in one op.
+    One projective transform per image does all three (a uniform angle in [-max, max] degrees and a
+    uniform scale in [1 - max, 1 + max] about the centre, then a whole-pixel shift in [-max, max]
+    each way), for the whole batch in one op.
     """
-    if max_rotation_degrees <= 0 and max_translation <= 0:
+    if max_rotation_degrees <= 0 and max_translation <= 0 and max_scale_change <= 0:
         return images
     count = tf.shape(images)[0]
     size = float(contract.IMAGE_SIZE - 1)
     angles = tf.random.uniform([count], -max_rotation_degrees, max_rotation_degrees) * (math.pi / 180.0)
+    scales = (tf.random.uniform([count], 1.0 - max_scale_change, 1.0 + max_scale_change) if max_scale_change > 0
+              else tf.ones([count]))
     shifts = tf.cast(tf.random.uniform([2, count], -max_translation, max_translation + 1, dtype=tf.int32),
                      tf.float32)
-    cos, sin = tf.cos(angles), tf.sin(angles)
-    # Output pixel (x, y) samples input (cos*x - sin*y + dx, sin*x + cos*y + dy): rotation about the
-    # centre, and the shift moves where it samples from.
+    cos, sin = tf.cos(angles) / scales, tf.sin(angles) / scales
+    # Output pixel (x, y) samples input (cos*x - sin*y + dx, sin*x + cos*y + dy): rotation and scaling
+    # about the centre (sampling 1/scale apart enlarges by scale), and the shift moves where it samples from.
     dx = (size - (cos * size - sin * size)) / 2.0 - shifts[0]
     dy = (size - (sin * size + cos * size)) / 2.0 - shifts[1]
     zeros = tf.zeros_like(angles)

@@ -53,9 +53,10 @@ def make_dataset(
         if not training:
             return transformed[IMAGE_XF]
         # Other pens and sharpness on the normalised 28x28 digit, then the model's input from it
-        # (the same function Transform uses), then shifts and rotations.
+        # (the same function Transform uses), then shifts, rotations and scalings.
         normalized = augment_ink(transformed[NORMALIZED_XF], config.stroke_probability, config.blur_probability)
-        return augment_batch(to_model_input(normalized), config.max_translation, config.max_rotation_degrees)
+        return augment_batch(to_model_input(normalized), config.max_translation, config.max_rotation_degrees,
+                             config.max_scale_change)
 
     def transform(raw: dict) -> tuple[dict, tf.Tensor]:
         transformed = transform_layer({contract.IMAGE_KEY: raw[contract.IMAGE_KEY],

@@ -84,6 +84,41 @@ def test_augmentation_moves_pixels_keeps_shape_range_and_never_mirrors(digit_png
         assert best_shift < np.abs(mirror - aug).mean()
     # Off switches really switch off.
     np.testing.assert_array_equal(augment_batch(images, 0, 0).numpy(), original)
+    np.testing.assert_array_equal(augment_batch(images, 0, 0, 0.0).numpy(), original)
+
+
+def test_scale_augmentation_enlarges_and_shrinks_the_digit_about_the_centre(digit_pngs):
+    import tensorflow as tf
+
+    from components.augment import augment_batch
+    from components.transform import preprocess
+
+    images = preprocess(tf.constant(digit_pngs * 8))  # 48 images: both directions get drawn
+    tf.random.set_seed(3)
+    scaled = augment_batch(images, max_translation=0, max_rotation_degrees=0, max_scale_change=0.2).numpy()
+    original = images.numpy()
+
+    def ink(batch):
+        return batch[..., 0] > 0.0  # ink is light: above the middle of [-1, 1]
+
+    def extent(mask):  # the ink's bounding-box height and width, in pixels
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+    ratios = []
+    for before, after in zip(ink(original), ink(scaled)):
+        (h0, w0), (h1, w1) = extent(before), extent(after)
+        ratios.append((h1 / h0 + w1 / w0) / 2)
+        # About the centre: the ink's centre of mass moves by about scale x its distance from the centre.
+        centre = (np.array(before.shape) - 1) / 2
+        mass_before = np.argwhere(before).mean(axis=0) - centre
+        mass_after = np.argwhere(after).mean(axis=0) - centre
+        assert np.abs(mass_after - mass_before).max() < 0.2 * np.abs(mass_before).max() + 1.5
+    ratios = np.array(ratios)
+    # Between 0.8x and 1.2x (a pixel's rounding either way), and both bigger and smaller digits drawn.
+    assert ratios.min() > 0.75 and ratios.max() < 1.25, ratios
+    assert (ratios < 0.95).any() and (ratios > 1.05).any(), ratios
+    assert scaled.min() >= -1.0 - 1e-6 and scaled.max() <= 1.0 + 1e-6
 
 
 def test_stroke_and_blur_augmentation_thicken_thin_and_soften_the_ink(digit_pngs):
@@ -161,6 +196,8 @@ def test_learning_rate_warms_up_then_decays_to_zero_by_the_last_step():
         ({"lr_schedule": "step"}, "learning-rate schedule must be one of cosine, constant"),
         ({"warmup_epochs": -1}, "warm-up epochs must be >= 0"),
         ({"precision": "float16"}, "precision must be one of auto, float32, mixed_bfloat16"),
+        ({"max_scale_change": -0.1}, r"scale augmentation must be in \[0, 0.5\), got -0.1"),
+        ({"max_scale_change": 0.5}, r"scale augmentation must be in \[0, 0.5\), got 0.5"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_message(kwargs, message):
