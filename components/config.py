@@ -27,8 +27,8 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("base_weights", "base_weights_sha256", "dense_units", "dropout", "batchnorm_momentum", "precision"),
     "optimiser": ("optimizer", "learning_rate", "lr_schedule", "warmup_epochs", "epochs", "frozen_epochs",
                   "fine_tune_learning_rate", "early_stopping_patience", "early_stopping_start_epoch"),
-    "augmentation": ("max_translation", "max_rotation_degrees", "max_scale_change", "stroke_probability",
-                     "blur_probability"),
+    "augmentation": ("max_translation", "max_rotation_degrees", "max_scale_change", "elastic_alpha",
+                     "stroke_probability", "blur_probability"),
     "abstention": ("outlier_share", "outlier_weight", "abstention_ood_keep", "abstention_confident_keep"),
 }
 NOT_SHOWN_AS_SETTINGS = ("base_weights_warning",)  # the report shows it as a warning of its own
@@ -69,6 +69,9 @@ class TrainerConfig:
     # augmentation: random scaling by up to this share either way, about the centre. Transform already
     # scales the ink to 20 pixels, but not every digit's box is what a reader sees as its size.
     max_scale_change: float = 0.0
+    # augmentation: elastic distortion of the 28x28 digit (components/augment.py), the scale of its smooth
+    # random field in pixels; 0: off, 34: Simard et al.'s (about 1.4 pixels of movement).
+    elastic_alpha: float = 0.0
     stroke_probability: float = 0.3  # augmentation: share of images with thicker or thinner strokes
     blur_probability: float = 0.2  # augmentation: share of images blurred
     steps_per_epoch: int | None = None  # None: one pass over the train split
@@ -129,6 +132,8 @@ class TrainerConfig:
             problems.append("augmentation amounts must be >= 0")
         if not 0.0 <= self.max_scale_change < 0.5:
             problems.append(f"scale augmentation must be in [0, 0.5), got {self.max_scale_change}")
+        if not 0.0 <= self.elastic_alpha <= 100.0:
+            problems.append(f"elastic augmentation must be in [0, 100], got {self.elastic_alpha}")
         if not (0.0 <= self.stroke_probability <= 1.0 and 0.0 <= self.blur_probability <= 1.0):
             problems.append("augmentation probabilities must be between 0 and 1")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:

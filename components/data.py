@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 from tfx_bsl.public import tfxio
 
-from components.augment import augment_batch, augment_ink
+from components.augment import augment_batch, augment_ink, elastic_distortion
 from components.config import TrainerConfig
 from components.transform import IMAGE_XF, LABEL_XF, NORMALIZED_XF, to_model_input
 from data import contract
@@ -52,9 +52,10 @@ def make_dataset(
     def model_input(transformed: dict) -> tf.Tensor:
         if not training:
             return transformed[IMAGE_XF]
-        # Other pens and sharpness on the normalised 28x28 digit, then the model's input from it
+        # Other hands, pens and sharpness on the normalised 28x28 digit, then the model's input from it
         # (the same function Transform uses), then shifts, rotations and scalings.
-        normalized = augment_ink(transformed[NORMALIZED_XF], config.stroke_probability, config.blur_probability)
+        normalized = elastic_distortion(transformed[NORMALIZED_XF], config.elastic_alpha)
+        normalized = augment_ink(normalized, config.stroke_probability, config.blur_probability)
         return augment_batch(to_model_input(normalized), config.max_translation, config.max_rotation_degrees,
                              config.max_scale_change)
 

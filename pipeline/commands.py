@@ -78,6 +78,9 @@ def _training_options(command):
                      help="Share of training images blurred."),
         click.option("--scale-augmentation", type=float, default=TrainerConfig.max_scale_change, show_default=True,
                      help="Training images scaled at random by up to this share either way (0.1: 0.9-1.1x)."),
+        click.option("--elastic-augmentation", type=float, default=TrainerConfig.elastic_alpha, show_default=True,
+                     help="Elastic distortion of training digits: the scale of the smooth random field, in pixels "
+                          "(0: off; 34: Simard et al.'s, about 1.4 pixels of movement)."),
         click.option("--outlier-share", type=float, default=TrainerConfig.outlier_share, show_default=True,
                      help="Non-digits in each training batch, as a share of the batch size (outlier exposure; "
                           "0: none, and the model answers everything with confidence)."),
@@ -142,7 +145,7 @@ def _configs(options: dict, train_examples: int, **locations) -> PipelineConfig:
             steps_per_epoch=options["steps_per_epoch"], early_stopping_patience=options["early_stopping_patience"],
             frozen_epochs=options["frozen_epochs"], fine_tune_learning_rate=options["fine_tune_learning_rate"],
             stroke_probability=options["stroke_augmentation"], blur_probability=options["blur_augmentation"],
-            max_scale_change=options["scale_augmentation"],
+            max_scale_change=options["scale_augmentation"], elastic_alpha=options["elastic_augmentation"],
             precision=options["precision"], outlier_share=options["outlier_share"],
             outlier_weight=options["outlier_weight"],
             **(_operating_point(options["answer_share"]) if options["answer_share"] is not None else {}),

@@ -146,6 +146,38 @@ def test_stroke_and_blur_augmentation_thicken_thin_and_soften_the_ink(digit_pngs
     np.testing.assert_array_equal(augment_ink(normalized, 0.0, 0.0).numpy(), original)  # off really is off
 
 
+def test_elastic_distortion_bends_each_digit_by_its_own_smooth_field_of_the_stated_size(digit_pngs):
+    import tensorflow as tf
+
+    from components.augment import elastic_distortion
+    from components.transform import normalize_batch
+
+    # Where each pixel samples from, read off images whose value is their own row (or column) index.
+    size = 28
+    ramp = np.tile(np.arange(size, dtype=np.float32)[None, :, None], (64, 1, size))
+    tf.random.set_seed(5)
+    rows = elastic_distortion(tf.constant(ramp), 34.0).numpy() - ramp
+    columns = elastic_distortion(tf.constant(ramp.transpose(0, 2, 1)), 34.0).numpy() - ramp.transpose(0, 2, 1)
+    for moved in (rows[:, 6:22, 6:22], columns[:, 6:22, 6:22]):  # inside, where the zero border does not reach
+        assert 1.0 < moved.std() < 1.8, moved.std()  # about 1.4 pixels, as the docs say of alpha 34
+        # Smooth, not per-pixel noise: neighbours move together.
+        assert np.corrcoef(moved[:, :, :-1].ravel(), moved[:, :, 1:].ravel())[0, 1] > 0.95
+        assert np.corrcoef(moved[:, :-1, :].ravel(), moved[:, 1:, :].ravel())[0, 1] > 0.95
+    # Each image its own field, not one field for the batch.
+    assert np.abs(rows[0] - rows[1]).mean() > 0.5
+
+    normalized, _ = normalize_batch(tf.constant(digit_pngs * 4))
+    original = normalized.numpy()
+    bent = elastic_distortion(normalized, 34.0).numpy()
+    assert bent.shape == original.shape and bent.min() >= 0.0 and bent.max() <= 1.0 + 1e-5
+    assert np.all(np.abs(bent - original).mean(axis=(1, 2)) > 0.01)  # every digit changed...
+    # ...its ink stretched here and squeezed there (a field this size moves neighbours apart by up to a third),
+    # with no bias either way over the batch.
+    ink = bent.sum(axis=(1, 2)) / original.sum(axis=(1, 2))
+    assert 0.4 < ink.min() and ink.max() < 1.8 and 0.9 < ink.mean() < 1.1, ink
+    np.testing.assert_array_equal(elastic_distortion(normalized, 0.0).numpy(), original)  # off really is off
+
+
 def test_model_head_has_the_designed_layers_and_outputs_probabilities():
     import tensorflow as tf
 
@@ -198,6 +230,8 @@ def test_learning_rate_warms_up_then_decays_to_zero_by_the_last_step():
         ({"precision": "float16"}, "precision must be one of auto, float32, mixed_bfloat16"),
         ({"max_scale_change": -0.1}, r"scale augmentation must be in \[0, 0.5\), got -0.1"),
         ({"max_scale_change": 0.5}, r"scale augmentation must be in \[0, 0.5\), got 0.5"),
+        ({"elastic_alpha": -1.0}, r"elastic augmentation must be in \[0, 100\], got -1.0"),
+        ({"elastic_alpha": 150.0}, r"elastic augmentation must be in \[0, 100\], got 150.0"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_message(kwargs, message):
