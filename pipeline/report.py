@@ -326,10 +326,17 @@ def _setting_value(name: str, value) -> str:
     return str(value)
 
 
-def settings_table(config: dict, gates: BlessingGates | None) -> str:
+# The gates that compare with the latest blessed model. Without one, TFMA drops them from the EvalConfig it
+# writes (read back as 0), so the report says they did not apply rather than "at most 0".
+_CHANGE_GATES = ("max_accuracy_drop", "max_class_recall_drop", "max_coverage_drop", "max_selective_error_rise")
+NOT_COMPARED = "not applied: no blessed model yet"
+
+
+def settings_table(config: dict, gates: BlessingGates | None, compared: bool = True) -> str:
     """The training settings (`history.json`'s `config`) and the gates: a small table per group.
 
     A setting no group names (a history written by other code) is shown under "other", not dropped.
+    `compared`: whether the Evaluator had a blessed model to compare with.
     """
     from components.config import NOT_SHOWN_AS_SETTINGS, SETTING_GROUPS
 
@@ -342,7 +349,8 @@ def settings_table(config: dict, gates: BlessingGates | None) -> str:
     if other:
         groups["other"] = other
     if gates is not None:
-        groups["gates"] = [(label, _setting_value(field, getattr(gates, field)))
+        groups["gates"] = [(label, _setting_value(field, getattr(gates, field))
+                            if compared or field not in _CHANGE_GATES else NOT_COMPARED)
                            for field, label in _GATE_LABELS.items()]
     return "<div class='row settings'>" + "".join(
         f"<table><caption>{html.escape(group)}</caption>"
@@ -494,7 +502,7 @@ def _anomalies_section(anomalies) -> str:
         else "<p class=good>none: every split matches the curated schema</p>")
 
 
-def _training_section(model_run, gates: BlessingGates | None) -> str:
+def _training_section(model_run, gates: BlessingGates | None, compared: bool) -> str:
     history = read_history(model_run.uri)
     if history is None:
         return ""
@@ -504,7 +512,7 @@ def _training_section(model_run, gates: BlessingGates | None) -> str:
         f"<p>base weights: <b>{html.escape(history['base_weights'])}</b></p>"
         + (f"<p class=bad>{html.escape(warning)}</p>" if warning else "")
         + f"<p>{history['epochs_run']} epochs x {history['steps_per_epoch']} steps</p>"
-        + "<h3>Settings</h3>" + settings_table(history["config"], gates)
+        + "<h3>Settings</h3>" + settings_table(history["config"], gates, compared)
         + f"<img alt='training curves' src='data:image/png;base64,{_training_curves(history)}'>"
     )
 
@@ -592,7 +600,8 @@ def render(run: RunArtifacts, pipeline_name: str = "digits") -> Page:
         sections.append(_guarded("Anomalies", lambda: _anomalies_section(artifacts["anomalies"])))
     if "model_run" in artifacts:
         gates = facts.gates if facts is not None else None
-        sections.append(_guarded("Training", lambda: _training_section(artifacts["model_run"], gates)))
+        compared = facts is not None and facts.has_baseline
+        sections.append(_guarded("Training", lambda: _training_section(artifacts["model_run"], gates, compared)))
     # When the model does not answer: the operating point exported with it (components/abstention.py).
     if "model" in artifacts:
         sections.append(_guarded("When the model does not answer", lambda: _abstention(artifacts["model"])))

@@ -250,7 +250,7 @@ def test_the_report_shows_every_training_setting_in_a_group_and_the_gates():
     import dataclasses
 
     from components.config import NOT_SHOWN_AS_SETTINGS, SETTING_GROUPS, TrainerConfig
-    from pipeline.report import settings_table
+    from pipeline.report import NOT_COMPARED, settings_table
 
     fields = [field.name for field in dataclasses.fields(TrainerConfig)]
     grouped = [name for names in SETTING_GROUPS.values() for name in names] + list(NOT_SHOWN_AS_SETTINGS)
@@ -272,6 +272,11 @@ def test_the_report_shows_every_training_setting_in_a_group_and_the_gates():
         assert row in page, row
     assert "code fingerprint" not in page and "base weights warning" not in page
     assert "<caption>gates</caption>" not in settings_table(config, None)  # the Evaluator did not run
+    # A first run has no blessed model: the gates against it did not apply (TFMA drops them, read back as 0).
+    first = settings_table(config, BlessingGates(max_accuracy_drop=0.0), compared=False)
+    assert "<td>held-out accuracy at least</td><td class=n>0.98</td>" in first
+    assert first.count(f"<td class=n>{NOT_COMPARED}</td>") == 4
+    assert "against the latest blessed model at most</td><td class=n>0<" not in first
 
 
 def test_the_report_says_how_many_corrections_were_trained_on_and_how_many_left_out(tmp_path):

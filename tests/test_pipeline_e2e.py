@@ -102,6 +102,11 @@ def test_killed_run_resumes_and_pushes_a_model_that_serves_pngs(tiny_records, sa
                      "When the model does not answer", "<caption>abstention</caption>", "alt='risk-coverage curve'",
                      "keeps 99.0% of eval digits", "keeps 98.0% of the rest"):
         assert expected in report, expected
+    # A first run had no blessed model to compare with: the gates against one did not apply (TFMA drops
+    # them from the EvalConfig it writes), and the page says so rather than "at most 0".
+    from pipeline.report import NOT_COMPARED
+
+    assert report.count(f"<td class=n>{NOT_COMPARED}</td>") == 4
 
     # The same page, made by the run's own last step from its artifacts (what a Vertex AI run has), but for
     # the components' states and times, which only the orchestrator knows.
